@@ -1,0 +1,72 @@
+"""Engine configuration: one typed object, validated once at construction."""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class EngineConfig(BaseModel):
+    """Everything that shapes an engine instance. Field units are in the descriptions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: Optional[str] = Field(
+        None, description="Local Hugging Face folder, a .gguf file, or None for the embedded SmolLM2-135M-Instruct")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Weight and activation dtype; auto = float32 on CPU, float16 on GPU")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto picks cuda when present")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree (devices per replica); only 1 is built so far")
+    block_size: int = Field(64, ge=1, le=1024, description="Tokens per KV-cache block")
+    cache_max_entry_count: Optional[float] = Field(
+        None, gt=0,
+        description="KV-cache budget: a fraction in (0,1) of free device memory after weights load; "
+                    "a whole number >= 1 is a block count on GPU, or a size in GiB on CPU. "
+                    "Default: 0.8 on GPU, 2 GiB on CPU")
+    num_cpu_blocks: Optional[int] = Field(
+        None, ge=1, description="Explicit KV block count; overrides cache_max_entry_count (tests, tight budgets)")
+    max_batch_size: int = Field(64, ge=1, description="Most sequences in one step")
+    max_prefill_tokens: int = Field(2048, ge=1, description="Token budget per step (prefill chunks plus one token per decode)")
+    session_len: Optional[int] = Field(
+        None, ge=2, description="Most tokens per sequence, prompt plus output; default the model's context length")
+    enable_prefix_caching: bool = Field(False, description="Share full KV blocks between requests with the same prefix")
+    rope_scaling_factor: float = Field(
+        0.0, ge=0.0, description="Dynamic NTK RoPE scaling factor for contexts beyond max_position_embeddings; 0 = off")
+    num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default all cores")
+    seed: int = Field(0, description="Seed for requests that give none")
+
+    @field_validator("cache_max_entry_count")
+    @classmethod
+    def _budget(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and v >= 1 and v != int(v):
+            raise ValueError("cache_max_entry_count: a fraction in (0,1) or a whole number >= 1 (blocks on GPU, GiB on CPU)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "EngineConfig":
+        if self.tp != 1:
+            raise ValueError("tp: only tp=1 is supported by this build (tensor parallelism is issue 6)")
+        if self.device == "cpu" and self.dtype in ("float16",):
+            raise ValueError("dtype: float16 is not supported on CPU; use float32 or bfloat16")
+        return self
+
+
+def resolve_device(cfg: EngineConfig) -> str:
+    import torch
+    if cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
+    return cfg.device
+
+
+def resolve_dtype(cfg: EngineConfig, device: str):
+    import torch
+    if cfg.dtype == "auto":
+        return torch.float32 if device == "cpu" else torch.float16
+    return getattr(torch, cfg.dtype)
+
+
+def budget_kind(value: Union[int, float]) -> str:
+    """'fraction' for (0,1), 'count' otherwise."""
+    return "fraction" if 0 < value < 1 else "count"

@@ -1,0 +1,1 @@
+"""Attention kernels: torch references (CPU) and Triton kernels (GPU), with shape-checking wrappers."""

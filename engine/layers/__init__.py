@@ -1,0 +1,1 @@
+"""Building blocks: linear (with shard-aware loaders), norm, rotary embedding, paged attention."""

@@ -1,0 +1,55 @@
+"""Linear layers whose parameters know how to load (a shard of) a checkpoint tensor.
+
+A fused layer (q/k/v, gate/up) holds its parts stacked along the output dimension; each part is
+loaded by name, so architectures with separate or packed checkpoint tensors load the same module.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"{what}: checkpoint shape {tuple(src.shape)} does not match the model's {tuple(dst.shape)}")
+    dst.copy_(src.to(dst.dtype))
+
+
+class Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def load(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> None:
+        _copy(getattr(self, name).data, tensor, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class FusedLinear(Linear):
+    """Several projections of one input, stacked on the output dimension: ``parts`` = [(name, size)]."""
+
+    def __init__(self, in_features: int, parts: Sequence[Tuple[str, int]], bias: bool = False):
+        super().__init__(in_features, sum(size for _, size in parts), bias)
+        self.offsets: Dict[str, Tuple[int, int]] = {}
+        start = 0
+        for part, size in parts:
+            self.offsets[part] = (start, size)
+            start += size
+
+    def load(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> None:
+        param = getattr(self, name).data
+        if shard is None:
+            _copy(param, tensor, name)
+            return
+        start, size = self.offsets[shard]
+        _copy(param.narrow(0, start, size), tensor, f"{name}[{shard}]")
+
+    def split(self, y: torch.Tensor):
+        return y.split([size for _, size in self.offsets.values()], dim=-1)

@@ -1,0 +1,150 @@
+"""The synchronous engine: requests in, one scheduled model step at a time, deltas out."""
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import time
+from typing import Dict, List, Optional, Union
+
+import torch
+
+from .config import EngineConfig, resolve_device, resolve_dtype
+from .core.scheduler import Scheduler, SchedulerConfig
+from .core.sequence import Sequence
+from .generation import GenerationConfig
+from .layers.attention import KVCache
+from .model_runner import ModelRunner
+from .models.loader import load_model
+from .outputs import RequestOutput
+from .prompts import Prompt, encode_prompt
+from .request_state import RequestState
+
+logger = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+def _eos_ids(model_dir, args, tokenizer) -> List[int]:
+    ids = set(args.eos_token_ids)
+    gen = model_dir / "generation_config.json"
+    if gen.is_file():
+        e = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= set([e] if isinstance(e, int) else (e or []))
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def plan_num_blocks(cfg: EngineConfig, args, device: str, dtype: torch.dtype, session_len: int) -> int:
+    """KV blocks from the budget: explicit count, GPU fraction or block count, CPU fraction or GiB."""
+    per_block = KVCache.bytes_per_block(args.num_layers, cfg.block_size, args.num_kv_heads, args.head_dim, dtype)
+    if cfg.num_cpu_blocks is not None:
+        return cfg.num_cpu_blocks
+    budget = cfg.cache_max_entry_count
+    if budget is None:
+        budget = 0.8 if device == "cuda" else 2
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        n = int(free * budget) // per_block if budget < 1 else int(budget)
+    else:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        nbytes = avail * budget if budget < 1 else budget * 2**30
+        n = int(nbytes) // per_block
+        # on CPU memory is touched as it is zeroed: never hold more than the batch can use
+        n = min(n, cfg.max_batch_size * -(-session_len // cfg.block_size))
+    return max(n, 1)
+
+
+class LLMEngine:
+    def __init__(self, config: Optional[EngineConfig] = None, **kwargs):
+        cfg = config or EngineConfig(**kwargs)
+        self.config = cfg
+        self.device = resolve_device(cfg)
+        self.dtype = resolve_dtype(cfg, self.device)
+        if self.device == "cpu" and cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        from transformers import AutoTokenizer
+
+        self.model, self.model_dir = load_model(cfg.model, self.device, self.dtype)
+        args = self.model.args
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.eos_token_ids = _eos_ids(self.model_dir, args, self.tokenizer)
+        session_len = cfg.session_len or args.max_position_embeddings
+        num_blocks = plan_num_blocks(cfg, args, self.device, self.dtype, session_len)
+        capacity = num_blocks * cfg.block_size
+        if session_len > capacity:
+            logger.warning("session_len %d exceeds the KV cache (%d tokens); lowered to %d", session_len, capacity, capacity)
+            session_len = capacity
+        self.session_len = session_len
+        self.model_name = cfg.model or "SmolLM2-135M-Instruct"
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_batch_size=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens,
+            num_blocks=num_blocks, block_size=cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching))
+        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.device, self.dtype,
+                                  self.eos_token_ids, cfg.rope_scaling_factor, cfg.seed)
+        gib = self.runner.kv.data.numel() * self.runner.kv.data.element_size() / 2**30
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s %s); session_len %d",
+                    num_blocks, cfg.block_size, capacity, gib, self.device, str(self.dtype).replace("torch.", ""),
+                    session_len)
+        self.requests: Dict[str, RequestState] = {}
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0}
+
+    # ---- requests -------------------------------------------------------------------------
+    def add_request(self, prompt: Union[Prompt, List[int]], params: Optional[GenerationConfig] = None,
+                    request_id: Optional[str] = None) -> str:
+        """Validate and queue a request; raises ValueError naming the bad field."""
+        params = params or GenerationConfig()
+        if not isinstance(params, GenerationConfig):
+            params = GenerationConfig(**params)
+        ids = encode_prompt(self.tokenizer, prompt)
+        if len(ids) >= self.session_len:
+            raise ValueError(f"prompt: {len(ids)} tokens do not fit session_len {self.session_len} "
+                             "(prompt plus at least one output token)")
+        rid = request_id if request_id is not None else f"req-{next(_ids)}"
+        if rid in self.requests:
+            raise ValueError(f"request_id: {rid!r} is already in use")
+        max_tokens = min(self.session_len, len(ids) + params.max_new_tokens)
+        seq = Sequence(request_id=rid, token_ids=list(ids), num_prompt_tokens=len(ids), max_tokens=max_tokens,
+                       params=params)
+        self.scheduler.add(seq)
+        self.requests[rid] = RequestState(seq, params, self.tokenizer, self.eos_token_ids)
+        self.stats["prompt_tokens"] += len(ids)
+        return rid
+
+    def abort(self, request_id: str) -> Optional[RequestOutput]:
+        """Stop a request and free its blocks at once."""
+        st = self.requests.pop(request_id, None)
+        if st is None:
+            return None
+        self.scheduler.finish(request_id, "abort")
+        st.finish_reason = "abort"
+        return st.take_delta(finished=True)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------
+    def step(self) -> List[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched:
+            if sched.finished_ids:
+                self.runner.execute(sched)  # lets the runner drop state
+            return []
+        result = self.runner.execute(sched)
+        grew = self.scheduler.update(sched, result)
+        self.stats["steps"] += 1
+        outputs = []
+        for seq in grew:
+            st = self.requests[seq.request_id]
+            tok = seq.token_ids[-1]
+            reason = st.on_token(tok, result.logprobs.get(seq.request_id))
+            self.stats["generation_tokens"] += 1
+            if reason is not None:
+                self.scheduler.finish(seq.request_id, reason)
+                del self.requests[seq.request_id]
+            outputs.append(st.take_delta(finished=reason is not None))
+        return outputs
+
+    def kv_usage(self) -> float:
+        return self.scheduler.blocks.usage()

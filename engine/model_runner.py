@@ -1,0 +1,127 @@
+"""ModelRunner: owns the weights, the paged KV cache and sampling state; runs one scheduled step."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional
+
+import torch
+
+from .core.messages import RunnerOutput, SchedulerOutput
+from .layers.attention import AttentionMetadata, KVCache, PrefillChunk
+from .layers.rotary import RotaryEmbedding
+from .models.llama import LlamaModel
+from .sampler import SamplingState, gather_logprobs, sample
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device: str, dtype: torch.dtype,
+                 eos_token_ids: List[int], rope_scaling_factor: float = 0.0, default_seed: int = 0):
+        a = model.args
+        self.model, self.device, self.dtype, self.block_size = model, device, dtype, block_size
+        self.kv = KVCache(a.num_layers, num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype, device)
+        self.rope = RotaryEmbedding(a.head_dim, a.rope_theta, a.max_position_embeddings, a.rope_scaling,
+                                    dynamic_factor=rope_scaling_factor, device=device)
+        self.eos_token_ids = list(eos_token_ids)
+        self.states: Dict[str, SamplingState] = {}
+        self._seed_base = default_seed
+        if device == "cuda":
+            self._use_triton_decode()
+
+    def _use_triton_decode(self) -> None:
+        from .kernels.paged_attention_triton import triton_decode
+        for layer in self.model.layers:
+            layer.attn.decode_fn = triton_decode
+
+    # ---- per-request state ----------------------------------------------------------------
+    def _register(self, msg) -> None:
+        p = msg.params
+        gen = None
+        if p.seed is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(p.seed)
+        blocked = [] if p.ignore_eos else list(self.eos_token_ids)
+        self.states[msg.request_id] = SamplingState(
+            params=p, prompt_ids=list(msg.prompt_token_ids), output_ids=list(msg.output_token_ids or []),
+            blocked_until_min=blocked + list(p.stop_token_ids), generator=gen)
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def _slots(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
+        """block_table: [B, nb] -> slots [B, length] of positions 0..length-1."""
+        bs = self.block_size
+        ar = torch.arange(bs, device=block_table.device)
+        return (block_table[:, :, None] * bs + ar).reshape(block_table.shape[0], -1)[:, :length]
+
+    def prepare(self, sched: SchedulerOutput):
+        decodes = [s for s in sched.seqs if len(s.token_ids) == 1]
+        prefills = [s for s in sched.seqs if len(s.token_ids) > 1]
+        order = decodes + prefills
+        bs = self.block_size
+        tokens, positions, slots, seq_lens = [], [], [], []
+        sample_idx, sample_ids = [], []
+        chunks = []
+        for msg in order:
+            start = len(tokens)
+            n = len(msg.token_ids)
+            tokens += msg.token_ids
+            pos = range(msg.start_pos, msg.start_pos + n)
+            positions += pos
+            slots += [msg.block_ids[p // bs] * bs + p % bs for p in pos]
+            seq_lens += [msg.start_pos + n] * n
+            if msg.sample:
+                sample_idx.append(start + n - 1)
+                sample_ids.append(msg.request_id)
+            if n > 1:
+                chunks.append((msg, start, n))
+        dev = self.device
+        positions_t = torch.tensor(positions, device=dev)
+        seq_lens_t = torch.tensor(seq_lens, device=dev)
+        meta = AttentionMetadata(positions=positions_t, slot_mapping=torch.tensor(slots, device=dev),
+                                 num_decode=len(decodes))
+        if decodes:
+            nb = max(len(m.block_ids) for m in decodes)
+            bt = torch.tensor([m.block_ids + [m.block_ids[0]] * (nb - len(m.block_ids)) for m in decodes], device=dev)
+            ctx = torch.tensor([m.start_pos + 1 for m in decodes], device=dev)
+            meta.decode_block_tables, meta.decode_ctx_lens = bt, ctx
+            meta.decode_slots = self._slots(bt, int(ctx.max()))
+        for msg, start, n in chunks:
+            ctx_slots = None
+            if msg.start_pos > 0:
+                bt = torch.tensor([msg.block_ids], device=dev)
+                ctx_slots = self._slots(bt, msg.start_pos + n)[0]
+            meta.prefills.append(PrefillChunk(start, n, msg.start_pos, ctx_slots))
+        meta.cos, meta.sin = self.rope.cos_sin(positions_t, seq_lens_t)
+        return torch.tensor(tokens, device=dev), meta, torch.tensor(sample_idx, device=dev, dtype=torch.long), sample_ids
+
+    # ---- the step ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        for rid in sched.finished_ids:
+            self.states.pop(rid, None)
+        for msg in sched.seqs:
+            if msg.params is not None:
+                self._register(msg)
+        out = RunnerOutput()
+        if not sched.seqs:
+            return out
+        input_ids, meta, sample_idx, sample_ids = self.prepare(sched)
+        logits = self.model(input_ids, meta, self.kv, sample_idx)
+        if not sample_ids:
+            return out
+        states = [self.states[r] for r in sample_ids]
+        tokens, raw = sample(logits, states)
+        tok_list = tokens.tolist()
+        for rid, tok, st in zip(sample_ids, tok_list, states):
+            st.output_ids.append(tok)
+            out.sampled[rid] = tok
+        if raw is not None:
+            for i, lp in gather_logprobs(raw, tokens, states).items():
+                out.logprobs[sample_ids[i]] = lp
+        return out
+
+    @torch.inference_mode()
+    def logits_for(self, sched: SchedulerOutput) -> torch.Tensor:
+        """Run a step and return the logits of the sampling rows without sampling (tests, perplexity)."""
+        input_ids, meta, sample_idx, _ = self.prepare(sched)
+        return self.model(input_ids, meta, self.kv, sample_idx)

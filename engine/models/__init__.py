@@ -1,0 +1,1 @@
+"""Model definitions (composition of layers) and the architecture adapter table."""

@@ -1,0 +1,102 @@
+"""Architecture adapters: checkpoint tensor names -> our parameters, as data.
+
+Each entry maps a checkpoint name (with ``{i}`` for the layer) to (our parameter, shard, transform).
+``shard`` names a part of a fused layer; ``transform`` names a function in TRANSFORMS applied first.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .args import ModelArgs
+
+Target = Tuple[str, Optional[str], Optional[str]]  # (param, shard, transform)
+
+
+def _llama_names(prefix: str = "model.") -> Dict[str, Target]:
+    L = prefix + "layers.{i}."
+    table: Dict[str, Target] = {
+        prefix + "embed_tokens.weight": ("embed.weight", None, None),
+        prefix + "norm.weight": ("norm.weight", None, None),
+        "lm_head.weight": ("lm_head.weight", None, None),
+        L + "input_layernorm.weight": ("layers.{i}.input_norm.weight", None, None),
+        L + "post_attention_layernorm.weight": ("layers.{i}.post_norm.weight", None, None),
+        L + "self_attn.o_proj.weight": ("layers.{i}.attn.o.weight", None, None),
+        L + "self_attn.o_proj.bias": ("layers.{i}.attn.o.bias", None, None),
+        L + "mlp.down_proj.weight": ("layers.{i}.mlp.down.weight", None, None),
+        L + "mlp.down_proj.bias": ("layers.{i}.mlp.down.bias", None, None),
+    }
+    for kind in ("weight", "bias"):
+        for proj in "qkv":
+            table[L + f"self_attn.{proj}_proj.{kind}"] = (f"layers.{{i}}.attn.qkv.{kind}", proj, None)
+        for proj in ("gate", "up"):
+            table[L + f"mlp.{proj}_proj.{kind}"] = (f"layers.{{i}}.mlp.gate_up.{kind}", proj, None)
+    return table
+
+
+def _internlm2_names() -> Dict[str, Target]:
+    L = "model.layers.{i}."
+    return {
+        "model.tok_embeddings.weight": ("embed.weight", None, None),
+        "model.norm.weight": ("norm.weight", None, None),
+        "output.weight": ("lm_head.weight", None, None),
+        L + "attention_norm.weight": ("layers.{i}.input_norm.weight", None, None),
+        L + "ffn_norm.weight": ("layers.{i}.post_norm.weight", None, None),
+        L + "attention.wqkv.weight": ("layers.{i}.attn.qkv.weight", None, "internlm2_wqkv"),
+        L + "attention.wqkv.bias": ("layers.{i}.attn.qkv.bias", None, "internlm2_wqkv"),
+        L + "attention.wo.weight": ("layers.{i}.attn.o.weight", None, None),
+        L + "attention.wo.bias": ("layers.{i}.attn.o.bias", None, None),
+        L + "feed_forward.w1.weight": ("layers.{i}.mlp.gate_up.weight", "gate", None),
+        L + "feed_forward.w3.weight": ("layers.{i}.mlp.gate_up.weight", "up", None),
+        L + "feed_forward.w2.weight": ("layers.{i}.mlp.down.weight", None, None),
+    }
+
+
+def internlm2_wqkv(t: torch.Tensor, a: ModelArgs) -> torch.Tensor:
+    """InternLM2 packs rows as [kv_head, (q_per_kv queries, k, v), head_dim]; reorder to [q; k; v]."""
+    g = a.num_heads // a.num_kv_heads
+    rest = t.shape[1:]
+    packed = t.reshape(a.num_kv_heads, g + 2, a.head_dim, *rest)
+    q = packed[:, :g].reshape(a.num_heads * a.head_dim, *rest)
+    k = packed[:, g].reshape(a.num_kv_heads * a.head_dim, *rest)
+    v = packed[:, g + 1].reshape(a.num_kv_heads * a.head_dim, *rest)
+    return torch.cat([q, k, v], dim=0)
+
+
+TRANSFORMS: Dict[str, Callable[[torch.Tensor, ModelArgs], torch.Tensor]] = {"internlm2_wqkv": internlm2_wqkv}
+
+
+@dataclass(frozen=True)
+class Adapter:
+    names: Dict[str, Target]
+    qkv_bias: bool = False  # the architecture always has q/k/v bias (Qwen2)
+    ignore: Tuple[str, ...] = ("rotary_emb.inv_freq",)
+
+    def target(self, name: str) -> Optional[Tuple[str, Optional[str], Optional[str]]]:
+        m = re.search(r"\.(\d+)\.", name)
+        key = name if m is None else name[:m.start()] + ".{i}." + name[m.end():]
+        hit = self.names.get(key)
+        if hit is None:
+            return None
+        param, shard, tf = hit
+        return (param.format(i=m.group(1)) if m else param), shard, tf
+
+    def ignored(self, name: str) -> bool:
+        return any(s in name for s in self.ignore)
+
+
+ADAPTERS: Dict[str, Adapter] = {
+    "LlamaForCausalLM": Adapter(_llama_names()),
+    "MistralForCausalLM": Adapter(_llama_names()),
+    "Qwen2ForCausalLM": Adapter(_llama_names(), qkv_bias=True),
+    "InternLM2ForCausalLM": Adapter(_internlm2_names()),
+}
+
+
+def get_adapter(architecture: str) -> Adapter:
+    if architecture not in ADAPTERS:
+        raise ValueError(f"architectures: {architecture!r} is not supported; supported: {sorted(ADAPTERS)}")
+    return ADAPTERS[architecture]

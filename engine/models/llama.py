@@ -1,0 +1,61 @@
+"""The Llama-family decoder (Llama, Mistral-style, Qwen2, InternLM2 share it; adapters map their weights)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.attention import Attention, AttentionMetadata, KVCache
+from ..layers.linear import FusedLinear, Linear
+from ..layers.norm import RMSNorm
+from .args import ModelArgs
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, inter: int, bias: bool):
+        super().__init__()
+        self.gate_up = FusedLinear(hidden, [("gate", inter), ("up", inter)], bias=bias)
+        self.down = Linear(inter, hidden, bias=bias)
+        self.inter = inter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gu = self.gate_up(x)
+        return self.down(F.silu(gu[..., :self.inter]) * gu[..., self.inter:])
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.input_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.attn = Attention(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.qkv_bias, a.o_bias)
+        self.post_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.mlp = MLP(a.hidden_size, a.intermediate_size, a.mlp_bias)
+
+    def forward(self, x, meta, k_cache, v_cache):
+        x = x + self.attn(self.input_norm(x), meta, k_cache, v_cache)
+        return x + self.mlp(self.post_norm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.args = a
+        self.embed = nn.Embedding(a.vocab_size, a.hidden_size)
+        self.embed.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(a.num_layers))
+        self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.lm_head = Linear(a.hidden_size, a.vocab_size)
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
+                sample_idx: torch.Tensor) -> torch.Tensor:
+        """input_ids: [T] -> logits [len(sample_idx), vocab] (float32)."""
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            k_cache, v_cache = kv.layer(i)
+            x = layer(x, meta, k_cache, v_cache)
+        x = self.norm(x[sample_idx])
+        return self.lm_head(x).float()
