@@ -30,7 +30,10 @@ class ModelRunner:
             self._use_triton_decode()
 
     def _use_triton_decode(self) -> None:
-        from .kernels.paged_attention_triton import triton_decode
+        from .kernels.paged_attention_triton import HAVE_TRITON, _pow2, triton_decode
+        if not (HAVE_TRITON and _pow2(self.model.args.head_dim) and _pow2(self.block_size)):
+            logger.info("paged decode: torch path (Triton needs power-of-two head_dim and block_size)")
+            return
         for layer in self.model.layers:
             layer.attn.decode_fn = triton_decode
 

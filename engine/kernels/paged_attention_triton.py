@@ -1,0 +1,89 @@
+"""Triton paged-decode attention: one program per (sequence, KV head), online softmax over blocks.
+
+Oracle: ``paged_attention_torch.paged_decode_attention``. Runs on CPU under ``TRITON_INTERPRET=1``.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - triton is a declared dependency on Linux x86_64
+    HAVE_TRITON = False
+
+
+if HAVE_TRITON:
+    @triton.jit
+    def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, scale,
+                             s_qb, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_btb, s_ob, s_oh,
+                             G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
+        b = tl.program_id(0)
+        h = tl.program_id(1)
+        ctx = tl.load(ctx_ptr + b)
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, D)
+        offs_s = tl.arange(0, BS)
+        gmask = offs_g < G
+        q = tl.load(q_ptr + b * s_qb + (h * G + offs_g)[:, None] * s_qh + offs_d[None, :],
+                    mask=gmask[:, None], other=0.0).to(tl.float32)  # [G_PAD, D]
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D], tl.float32)
+        for i in range(0, tl.cdiv(ctx, BS)):
+            blk = tl.load(bt_ptr + b * s_btb + i).to(tl.int64)
+            smask = (i * BS + offs_s) < ctx
+            k = tl.load(k_ptr + blk * s_kb + offs_s[:, None] * s_ks + h * s_kh + offs_d[None, :],
+                        mask=smask[:, None], other=0.0).to(tl.float32)  # [BS, D]
+            s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G_PAD, BS]
+            s = tl.where(smask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            v = tl.load(v_ptr + blk * s_vb + offs_s[:, None] * s_vs + h * s_vh + offs_d[None, :],
+                        mask=smask[:, None], other=0.0).to(tl.float32)  # [BS, D]
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
+        out = acc / l[:, None]
+        tl.store(out_ptr + b * s_ob + (h * G + offs_g)[:, None] * s_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Same contract as the torch reference: q [B, H, D]; caches [num_blocks, block_size, KVH, D]."""
+    if not HAVE_TRITON:
+        raise RuntimeError("triton is not installed")
+    B, H, D = q.shape
+    nb, BS, KVH, Dk = k_cache.shape
+    if Dk != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k/v cache shape {tuple(k_cache.shape)} does not match q head_dim {D}")
+    if H % KVH:
+        raise ValueError(f"num_heads {H} is not a multiple of num_kv_heads {KVH}")
+    if not (_pow2(D) and _pow2(BS)):
+        raise ValueError(f"head_dim ({D}) and block_size ({BS}) must be powers of two for the Triton kernel")
+    if block_tables.shape[0] != B or context_lens.shape != (B,):
+        raise ValueError("block_tables must be [B, max_blocks] and context_lens [B]")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the last dimension of q and the caches must be contiguous")
+    G = H // KVH
+    out = torch.empty_like(q)
+    bt = block_tables.to(torch.int32).contiguous()
+    ctx = context_lens.to(torch.int32).contiguous()
+    _paged_decode_kernel[(B, KVH)](
+        q, k_cache, v_cache, bt, ctx, out, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), bt.stride(0), out.stride(0), out.stride(1),
+        G=G, G_PAD=max(triton.next_power_of_2(G), 1), D=D, BS=BS)
+    return out
+
+
+def triton_decode(q, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
+    """Attention-layer hook (see layers.attention.torch_decode)."""
+    return paged_decode_attention_triton(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale)
