@@ -1,0 +1,111 @@
+"""Greedy outputs token-identical to Hugging Face ``generate`` and next-token logits within 1e-4 relative."""
+import random
+
+import pytest
+import torch
+
+from engine.core.messages import RunnerOutput, SchedulerOutput
+from engine.generation import GenerationConfig
+from engine.llm_engine import LLMEngine
+from engine.offline import Pipeline
+from tiny_models import make_hf_model, write_internlm2
+
+
+def hf_greedy(hf, prompt_ids, n):
+    x = torch.tensor([prompt_ids])
+    with torch.no_grad():
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def hf_last_logits(hf, prompt_ids):
+    with torch.no_grad():
+        return hf(torch.tensor([prompt_ids])).logits[0, -1].float()
+
+
+def engine_prompt_logits(engine: LLMEngine, prompts):
+    """Prefill all prompts together (chunked under the engine's token budget); each one's last-position logits."""
+    ids = [engine.add_request(p, GenerationConfig(max_new_tokens=1)) for p in prompts]
+    got = {}
+    while len(got) < len(ids):
+        sched: SchedulerOutput = engine.scheduler.schedule()
+        logits = engine.runner.logits_for(sched)
+        rows = [s.request_id for s in sched.seqs if s.sample]
+        rows = sorted(rows, key=lambda r: len(next(s for s in sched.seqs if s.request_id == r).token_ids) > 1)
+        for r, row in zip(rows, logits):
+            got[r] = row
+        engine.scheduler.update(sched, RunnerOutput())  # advance computed counts without sampling
+    for rid in ids:
+        engine.abort(rid)
+    return [got[rid] for rid in ids]
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def check_model(engine, hf, prompts, n_new):
+    pipe = Pipeline(engine)
+    outs = pipe(prompts, GenerationConfig(max_new_tokens=n_new, temperature=0, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, n_new)
+        assert o.finish_reason == "length"
+    for p, lg in zip(prompts, engine_prompt_logits(engine, prompts)):
+        assert rel_err(lg, hf_last_logits(hf, p)) < 1e-4
+    assert engine.scheduler.blocks.num_free_blocks == engine.scheduler.blocks.num_blocks
+
+
+def random_prompts(lengths, seed=0, vocab=49152):
+    rnd = random.Random(seed)
+    return [[rnd.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+@pytest.mark.slow
+def test_smollm2_matches_hf(smol_engine, smol_hf, smol_tok):
+    texts = ["Hello", "The capital of France is", "Write a long story about a dragon who learns to code. " * 6,
+             "1, 2, 3, 5, 8, 13,"]
+    prompts = [smol_tok.encode(t) for t in texts]
+    check_model(smol_engine, smol_hf, prompts, n_new=24)
+
+
+ROPES = {
+    "default": {},
+    "linear": {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    "llama3": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+}
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+def test_tiny_llama_matches_hf(tmp_path, smol_dir, rope):
+    hf = make_hf_model("llama", smol_dir, tmp_path / "m", seed=1, **ROPES[rope])
+    engine = LLMEngine(model=str(tmp_path / "m"), block_size=8, max_prefill_tokens=48, num_cpu_blocks=64)
+    check_model(engine, hf, random_prompts([3, 17, 40, 70], seed=1), n_new=12)
+
+
+def test_tiny_qwen2_matches_hf(tmp_path, smol_dir):
+    hf = make_hf_model("qwen2", smol_dir, tmp_path / "m", seed=2)
+    assert any("q_proj.bias" in k for k in hf.state_dict())
+    engine = LLMEngine(model=str(tmp_path / "m"), block_size=8, max_prefill_tokens=64, num_cpu_blocks=64)
+    check_model(engine, hf, random_prompts([5, 33, 9, 60], seed=2), n_new=12)
+
+
+def test_tiny_internlm2_matches_llama_oracle(tmp_path, smol_dir):
+    hf = make_hf_model("llama", smol_dir, tmp_path / "llama", seed=3)
+    write_internlm2(hf, tmp_path / "internlm2", smol_dir)
+    engine = LLMEngine(model=str(tmp_path / "internlm2"), block_size=8, num_cpu_blocks=64)
+    assert engine.model.args.architecture == "InternLM2ForCausalLM"
+    check_model(engine, hf, random_prompts([4, 21, 50], seed=3), n_new=12)
+
+
+def test_dynamic_ntk_beyond_context_matches_hf(tmp_path, smol_dir):
+    """rope_scaling_factor switches dynamic NTK on; HF's 'dynamic' rope type is the oracle."""
+    ours = tmp_path / "plain"
+    make_hf_model("llama", smol_dir, ours, seed=4, max_position_embeddings=32)
+    hf = make_hf_model("llama", smol_dir, tmp_path / "dyn", seed=4, max_position_embeddings=32,
+                       rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    engine = LLMEngine(model=str(ours), block_size=8, num_cpu_blocks=64, rope_scaling_factor=2.0, session_len=200)
+    prompts = random_prompts([20, 90], seed=4)
+    for p, lg in zip(prompts, engine_prompt_logits(engine, prompts)):
+        assert rel_err(lg, hf_last_logits(hf, p)) < 1e-4
