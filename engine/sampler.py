@@ -74,7 +74,7 @@ def filter_logits(logits: torch.Tensor, states: Sequence[SamplingState]) -> torc
     ranks = torch.arange(V, device=dev)[None, :]
     k = torch.where(top_k > 0, top_k, V)[:, None]
     drop = ranks >= k
-    drop |= (probs.cumsum(-1) - probs) > top_p[:, None]  # mass before this token already covers top_p
+    drop |= (probs.cumsum(-1) - probs) >= top_p[:, None]  # mass before this token already covers top_p
     drop |= probs < min_p[:, None] * probs[:, :1]
     drop[:, 0] = False  # always keep the most likely token
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))

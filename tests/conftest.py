@@ -40,3 +40,15 @@ def smol_hf(smol_dir):
 def smol_tok(smol_dir):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(smol_dir))
+
+
+def pytest_configure(config):
+    # Triton kernels run on CPU through the interpreter when no GPU is present; the variable is read
+    # when a kernel is defined, so it is set before any test module imports one.
+    try:
+        import torch
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        os.environ.setdefault("TRITON_INTERPRET", "1")

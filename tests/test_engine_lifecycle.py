@@ -1,0 +1,118 @@
+"""Preemption, prefix caching, abort and the asyncio engine on a tiny random Llama, with HF as the oracle."""
+import asyncio
+import random
+
+import pytest
+import torch
+
+from engine.async_engine import AsyncEngine
+from engine.generation import GenerationConfig
+from engine.llm_engine import LLMEngine
+from engine.offline import Pipeline
+from tiny_models import make_hf_model
+
+G = GenerationConfig
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smol_dir):
+    d = tmp_path_factory.mktemp("tiny") / "llama"
+    hf = make_hf_model("llama", smol_dir, d, seed=11)
+    return d, hf
+
+
+def hf_greedy(hf, ids, n):
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def prompts(lengths, seed):
+    rnd = random.Random(seed)
+    return [[rnd.randrange(3, 49152) for _ in range(n)] for n in lengths]
+
+
+def all_free(engine):
+    b = engine.scheduler.blocks
+    return b.num_free_blocks == b.num_blocks
+
+
+def test_preemption_under_block_pressure_keeps_outputs_exact(tiny):
+    d, hf = tiny
+    # 10 blocks of 8 tokens: four sequences of 20 + 24 tokens cannot all fit at once
+    engine = LLMEngine(model=str(d), block_size=8, num_cpu_blocks=10, max_batch_size=8)
+    ps = prompts([20, 18, 22, 16], seed=1)
+    outs = Pipeline(engine)(ps, G(max_new_tokens=24, temperature=0, ignore_eos=True))
+    assert engine.scheduler.total_preemptions > 0
+    for p, o in zip(ps, outs):
+        assert o.token_ids == hf_greedy(hf, p, 24)
+    assert all_free(engine)
+
+
+def test_prefix_caching_hits_and_exact_outputs(tiny):
+    d, hf = tiny
+    engine = LLMEngine(model=str(d), block_size=8, num_cpu_blocks=40, enable_prefix_caching=True)
+    shared = prompts([40], seed=2)[0]
+    a, b = shared + [5, 6, 7], shared + [9, 10]
+    pipe = Pipeline(engine)
+    ra = pipe(a, G(max_new_tokens=8, temperature=0, ignore_eos=True))
+    rb = pipe(b, G(max_new_tokens=8, temperature=0, ignore_eos=True))
+    assert engine.scheduler.blocks.prefix_hits == 40  # five full blocks of the shared prefix
+    assert ra.token_ids == hf_greedy(hf, a, 8) and rb.token_ids == hf_greedy(hf, b, 8)
+    assert all_free(engine)  # cached blocks count as free (evictable)
+
+
+def test_abort_frees_blocks_and_others_continue(tiny):
+    d, hf = tiny
+    engine = LLMEngine(model=str(d), block_size=8, num_cpu_blocks=40)
+    ps = prompts([12, 30], seed=3)
+    keep = engine.add_request(ps[0], G(max_new_tokens=10, temperature=0, ignore_eos=True))
+    drop = engine.add_request(ps[1], G(max_new_tokens=50, temperature=0, ignore_eos=True))
+    got = []
+    for _ in range(3):
+        got += [t for o in engine.step() if o.request_id == keep for t in o.token_ids]
+    used = engine.scheduler.blocks.num_blocks - engine.scheduler.blocks.num_free_blocks
+    out = engine.abort(drop)
+    assert out.finished and out.finish_reason == "abort"
+    assert engine.scheduler.blocks.num_blocks - engine.scheduler.blocks.num_free_blocks < used
+    while engine.has_unfinished():
+        got += [t for o in engine.step() if o.request_id == keep for t in o.token_ids]
+    assert got == hf_greedy(hf, ps[0], 10)
+    assert all_free(engine) and engine.abort(drop) is None
+
+
+def test_async_engine_concurrent_bad_request_and_disconnect(tiny):
+    d, hf = tiny
+    eng = AsyncEngine(model=str(d), block_size=8, num_cpu_blocks=40)
+    ps = prompts([7, 15, 25], seed=4)
+
+    async def collect(p, n):
+        toks = []
+        async for o in eng.generate(p, G(max_new_tokens=n, temperature=0, ignore_eos=True)):
+            toks += o.token_ids
+        return toks
+
+    async def bad(prompt, match):
+        with pytest.raises(ValueError, match=match):
+            async for _ in eng.generate(prompt, G(max_new_tokens=4)):
+                pass
+
+    async def walk_away(p):
+        agen = eng.generate(p, G(max_new_tokens=200, temperature=0, ignore_eos=True))
+        async for _ in agen:
+            break  # the client disconnects
+        await agen.aclose()
+
+    async def main():
+        return await asyncio.gather(collect(ps[0], 9), collect(ps[1], 6), walk_away(ps[2]), collect(ps[2], 5),
+                                    bad([1, 10**9], "prompt"), bad([5] * 600, "session_len"))
+
+    try:
+        r = asyncio.run(main())
+        assert r[0] == hf_greedy(hf, ps[0], 9) and r[1] == hf_greedy(hf, ps[1], 6) and r[3] == hf_greedy(hf, ps[2], 5)
+        stats = eng.stats()
+        assert stats["free_blocks"] == stats["num_blocks"] and stats["running"] == 0
+    finally:
+        eng.shutdown()
