@@ -91,6 +91,8 @@ def generate(a) -> int:
     from .offline import pipeline
     ecfg, gcfg = _configs(a)
     prompts = _read_prompts(a.input)
+    if a.chat:
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     if not prompts:
         raise SystemExit(f"--input: {a.input} holds no prompts")
     pipe = pipeline(config=ecfg)
@@ -124,6 +126,7 @@ def main(argv=None) -> int:
     _engine_args(g)
     g.add_argument("--input", required=True)
     g.add_argument("--output", default=None, help="write JSON lines here (default: stdout)")
+    g.add_argument("--chat", action="store_true", help="wrap each line as a user message (chat template)")
     a = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("RAYLM_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -75,9 +75,9 @@ class Attention(nn.Module):
                 v_cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = self.qkv.split(self.qkv(x))
-        q = apply_rotary(q.view(T, self.num_heads, self.head_dim), meta.cos, meta.sin)
-        k = apply_rotary(k.view(T, self.num_kv_heads, self.head_dim), meta.cos, meta.sin)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(q.reshape(T, self.num_heads, self.head_dim), meta.cos, meta.sin)
+        k = apply_rotary(k.reshape(T, self.num_kv_heads, self.head_dim), meta.cos, meta.sin)
+        v = v.reshape(T, self.num_kv_heads, self.head_dim)
         # write this step's K/V into their slots: caches viewed as [num_slots, KVH, D]
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
         v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)

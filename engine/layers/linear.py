@@ -12,6 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
+CPU_WX_MAX_TOKENS = 1024  # measured on the 2-core AVX2 machine: no gain beyond this
+
+
 def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"{what}: checkpoint shape {tuple(src.shape)} does not match the model's {tuple(dst.shape)}")
@@ -29,6 +32,11 @@ class Linear(nn.Module):
         _copy(getattr(self, name).data, tensor, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= CPU_WX_MAX_TOKENS:
+            # MKL runs W @ x^T far faster than x @ W^T for few rows (1.2x at 1, 1.7x at 8-64 tokens);
+            # the result is a transposed view [tokens, out]
+            wt = self.weight @ x.t() if self.bias is None else torch.addmm(self.bias[:, None], self.weight, x.t())
+            return wt.t()
         return F.linear(x, self.weight, self.bias)
 
 
