@@ -50,18 +50,12 @@ class ModelRunner:
             blocked_until_min=blocked + list(p.stop_token_ids), generator=gen)
 
     # ---- inputs ---------------------------------------------------------------------------
-    def _slots(self, block_table: torch.Tensor, length: int) -> torch.Tensor:
-        """block_table: [B, nb] -> slots [B, length] of positions 0..length-1."""
-        bs = self.block_size
-        ar = torch.arange(bs, device=block_table.device)
-        return (block_table[:, :, None] * bs + ar).reshape(block_table.shape[0], -1)[:, :length]
-
     def prepare(self, sched: SchedulerOutput):
         decodes = [s for s in sched.seqs if len(s.token_ids) == 1]
         prefills = [s for s in sched.seqs if len(s.token_ids) > 1]
         order = decodes + prefills
         bs = self.block_size
-        tokens, positions, slots, seq_lens = [], [], [], []
+        tokens, positions, blocks, offsets, seq_lens = [], [], [], [], []
         sample_idx, sample_ids = [], []
         chunks = []
         for msg in order:
@@ -70,7 +64,8 @@ class ModelRunner:
             tokens += msg.token_ids
             pos = range(msg.start_pos, msg.start_pos + n)
             positions += pos
-            slots += [msg.block_ids[p // bs] * bs + p % bs for p in pos]
+            blocks += [msg.block_ids[p // bs] for p in pos]
+            offsets += [p % bs for p in pos]
             seq_lens += [msg.start_pos + n] * n
             if msg.sample:
                 sample_idx.append(start + n - 1)
@@ -80,20 +75,19 @@ class ModelRunner:
         dev = self.device
         positions_t = torch.tensor(positions, device=dev)
         seq_lens_t = torch.tensor(seq_lens, device=dev)
-        meta = AttentionMetadata(positions=positions_t, slot_mapping=torch.tensor(slots, device=dev),
-                                 num_decode=len(decodes))
+        meta = AttentionMetadata(positions=positions_t, slot_blocks=torch.tensor(blocks, device=dev),
+                                 slot_offsets=torch.tensor(offsets, device=dev), num_decode=len(decodes))
         if decodes:
             nb = max(len(m.block_ids) for m in decodes)
             bt = torch.tensor([m.block_ids + [m.block_ids[0]] * (nb - len(m.block_ids)) for m in decodes], device=dev)
             ctx = torch.tensor([m.start_pos + 1 for m in decodes], device=dev)
             meta.decode_block_tables, meta.decode_ctx_lens = bt, ctx
-            meta.decode_slots = self._slots(bt, int(ctx.max()))
         for msg, start, n in chunks:
-            ctx_slots = None
+            ctx_blocks = None
             if msg.start_pos > 0:
-                bt = torch.tensor([msg.block_ids], device=dev)
-                ctx_slots = self._slots(bt, msg.start_pos + n)[0]
-            meta.prefills.append(PrefillChunk(start, n, msg.start_pos, ctx_slots))
+                used = -(-(msg.start_pos + n) // bs)
+                ctx_blocks = torch.tensor(msg.block_ids[:used], device=dev)
+            meta.prefills.append(PrefillChunk(start, n, msg.start_pos, ctx_blocks))
         meta.cos, meta.sin = self.rope.cos_sin(positions_t, seq_lens_t)
         return torch.tensor(tokens, device=dev), meta, torch.tensor(sample_idx, device=dev, dtype=torch.long), sample_ids
 

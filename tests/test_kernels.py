@@ -51,7 +51,7 @@ def test_prefill_with_cached_prefix_matches_dense_causal():
     q = torch.randn(n, H, D, generator=g)
     k = torch.randn(start + n, KVH, D, generator=g)
     v = torch.randn(start + n, KVH, D, generator=g)
-    out = prefill_attention(q, k, v, start, 0.5)
+    out = prefill_attention(q, k.transpose(0, 1), v.transpose(0, 1), start, 0.5)
     kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     for i in range(n):
         ctx = start + i + 1
@@ -90,3 +90,13 @@ def test_triton_paged_decode_gpu_sizes(dtype):
     out = triton_kernel.paged_decode_attention_triton(q, k, v, bt, c, 128 ** -0.5)
     ref = paged_decode_attention(q.float(), k.float(), v.float(), bt, c, 128 ** -0.5)
     assert torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_engine_block_major_decode_matches_reference():
+    """The engine's CPU decode path (caches [blocks, KVH, bs, D]) against the slot-gather reference."""
+    from engine.layers.attention import AttentionMetadata, torch_decode
+    q, k, v, bt, c = paged_inputs(3, 6, 2, 16, 4, [5, 12, 1])
+    meta = AttentionMetadata(positions=None, slot_blocks=None, slot_offsets=None, num_decode=3,
+                             decode_block_tables=bt, decode_ctx_lens=c)
+    out = torch_decode(q, k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous(), meta, 0.3)
+    assert torch.allclose(out, paged_decode_attention(q, k, v, bt, c, 0.3), atol=1e-5)

@@ -18,8 +18,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_ctx = block_tables.shape[1] * bs
     # slot index of every context position: [B, max_ctx]
     slots = (block_tables[:, :, None] * bs + torch.arange(bs, device=q.device)).reshape(B, max_ctx)
-    k = k_cache.view(-1, KVH, D)[slots]  # [B, max_ctx, KVH, D]
-    v = v_cache.view(-1, KVH, D)[slots]
+    k = k_cache.reshape(-1, KVH, D)[slots]  # [B, max_ctx, KVH, D]
+    v = v_cache.reshape(-1, KVH, D)[slots]
     return attend_padded(q, k, v, context_lens, scale)
 
 
@@ -41,12 +41,12 @@ def attend_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, scale: float) -> torch.Tensor:
     """Causal attention for one sequence's chunk.
 
-    q: [n, H, D] at positions start_pos..start_pos+n; k, v: [start_pos+n, KVH, D] (the whole context).
-    Returns [n, H, D].
+    q: [n, H, D] at positions start_pos..start_pos+n; k, v: [KVH, start_pos+n, D] (the whole context,
+    head-major). Returns [n, H, D].
     """
     n, H, D = q.shape
-    ctx = k.shape[0]
-    qh, kh, vh = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
+    ctx = k.shape[1]
+    qh, kh, vh = q.transpose(0, 1)[None], k[None], v[None]
     if start_pos == 0:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     else:

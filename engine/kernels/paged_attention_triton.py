@@ -85,5 +85,6 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 
 def triton_decode(q, k_cache, v_cache, meta, scale: float) -> torch.Tensor:
-    """Attention-layer hook (see layers.attention.torch_decode)."""
-    return paged_decode_attention_triton(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_ctx_lens, scale)
+    """Attention-layer hook (see layers.attention.torch_decode); the engine's caches are [nb, KVH, bs, D]."""
+    return paged_decode_attention_triton(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                         meta.decode_block_tables, meta.decode_ctx_lens, scale)

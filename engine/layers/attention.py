@@ -7,7 +7,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..kernels.paged_attention_torch import attend_padded, prefill_attention
+from ..kernels.paged_attention_torch import prefill_attention
 from .linear import FusedLinear, Linear
 from .rotary import apply_rotary
 
@@ -17,15 +17,15 @@ class PrefillChunk:
     tok_start: int  # index of the chunk's first token in the flat batch
     num_tokens: int
     start_pos: int  # tokens of this sequence already cached
-    ctx_slots: Optional[torch.Tensor]  # [start_pos + num_tokens] cache slots; None when start_pos == 0
+    ctx_blocks: Optional[torch.Tensor]  # [nb] the sequence's block ids; None when start_pos == 0
 
 
 @dataclass
 class AttentionMetadata:
     positions: torch.Tensor  # [T]
-    slot_mapping: torch.Tensor  # [T] flat cache slot each new token's K/V goes to
+    slot_blocks: torch.Tensor  # [T] cache block each new token's K/V goes to
+    slot_offsets: torch.Tensor  # [T] position inside that block
     num_decode: int  # the first num_decode tokens are single-token decodes
-    decode_slots: Optional[torch.Tensor] = None  # [Bd, Cmax] slots of each decode sequence's context
     decode_ctx_lens: Optional[torch.Tensor] = None  # [Bd]
     decode_block_tables: Optional[torch.Tensor] = None  # [Bd, max_blocks] (for the GPU kernel)
     prefills: List[PrefillChunk] = field(default_factory=list)
@@ -35,12 +35,16 @@ class AttentionMetadata:
 
 
 class KVCache:
-    """All layers' K and V blocks: [layers, 2, num_blocks, block_size, kv_heads, head_dim]."""
+    """All layers' K and V blocks: [layers, 2, num_blocks, kv_heads, block_size, head_dim].
+
+    Block-major with heads before slots: gathering whole blocks copies large contiguous chunks, and a
+    gathered [B, blocks, KVH, block_size, D] tensor feeds the batched matmuls without re-layout.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: str):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.data = torch.zeros(num_layers, 2, num_blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device)
+        self.data = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, head_dim, dtype=dtype, device=device)
 
     def layer(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.data[i, 0], self.data[i, 1]
@@ -54,10 +58,30 @@ DecodeFn = Callable[..., torch.Tensor]
 
 
 def torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    kvh, d = k_cache.shape[-2:]
-    k = k_cache.view(-1, kvh, d)[meta.decode_slots]  # [Bd, Cmax, KVH, D]
-    v = v_cache.view(-1, kvh, d)[meta.decode_slots]
-    return attend_padded(q, k, v, meta.decode_ctx_lens, scale)
+    """q: [B, H, D]; caches [num_blocks, KVH, bs, D] -> [B, H, D], one softmax over all of a sequence's blocks."""
+    _, kvh, bs, d = k_cache.shape
+    B, H, _ = q.shape
+    g = H // kvh
+    bt = meta.decode_block_tables  # [B, nb]
+    nb = bt.shape[1]
+    k = k_cache.index_select(0, bt.reshape(-1)).view(B, nb, kvh, bs, d)
+    v = v_cache.index_select(0, bt.reshape(-1)).view(B, nb, kvh, bs, d)
+    qg = q.view(B, 1, kvh, g, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, nb, KVH, g, bs]
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(B, kvh, g, nb * bs)  # [B, KVH, g, C]
+    valid = torch.arange(nb * bs, device=q.device)[None, :] < meta.decode_ctx_lens[:, None]  # [B, C]
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = probs.view(B, kvh, g, nb, bs).permute(0, 3, 1, 2, 4)  # [B, nb, KVH, g, bs]
+    out = torch.matmul(probs, v).sum(1)  # [B, KVH, g, D]
+    return out.reshape(B, H, d)
+
+
+def gather_context(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """cache [num_blocks, KVH, bs, D], block_ids [nb] -> the first ``length`` positions, [KVH, length, D]."""
+    blocks = cache.index_select(0, block_ids)  # [nb, KVH, bs, D]
+    nb, kvh, bs, d = blocks.shape
+    return blocks.permute(1, 0, 2, 3).reshape(kvh, nb * bs, d)[:, :length]
 
 
 class Attention(nn.Module):
@@ -78,20 +102,20 @@ class Attention(nn.Module):
         q = apply_rotary(q.reshape(T, self.num_heads, self.head_dim), meta.cos, meta.sin)
         k = apply_rotary(k.reshape(T, self.num_kv_heads, self.head_dim), meta.cos, meta.sin)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
-        # write this step's K/V into their slots: caches viewed as [num_slots, KVH, D]
-        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        # write this step's K/V into their slots: cache[block, :, offset] = k[token]
+        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
+        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
         parts = []
         nd = meta.num_decode
         if nd:
             parts.append(self.decode_fn(q[:nd], k_cache, v_cache, meta, self.scale))
         for p in meta.prefills:
             sl = slice(p.tok_start, p.tok_start + p.num_tokens)
-            if p.ctx_slots is None:
-                kc, vc = k[sl], v[sl]
+            if p.ctx_blocks is None:
+                kc, vc = k[sl].transpose(0, 1), v[sl].transpose(0, 1)  # [KVH, n, D]
             else:
-                kc = k_cache.view(-1, self.num_kv_heads, self.head_dim)[p.ctx_slots]
-                vc = v_cache.view(-1, self.num_kv_heads, self.head_dim)[p.ctx_slots]
+                ctx = p.start_pos + p.num_tokens
+                kc, vc = gather_context(k_cache, p.ctx_blocks, ctx), gather_context(v_cache, p.ctx_blocks, ctx)
             parts.append(prefill_attention(q[sl], kc, vc, p.start_pos, self.scale))
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         return self.o(out.reshape(T, self.num_heads * self.head_dim))
