@@ -28,6 +28,8 @@ class ModelRunner:
         self._seed_base = default_seed
         if device == "cuda":
             self._use_triton_decode()
+        elif dtype == torch.float32:
+            self._use_native_decode()
 
     def _use_triton_decode(self) -> None:
         from .kernels.paged_attention_triton import HAVE_TRITON, _pow2, triton_decode
@@ -36,6 +38,13 @@ class ModelRunner:
             return
         for layer in self.model.layers:
             layer.attn.decode_fn = triton_decode
+
+    def _use_native_decode(self) -> None:
+        from .kernels import cpu_native
+        if cpu_native.lib() is None or self.model.args.num_heads // self.model.args.num_kv_heads > cpu_native.MAX_GROUP:
+            return
+        for layer in self.model.layers:
+            layer.attn.decode_fn = cpu_native.native_decode
 
     # ---- per-request state ----------------------------------------------------------------
     def _register(self, msg) -> None:
@@ -79,8 +88,10 @@ class ModelRunner:
                                  slot_offsets=torch.tensor(offsets, device=dev), num_decode=len(decodes))
         if decodes:
             nb = max(len(m.block_ids) for m in decodes)
-            bt = torch.tensor([m.block_ids + [m.block_ids[0]] * (nb - len(m.block_ids)) for m in decodes], device=dev)
-            ctx = torch.tensor([m.start_pos + 1 for m in decodes], device=dev)
+            idx = torch.int32 if dev == "cpu" else torch.long  # int32 for the native CPU kernel
+            bt = torch.tensor([m.block_ids + [m.block_ids[0]] * (nb - len(m.block_ids)) for m in decodes],
+                              device=dev, dtype=idx)
+            ctx = torch.tensor([m.start_pos + 1 for m in decodes], device=dev, dtype=idx)
             meta.decode_block_tables, meta.decode_ctx_lens = bt, ctx
         for msg, start, n in chunks:
             ctx_blocks = None

@@ -1,0 +1,62 @@
+"""Native CPU kernels (engine/kernels/csrc/cpu_kernels.c) against torch references."""
+import pytest
+import torch
+
+from engine.kernels import cpu_native
+from engine.layers.attention import AttentionMetadata, torch_decode
+from engine.layers.linear import Linear
+
+from test_kernels import dense_reference, paged_inputs
+
+pytestmark = pytest.mark.skipif(cpu_native.lib() is None, reason="no C compiler: native kernels not built")
+
+
+@pytest.mark.parametrize("M", [1, 3, 4, 7, 8])
+@pytest.mark.parametrize("K", [64, 100])
+@pytest.mark.parametrize("bias", [False, True])
+def test_skinny_linear_matches_torch(M, K, bias):
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(37, K, generator=g)
+    b = torch.randn(37, generator=g) if bias else None
+    y = cpu_native.skinny_linear_t(x, w, b)
+    assert y.shape == (37, M) and y.is_contiguous()
+    ref = x.double() @ w.double().t() + (b.double() if bias else 0)
+    torch.testing.assert_close(y.t().double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_layer_uses_native_path_for_few_tokens_and_matches_torch():
+    lin = Linear(96, 50, bias=True)
+    g = torch.Generator().manual_seed(0)
+    lin.weight.data.copy_(torch.randn(50, 96, generator=g))
+    lin.bias.data.copy_(torch.randn(50, generator=g))
+    for T in (1, 5, 9, 40):  # 9 and 40 take the MKL path
+        x = torch.randn(T, 96, generator=g)
+        torch.testing.assert_close(lin(x), x @ lin.weight.t() + lin.bias, rtol=1e-5, atol=1e-5)
+
+
+def test_skinny_linear_refuses_what_it_cannot_take():
+    x, w = torch.randn(2, 16), torch.randn(8, 16)
+    assert cpu_native.skinny_linear_t(x.double(), w.double(), None) is None
+    assert cpu_native.skinny_linear_t(x, w.t().contiguous().t(), None) is None  # non-contiguous weight
+
+
+@pytest.mark.parametrize("D,BS,ctx_lens", [(64, 16, [1, 17, 40, 64]), (40, 4, [5, 12, 1]), (8, 64, [130, 3])])
+def test_native_paged_decode_matches_dense_and_torch_path(D, BS, ctx_lens):
+    H, KVH = 6, 2
+    q, k, v, bt, ctx = paged_inputs(len(ctx_lens), H, KVH, D, BS, ctx_lens, seed=D)
+    kc, vc = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [blocks, KVH, BS, D]
+    out = cpu_native.paged_decode(q, kc, vc, bt.to(torch.int32), ctx.to(torch.int32), 0.125)
+    torch.testing.assert_close(out, dense_reference(q, k, v, bt, ctx, 0.125), rtol=1e-5, atol=1e-5)
+    meta = AttentionMetadata(positions=ctx - 1, slot_blocks=bt[:, 0], slot_offsets=ctx * 0, num_decode=len(ctx_lens),
+                             decode_ctx_lens=ctx, decode_block_tables=bt)
+    torch.testing.assert_close(out, torch_decode(q, kc, vc, meta, 0.125), rtol=1e-5, atol=1e-5)
+
+
+def test_native_decode_falls_back_to_torch_for_int64_tables():
+    q, k, v, bt, ctx = paged_inputs(2, 4, 2, 16, 8, [9, 3])
+    kc, vc = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+    assert cpu_native.paged_decode(q, kc, vc, bt, ctx, 0.25) is None
+    meta = AttentionMetadata(positions=ctx - 1, slot_blocks=bt[:, 0], slot_offsets=ctx * 0, num_decode=2,
+                             decode_ctx_lens=ctx, decode_block_tables=bt)
+    torch.testing.assert_close(cpu_native.native_decode(q, kc, vc, meta, 0.25), dense_reference(q, k, v, bt, ctx, 0.25),
+                               rtol=1e-5, atol=1e-5)
