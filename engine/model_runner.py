@@ -45,6 +45,8 @@ class ModelRunner:
             return
         for layer in self.model.layers:
             layer.attn.decode_fn = cpu_native.native_decode
+        from .kernels.fused_decode import fused_decoder_for
+        self.model.fused_decoder = fused_decoder_for(self.model, self.dtype)
 
     # ---- per-request state ----------------------------------------------------------------
     def _register(self, msg) -> None:

@@ -94,6 +94,8 @@ def lib() -> Optional[ctypes.CDLL]:
         so.skinny_linear.restype = None
         so.paged_decode.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I]
         so.paged_decode.restype = None
+        so.decode_layer.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _P, _I]
+        so.decode_layer.restype = None
         _lib = so
         return _lib
 

@@ -46,6 +46,12 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(a) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.lm_head = Linear(a.hidden_size, a.vocab_size)
+        self.fused_decoder = None  # set by the runner on CPU when the native library is built
+
+    def fused_ok(self, meta: AttentionMetadata, num_tokens: int) -> bool:
+        from ..kernels.fused_decode import MAX_TOKENS
+        return (self.fused_decoder is not None and meta.num_decode == num_tokens <= MAX_TOKENS
+                and not meta.prefills)
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
@@ -55,8 +61,11 @@ class LlamaModel(nn.Module):
                 sample_idx: torch.Tensor) -> torch.Tensor:
         """input_ids: [T] -> logits [len(sample_idx), vocab] (float32)."""
         x = self.embed(input_ids)
-        for i, layer in enumerate(self.layers):
-            k_cache, v_cache = kv.layer(i)
-            x = layer(x, meta, k_cache, v_cache)
+        if self.fused_ok(meta, x.shape[0]):
+            x = self.fused_decoder.run(x.contiguous(), meta, kv)
+        else:
+            for i, layer in enumerate(self.layers):
+                k_cache, v_cache = kv.layer(i)
+                x = layer(x, meta, k_cache, v_cache)
         x = self.norm(x[sample_idx])
         return self.lm_head(x).float().contiguous()

@@ -89,6 +89,38 @@ void skinny_linear(const float *x, const float *w, const float *b, float *y, int
     }
 }
 
+/* One (sequence, KV head): G query heads against ctx cached positions; writes G output rows. */
+static void attend_kv_head(const float *qh, float *oh, const float *k_cache, const float *v_cache,
+                           const int32_t *bt, int ctx, int kh, int G, int D, int BS, int64_t block_stride,
+                           int64_t head_stride, float scale) {
+    float *scores = (float *)malloc(sizeof(float) * (size_t)G * (ctx > 0 ? ctx : 1));
+    float mx[64], sum[64];  /* G <= 64 is checked by the caller */
+    for (int g = 0; g < G; g++) mx[g] = -INFINITY;
+    for (int t = 0; t < ctx; t++) {
+        const float *kr = k_cache + bt[t / BS] * block_stride + kh * head_stride + (int64_t)(t % BS) * D;
+        for (int g = 0; g < G; g++) {
+            float s = dot_f32(qh + (int64_t)g * D, kr, D) * scale;
+            scores[(int64_t)g * ctx + t] = s;
+            if (s > mx[g]) mx[g] = s;
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float s = 0.f, *sc = scores + (int64_t)g * ctx;
+        for (int t = 0; t < ctx; t++) { sc[t] = expf(sc[t] - mx[g]); s += sc[t]; }
+        sum[g] = s;
+        memset(oh + (int64_t)g * D, 0, sizeof(float) * D);
+    }
+    for (int t = 0; t < ctx; t++) {
+        const float *vr = v_cache + bt[t / BS] * block_stride + kh * head_stride + (int64_t)(t % BS) * D;
+        for (int g = 0; g < G; g++) axpy_f32(oh + (int64_t)g * D, scores[(int64_t)g * ctx + t], vr, D);
+    }
+    for (int g = 0; g < G; g++) {
+        float inv = sum[g] > 0.f ? 1.f / sum[g] : 0.f;
+        for (int d = 0; d < D; d++) oh[(int64_t)g * D + d] *= inv;
+    }
+    free(scores);
+}
+
 void paged_decode(const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
                   const int32_t *ctx_lens, float *out, int B, int H, int KVH, int D, int BS, int max_blocks,
                   float scale, int nthreads) {
@@ -96,35 +128,113 @@ void paged_decode(const float *q, const float *k_cache, const float *v_cache, co
     const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
     #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
     for (int task = 0; task < B * KVH; task++) {
-        const int b = task / KVH, kh = task % KVH, ctx = ctx_lens[b];
-        const int32_t *bt = block_tables + (int64_t)b * max_blocks;
-        float *scores = (float *)malloc(sizeof(float) * (size_t)G * (ctx > 0 ? ctx : 1));
-        const float *qh = q + ((int64_t)b * H + (int64_t)kh * G) * D;
-        float *oh = out + ((int64_t)b * H + (int64_t)kh * G) * D;
-        float mx[64], sum[64];  /* G <= 64 is checked by the caller */
-        for (int g = 0; g < G; g++) mx[g] = -INFINITY;
-        for (int t = 0; t < ctx; t++) {
-            const float *kr = k_cache + bt[t / BS] * block_stride + kh * head_stride + (int64_t)(t % BS) * D;
-            for (int g = 0; g < G; g++) {
-                float s = dot_f32(qh + (int64_t)g * D, kr, D) * scale;
-                scores[(int64_t)g * ctx + t] = s;
-                if (s > mx[g]) mx[g] = s;
+        const int b = task / KVH, kh = task % KVH;
+        attend_kv_head(q + ((int64_t)b * H + (int64_t)kh * G) * D, out + ((int64_t)b * H + (int64_t)kh * G) * D,
+                       k_cache, v_cache, block_tables + (int64_t)b * max_blocks, ctx_lens[b], kh, G, D, BS,
+                       block_stride, head_stride, scale);
+    }
+}
+
+/* ---- fused decode layer ------------------------------------------------------------------------
+ * One Llama-family decoder layer for a few decode tokens (one per sequence), in one parallel region:
+ * RMSNorm -> qkv -> RoPE (rotate-half) -> K/V cache write -> paged attention -> o -> residual ->
+ * RMSNorm -> gate/up -> SiLU * up -> down -> residual. x [M, H] is updated in place.
+ * At batch 1 the per-op overhead of ~35 torch calls per layer costs as much as the weights' streaming.
+ */
+typedef struct {
+    const float *in_norm, *post_norm, *w_qkv, *b_qkv, *w_o, *b_o, *w_gu, *b_gu, *w_down, *b_down;
+    float eps;
+    int H, NH, KVH, D, I;
+} layer_weights;
+
+static void rmsnorm_rows(const float *x, const float *w, float *y, int M, int H, float eps) {
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (int64_t)m * H;
+        float *yr = y + (int64_t)m * H;
+        float ss = 0.f;
+        for (int i = 0; i < H; i++) ss += xr[i] * xr[i];
+        float r = 1.f / sqrtf(ss / H + eps);
+        for (int i = 0; i < H; i++) yr[i] = w[i] * (xr[i] * r);
+    }
+}
+
+/* y[m, n] (+)= x[m, :] . w[n, :] + b[n]; an orphaned omp-for inside the caller's parallel region */
+static void gemv_rows(const float *x, const float *w, const float *b, float *y, int M, int N, int K, int accumulate) {
+    #pragma omp for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float *wr = w + (int64_t)n * K;
+        float bias = b ? b[n] : 0.f;
+        int m = 0;
+        float o[4];
+        for (; m + 4 <= M; m += 4) {
+            dot4_f32(wr, x + (int64_t)m * K, K, o);
+            for (int j = 0; j < 4; j++) {
+                float v = o[j] + bias;
+                y[(int64_t)(m + j) * N + n] = accumulate ? y[(int64_t)(m + j) * N + n] + v : v;
             }
         }
-        for (int g = 0; g < G; g++) {
-            float s = 0.f, *sc = scores + (int64_t)g * ctx;
-            for (int t = 0; t < ctx; t++) { sc[t] = expf(sc[t] - mx[g]); s += sc[t]; }
-            sum[g] = s;
-            memset(oh + (int64_t)g * D, 0, sizeof(float) * D);
+        for (; m < M; m++) {
+            float v = dot_f32(wr, x + (int64_t)m * K, K) + bias;
+            y[(int64_t)m * N + n] = accumulate ? y[(int64_t)m * N + n] + v : v;
         }
-        for (int t = 0; t < ctx; t++) {
-            const float *vr = v_cache + bt[t / BS] * block_stride + kh * head_stride + (int64_t)(t % BS) * D;
-            for (int g = 0; g < G; g++) axpy_f32(oh + (int64_t)g * D, scores[(int64_t)g * ctx + t], vr, D);
+    }
+}
+
+static void rope_inplace(float *v, const float *cos, const float *sin, int D) {
+    int half = D / 2;
+    for (int i = 0; i < half; i++) {
+        float a = v[i], b = v[i + half];
+        v[i] = a * cos[i] - b * sin[i];
+        v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+}
+
+void decode_layer(float *x, const layer_weights *L, const float *cos, const float *sin,
+                  float *k_cache, float *v_cache, const int32_t *slot_blocks, const int32_t *slot_offsets,
+                  const int32_t *block_tables, const int32_t *ctx_lens, int max_blocks, int M, int BS,
+                  float scale, float *scratch, int nthreads) {
+    const int H = L->H, NH = L->NH, KVH = L->KVH, D = L->D, I = L->I, G = NH / KVH;
+    const int QKV = (NH + 2 * KVH) * D;
+    const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
+    float *h = scratch;                      /* [M, H]   normed input */
+    float *qkv = h + (int64_t)M * H;         /* [M, QKV] */
+    float *att = qkv + (int64_t)M * QKV;     /* [M, NH*D] */
+    float *gu = att + (int64_t)M * NH * D;   /* [M, 2I] */
+    float *act = gu + (int64_t)M * 2 * I;    /* [M, I] */
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp single
+        rmsnorm_rows(x, L->in_norm, h, M, H, L->eps);
+        gemv_rows(h, L->w_qkv, L->b_qkv, qkv, M, QKV, H, 0);
+        #pragma omp for schedule(static)
+        for (int t = 0; t < M * (NH + KVH); t++) {  /* rotate q and k heads, then write k and v */
+            int m = t / (NH + KVH), hd = t % (NH + KVH);
+            float *v = qkv + (int64_t)m * QKV + (int64_t)hd * D;
+            rope_inplace(v, cos + (int64_t)m * D, sin + (int64_t)m * D, D);
+            if (hd >= NH) {
+                int kh = hd - NH;
+                int64_t off = slot_blocks[m] * block_stride + kh * head_stride + (int64_t)slot_offsets[m] * D;
+                memcpy(k_cache + off, v, sizeof(float) * D);
+                memcpy(v_cache + off, v + (int64_t)KVH * D, sizeof(float) * D);
+            }
         }
-        for (int g = 0; g < G; g++) {
-            float inv = sum[g] > 0.f ? 1.f / sum[g] : 0.f;
-            for (int d = 0; d < D; d++) oh[(int64_t)g * D + d] *= inv;
+        #pragma omp for schedule(dynamic, 1)
+        for (int task = 0; task < M * KVH; task++) {
+            int m = task / KVH, kh = task % KVH, ctx = ctx_lens[m];
+            attend_kv_head(qkv + (int64_t)m * QKV + (int64_t)kh * G * D, att + (int64_t)m * NH * D + (int64_t)kh * G * D,
+                           k_cache, v_cache, block_tables + (int64_t)m * max_blocks, ctx, kh, G, D, BS,
+                           block_stride, head_stride, scale);
         }
-        free(scores);
+        gemv_rows(att, L->w_o, L->b_o, x, M, H, NH * D, 1);  /* x += o(att) */
+        #pragma omp single
+        rmsnorm_rows(x, L->post_norm, h, M, H, L->eps);
+        gemv_rows(h, L->w_gu, L->b_gu, gu, M, 2 * I, H, 0);
+        #pragma omp for schedule(static)
+        for (int t = 0; t < M * I; t++) {
+            int m = t / I, i = t % I;
+            float g = gu[(int64_t)m * 2 * I + i], u = gu[(int64_t)m * 2 * I + I + i];
+            act[t] = g / (1.f + expf(-g)) * u;
+        }
+        gemv_rows(act, L->w_down, L->b_down, x, M, H, I, 1);  /* x += down(act) */
     }
 }
