@@ -100,8 +100,13 @@ class AsyncEngine:
                 "free_blocks": e.scheduler.blocks.num_free_blocks,
                 "num_blocks": e.scheduler.blocks.num_blocks,
                 "prefix_hit_rate": e.scheduler.blocks.prefix_hit_rate(),
+                "prefix_queries": e.scheduler.blocks.prefix_queries,
+                "prefix_hits": e.scheduler.blocks.prefix_hits,
                 **e.stats,
             }
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopped
 
     def shutdown(self) -> None:
         with self._wake:

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from .config import EngineConfig, resolve_device, resolve_dtype
+from .config import EngineConfig, check_buildable, resolve_device, resolve_dtype
 from .core.scheduler import Scheduler, SchedulerConfig
 from .core.sequence import Sequence
 from .generation import GenerationConfig
@@ -60,6 +60,7 @@ class LLMEngine:
     def __init__(self, config: Optional[EngineConfig] = None, **kwargs):
         cfg = config or EngineConfig(**kwargs)
         self.config = cfg
+        check_buildable(cfg)
         self.device = resolve_device(cfg)
         self.dtype = resolve_dtype(cfg, self.device)
         if self.device == "cpu" and cfg.num_threads:

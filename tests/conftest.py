@@ -52,3 +52,51 @@ def pytest_configure(config):
         has_cuda = False
     if not has_cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def serve_url():
+    """A real local Ray cluster with Serve's HTTP proxy on a free port; yields the base URL."""
+    import ray
+    from ray import serve
+    port = free_port()
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def wait_healthy(url: str, timeout: float = 180.0) -> None:
+    import time
+
+    import httpx
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url}/health did not turn healthy in {timeout} s")
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples in exposition text."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    if not found:
+        raise KeyError(name)
+    return total

@@ -1,0 +1,49 @@
+"""Compose the Serve application: the OpenAI ingress bound to an autoscaling engine deployment."""
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Optional
+
+from ray import serve
+from ray.serve import Application
+
+from .config import AppConfig, parse_app_args
+from .engine_replica import EngineReplica
+from .ingress import OpenAIIngress, app as fastapi_app
+
+IngressDeployment = serve.ingress(fastapi_app)(OpenAIIngress)
+
+
+def hub_name_for(cfg: AppConfig) -> str:
+    return "raylm-metrics-" + re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.model_name)
+
+
+def build(cfg: AppConfig) -> Application:
+    gpu = cfg.engine.device == "cuda"
+    bundles = cfg.placement_bundles()
+    engine = serve.deployment(EngineReplica).options(
+        name="LLMEngine",
+        autoscaling_config=cfg.autoscaling.to_serve(),
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+        # the replica actor sits in the first bundle; the others hold its tensor-parallel workers
+        ray_actor_options={"num_cpus": bundles[0]["CPU"], **({"num_gpus": 1} if gpu else {}),
+                           **({"resources": dict(cfg.replica_resources)} if cfg.replica_resources else {})},
+        placement_group_bundles=bundles,
+        placement_group_strategy="STRICT_PACK",
+        health_check_period_s=cfg.health_check_period_s,
+        graceful_shutdown_timeout_s=cfg.graceful_shutdown_timeout_s,
+    )
+    ingress = serve.deployment(IngressDeployment).options(
+        name="OpenAIIngress", num_replicas=cfg.ingress_replicas, max_ongoing_requests=4096,
+        ray_actor_options={"num_cpus": 0},
+    )
+    hub = hub_name_for(cfg)
+    return ingress.bind(engine.bind(cfg.engine.model_dump(), hub, cfg.metrics_report_s),
+                        cfg.model_dump(mode="json"), hub)
+
+
+def build_app(args: Optional[Dict[str, Any]] = None) -> Application:
+    """Serve builder: ``serve run serve_app:build_app model=... tp=... min_replicas=...``; raises ValueError
+    naming a bad field."""
+    return build(parse_app_args(args))

@@ -1,0 +1,81 @@
+"""The engine deployment: one AsyncEngine per replica, streaming deltas to the ingress as plain dicts."""
+from __future__ import annotations
+
+import logging
+from typing import AsyncIterator, Optional
+
+from ..async_engine import AsyncEngine
+from ..config import EngineConfig
+from ..generation import GenerationConfig
+from ..outputs import RequestOutput, TokenLogprob
+from .metrics_hub import Reporter
+
+log = logging.getLogger(__name__)
+
+
+class EngineReplica:
+    """Serve calls: ``generate(payload)`` (streaming), ``stats()``, ``check_health()``."""
+
+    def __init__(self, engine_config: dict, hub_name: Optional[str] = None, report_s: float = 0.5):
+        self.engine = AsyncEngine(EngineConfig(**engine_config))
+        self.tokenizer = self.engine.engine.tokenizer
+        self.reporter = None
+        if hub_name:
+            from ray import serve
+            try:
+                rid = str(serve.get_replica_context().replica_id)
+            except Exception:  # outside Serve (tests of the class itself)
+                rid = f"local-{id(self)}"
+            self.reporter = Reporter(hub_name, rid, self.engine.stats, report_s)
+            self.reporter.start()
+
+    async def generate(self, payload: dict) -> AsyncIterator[dict]:
+        """payload: {"prompt", "params" (GenerationConfig fields), "request_id"}.
+
+        The first item is either a delta or {"error": message} when the engine refused the request.
+        """
+        try:
+            params = GenerationConfig(**payload["params"])
+            agen = self.engine.generate(payload["prompt"], params, payload.get("request_id"))
+            first = await agen.__anext__()
+        except ValueError as e:
+            yield {"error": str(e)}
+            return
+        try:
+            yield self._wire(first)
+            if not first.finished:
+                async for o in agen:
+                    yield self._wire(o)
+        finally:  # a cancelled stream (client gone) aborts the request and frees its blocks
+            await agen.aclose()
+
+    def _wire(self, o: RequestOutput) -> dict:
+        d = {"text": o.text, "token_ids": o.token_ids, "finished": o.finished, "finish_reason": o.finish_reason,
+             "prompt_tokens": o.prompt_tokens, "completion_tokens": o.completion_tokens,
+             "cached_tokens": o.cached_tokens}
+        if o.logprobs is not None:
+            d["logprobs"] = [self._lp(x) for x in o.logprobs]
+        return d
+
+    def _lp(self, x: TokenLogprob) -> dict:
+        tok = lambda i: self.tokenizer.decode([i])  # noqa: E731
+        return {"token": tok(x.token_id), "logprob": x.logprob,
+                "top": [[tok(i), lp] for i, lp in x.top_logprobs]}
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    def model_info(self) -> dict:
+        import ray
+        e = self.engine.engine
+        return {"session_len": e.session_len, "device": e.device, "node_id": ray.get_runtime_context().get_node_id()}
+
+    def check_health(self) -> None:
+        if not self.engine.is_alive():
+            raise RuntimeError("engine loop is not running")
+
+    def __del__(self):
+        if getattr(self, "reporter", None) is not None:
+            self.reporter.stop()
+        if getattr(self, "engine", None) is not None:
+            self.engine.shutdown()
