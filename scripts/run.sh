@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Set up a fresh clone (if needed) and run the main job. Until the HTTP endpoint lands (issue 3) this is an
-# offline demo: the embedded SmolLM2-135M-Instruct answers a file of prompts, batched on the paged engine.
+# Set up a fresh clone (if needed) and run the main job: the OpenAI-compatible endpoint on Ray Serve,
+# serving the embedded SmolLM2-135M-Instruct on CPU at http://127.0.0.1:8000/v1 (Ctrl-C stops it).
+# Extra arguments go to `serve run` (e.g. a config file instead: scripts/run.sh is equivalent to
+# `serve run serve_app:app`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAYLM_LOG=${RAYLM_LOG:-INFO}
-exec .venv/bin/python -m engine generate --input configs/demo_prompts.txt --max-new-tokens 96 --temperature 0 --chat "$@"
+# Convert the embedded model once, before replicas start (later starts take seconds).
+.venv/bin/python -c "from engine.default_model import default_model_dir; print('model:', default_model_dir())"
+exec .venv/bin/serve run serve_app:app "$@"

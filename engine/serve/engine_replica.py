@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import AsyncIterator, Optional
 
 from ..async_engine import AsyncEngine
@@ -13,10 +14,21 @@ from .metrics_hub import Reporter
 log = logging.getLogger(__name__)
 
 
+def _engine_logging() -> None:
+    """Engine logs (KV-cache size, rates) go to the replica's stderr, which `serve run` shows."""
+    root = logging.getLogger("engine")
+    if not root.handlers:
+        h = logging.StreamHandler()
+        h.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(h)
+        root.setLevel(os.environ.get("RAYLM_LOG", "INFO"))
+
+
 class EngineReplica:
     """Serve calls: ``generate(payload)`` (streaming), ``stats()``, ``check_health()``."""
 
     def __init__(self, engine_config: dict, hub_name: Optional[str] = None, report_s: float = 0.5):
+        _engine_logging()
         self.engine = AsyncEngine(EngineConfig(**engine_config))
         self.tokenizer = self.engine.engine.tokenizer
         self.reporter = None
