@@ -102,4 +102,7 @@ def run_peer(python: str, script: Path, args: List[str], env: dict, timeout: int
                        timeout=timeout)
     if p.returncode != 0:
         raise RuntimeError(f"{script.name} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    for line in reversed(p.stdout.strip().splitlines()):  # the peer may log after its result line
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"{script.name} printed no JSON result:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")

@@ -29,6 +29,7 @@ class AsyncEngine:
 
     # ---- the background loop --------------------------------------------------------------
     def _loop(self) -> None:
+        self.engine.bind_threads()
         while True:
             with self._wake:
                 while not self._stopped and not self.engine.has_unfinished():
@@ -77,6 +78,8 @@ class AsyncEngine:
         try:
             while True:
                 o = await q.get()
+                while not o.finished and not q.empty():  # the caller fell behind: hand over one delta
+                    o.absorb(q.get_nowait())
                 finished = o.finished
                 yield o
                 if finished:

@@ -34,7 +34,7 @@ class EngineConfig(BaseModel):
     enable_prefix_caching: bool = Field(False, description="Share full KV blocks between requests with the same prefix")
     rope_scaling_factor: float = Field(
         0.0, ge=0.0, description="Dynamic NTK RoPE scaling factor for contexts beyond max_position_embeddings; 0 = off")
-    num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads; default all cores")
+    num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads of the stepping thread; default: every core this process may run on")
     seed: int = Field(0, description="Seed for requests that give none")
 
     @field_validator("cache_max_entry_count")

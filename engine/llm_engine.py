@@ -57,14 +57,19 @@ def plan_num_blocks(cfg: EngineConfig, args, device: str, dtype: torch.dtype, se
 
 
 class LLMEngine:
+    def bind_threads(self) -> None:
+        """Set torch's (and the native kernels') CPU threads for the calling thread: OpenMP's thread count is
+        per thread, and Ray workers start with OMP_NUM_THREADS=1, so a stepping thread must call this itself."""
+        if self.device == "cpu":
+            torch.set_num_threads(self.config.num_threads or len(os.sched_getaffinity(0)))
+
     def __init__(self, config: Optional[EngineConfig] = None, **kwargs):
         cfg = config or EngineConfig(**kwargs)
         self.config = cfg
         check_buildable(cfg)
         self.device = resolve_device(cfg)
         self.dtype = resolve_dtype(cfg, self.device)
-        if self.device == "cpu" and cfg.num_threads:
-            torch.set_num_threads(cfg.num_threads)
+        self.bind_threads()
         from transformers import AutoTokenizer
 
         self.model, self.model_dir = load_model(cfg.model, self.device, self.dtype)

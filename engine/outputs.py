@@ -26,6 +26,16 @@ class RequestOutput:
     logprobs: Optional[List[TokenLogprob]] = None
     cached_tokens: int = 0
 
+    def absorb(self, later: "RequestOutput") -> None:
+        """Fold a later delta of the same request into this one (a slow consumer gets fewer, larger deltas)."""
+        self.text += later.text
+        self.token_ids = self.token_ids + later.token_ids
+        self.finished, self.finish_reason = later.finished, later.finish_reason
+        self.prompt_tokens, self.completion_tokens = later.prompt_tokens, later.completion_tokens
+        self.cached_tokens = later.cached_tokens
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+
 
 @dataclass
 class Response:

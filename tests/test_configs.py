@@ -73,3 +73,13 @@ def test_valid_but_unbuilt_settings_fail_at_engine_start():
     from engine.llm_engine import LLMEngine
     with pytest.raises(ValueError, match="tp"):
         LLMEngine(EngineConfig(tp=2))
+
+
+def test_quant_job_preset_validates_and_flags_override_it():
+    from quant_jobs.cli import options, parser
+    ns = parser().parse_args(["auto_awq", "--config", str(ROOT / "configs" / "quant_awq_smollm2.yaml"),
+                              "--calib-samples", "8"])
+    o = options(ns)
+    assert (o.w_group_size, o.calib_samples, o.calib_seqlen, o.model) == (64, 8, 512, None)
+    with pytest.raises(ValueError, match="preset for step 'auto_awq', not 'calibrate'"):
+        options(parser().parse_args(["calibrate", "--config", str(ROOT / "configs" / "quant_awq_smollm2.yaml")]))

@@ -116,3 +116,23 @@ def test_async_engine_concurrent_bad_request_and_disconnect(tiny):
         assert stats["free_blocks"] == stats["num_blocks"] and stats["running"] == 0
     finally:
         eng.shutdown()
+
+
+def test_async_engine_slow_consumer_gets_merged_deltas(tiny):
+    d, hf = tiny
+    eng = AsyncEngine(model=str(d), block_size=8, num_cpu_blocks=40)
+    p = prompts([9], seed=5)[0]
+
+    async def slow():
+        deltas = []
+        async for o in eng.generate(p, G(max_new_tokens=24, temperature=0, ignore_eos=True)):
+            deltas.append(o)
+            await asyncio.sleep(0.05)  # the engine runs ahead meanwhile
+        return deltas
+
+    try:
+        deltas = asyncio.run(slow())
+        assert [t for o in deltas for t in o.token_ids] == hf_greedy(hf, p, 24)
+        assert len(deltas) < 24 and deltas[-1].finished and deltas[-1].completion_tokens == 24
+    finally:
+        eng.shutdown()

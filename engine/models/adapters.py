@@ -66,7 +66,20 @@ def internlm2_wqkv(t: torch.Tensor, a: ModelArgs) -> torch.Tensor:
     return torch.cat([q, k, v], dim=0)
 
 
+def internlm2_wqkv_inverse(t: torch.Tensor, a: ModelArgs) -> torch.Tensor:
+    """[q; k; v] rows back to InternLM2's packed order (writing checkpoints in the original layout)."""
+    g = a.num_heads // a.num_kv_heads
+    rest = t.shape[1:]
+    q, k, v = t.split([a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim])
+    packed = torch.cat([q.reshape(a.num_kv_heads, g, a.head_dim, *rest),
+                        k.reshape(a.num_kv_heads, 1, a.head_dim, *rest),
+                        v.reshape(a.num_kv_heads, 1, a.head_dim, *rest)], dim=1)
+    return packed.reshape(-1, *rest)
+
+
 TRANSFORMS: Dict[str, Callable[[torch.Tensor, ModelArgs], torch.Tensor]] = {"internlm2_wqkv": internlm2_wqkv}
+INVERSE_TRANSFORMS: Dict[str, Callable[[torch.Tensor, ModelArgs], torch.Tensor]] = {
+    "internlm2_wqkv": internlm2_wqkv_inverse}
 
 
 @dataclass(frozen=True)

@@ -92,14 +92,15 @@ def build_model(args: ModelArgs, device: str, dtype: torch.dtype) -> LlamaModel:
     return model
 
 
-def load_weights(model: LlamaModel, model_dir: Path) -> None:
+def load_weights(model: LlamaModel, model_dir: Path, tensors=None) -> None:
+    """``tensors``: an iterator of (checkpoint name, tensor) to load instead of the folder's files."""
     args = model.args
     adapter = get_adapter(args.architecture)
     modules = dict(model.named_modules())
     loaded: Set[Tuple[str, Optional[str]]] = set()
     unused = []
     with torch.no_grad():
-        for name, tensor in _iter_tensors(model_dir):
+        for name, tensor in (tensors if tensors is not None else _iter_tensors(model_dir)):
             target = adapter.target(name)
             if target is None:
                 if not adapter.ignored(name):

@@ -14,6 +14,11 @@ from .ingress import OpenAIIngress, app as fastapi_app
 IngressDeployment = serve.ingress(fastapi_app)(OpenAIIngress)
 
 
+# OpenMP threads that sleep at barriers leave the CPU to the HTTP proxy and ingress between steps
+# (measured on 2 cores: 29 -> 25 ms per streamed token at concurrency 1)
+ENGINE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def hub_name_for(cfg: AppConfig) -> str:
     return "raylm-metrics-" + re.sub(r"[^A-Za-z0-9_.-]", "_", cfg.model_name)
 
@@ -28,6 +33,7 @@ def build(cfg: AppConfig) -> Application:
         max_queued_requests=cfg.max_queued_requests,
         # the replica actor sits in the first bundle; the others hold its tensor-parallel workers
         ray_actor_options={"num_cpus": bundles[0]["CPU"], **({"num_gpus": 1} if gpu else {}),
+                           "runtime_env": {"env_vars": ENGINE_ENV},
                            **({"resources": dict(cfg.replica_resources)} if cfg.replica_resources else {})},
         placement_group_bundles=bundles,
         placement_group_strategy="STRICT_PACK",

@@ -24,11 +24,22 @@ def _engine_logging() -> None:
         root.setLevel(os.environ.get("RAYLM_LOG", "INFO"))
 
 
+def _normal_priority() -> None:
+    """Ray starts workers at niceness 15; the engine (and the threads it starts) asks for the normal 0 so
+    that HTTP proxies and clients on the same host do not preempt its compute threads mid-step."""
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) > 0:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+    except (OSError, AttributeError) as e:  # needs CAP_SYS_NICE; without it the engine runs niced
+        log.info("engine replica keeps Ray's worker niceness (%s)", e)
+
+
 class EngineReplica:
     """Serve calls: ``generate(payload)`` (streaming), ``stats()``, ``check_health()``."""
 
     def __init__(self, engine_config: dict, hub_name: Optional[str] = None, report_s: float = 0.5):
         _engine_logging()
+        _normal_priority()
         self.engine = AsyncEngine(EngineConfig(**engine_config))
         self.tokenizer = self.engine.engine.tokenizer
         self.reporter = None

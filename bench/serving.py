@@ -1,0 +1,161 @@
+"""Serving benchmark: our Ray Serve endpoint and vLLM's OpenAI server under the same HTTP load, beside
+our engine's offline throughput on the same prompts, all in one run.
+
+    python bench/serving.py [--vllm-python /tmp/vllm-venv/bin/python] [--concurrency 1,16,64]
+
+Requests: 128-token WikiText-2 windows as token ids, 128 output tokens each (ignore_eos), streamed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import machine_description, save_json, token_prompts, write_section  # noqa: E402
+from bench.serving_client import run_load  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def offline_rate(prompts, new_tokens: int, cap: int) -> float:
+    from engine.generation import GenerationConfig
+    from engine.llm_engine import LLMEngine
+    from engine.offline import Pipeline
+    pipe = Pipeline(LLMEngine(max_batch_size=cap, cache_max_entry_count=1))
+    pipe(prompts[:2], GenerationConfig(max_new_tokens=2, ignore_eos=True))
+    t = time.perf_counter()
+    outs = pipe(prompts, GenerationConfig(max_new_tokens=new_tokens, temperature=0, ignore_eos=True))
+    return sum(o.completion_tokens for o in outs) / (time.perf_counter() - t)
+
+
+def wait_ready(url: str, timeout: float, proc=None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before it was ready (see its log)")
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not ready after {timeout} s")
+
+
+def load_levels(url, model, prompts, a) -> list:
+    rows = []
+    asyncio.run(run_load(url, model, prompts[:2], 4, 2))  # warm-up
+    for c in a.conc:
+        n = max(a.min_requests, 2 * c) if c > 1 else a.small_requests
+        r = asyncio.run(run_load(url, model, prompts[:n], a.new_tokens, c))
+        print(f"  concurrency {c:>3}: {r['output_tokens_per_s']:7.1f} tok/s, TTFT median {r['ttft']['median']:.2f} s, "
+              f"TPOT median {r['tpot']['median'] * 1000:.0f} ms, failed {r['failed']}", flush=True)
+        rows.append(r)
+    return rows
+
+
+def ours(prompts, a) -> list:
+    import ray
+    from ray import serve
+
+    from engine.serve.builder import build_app
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    serve.run(build_app({"max_batch_size": 64, "min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 256}),
+              name="bench", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{a.port}"
+    wait_ready(url, 300)
+    try:
+        return load_levels(url, MODEL, prompts, a)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def vllm(prompts, a, model_dir) -> list:
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4",
+           "VLLM_CACHE_ROOT": "/tmp/vllm-cache"}
+    port = a.port + 1
+    proc = subprocess.Popen([a.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                             "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
+                             "--dtype", "float32", "--max-model-len", "2048"],
+                            env=env, stdout=open("/tmp/vllm-serve.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", 600, proc)
+        return load_levels(f"http://127.0.0.1:{port}", MODEL, prompts, a)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def render(res) -> str:
+    lines = ["## Serving over HTTP, SmolLM2-135M-Instruct float32 (`bench/serving.py`)", "",
+             f"Machine: {res['machine']}. Streaming `/v1/completions`, {res['args']['prompt_len']}-token prompts, "
+             f"{res['args']['new_tokens']} output tokens each, one engine replica, same client for both servers. "
+             f"Our engine offline on the same prompts at batch cap {res['offline_cap']}: "
+             f"{res['offline']:.1f} output tokens/s.", "",
+             "| server | concurrency | requests | output tok/s | req/s | TTFT mean / median / p99 (s) | "
+             "TPOT mean / median / p99 (ms) | E2E mean / median / p99 (s) | failed |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, rows in (("ours (Ray Serve)", res["ours"]), ("vLLM-CPU 0.32", res.get("vllm") or [])):
+        for r in rows:
+            t, p, e = r["ttft"], r["tpot"], r["e2e"]
+            lines.append(f"| {name} | {r['concurrency']} | {r['requests']} | {r['output_tokens_per_s']:.1f} | "
+                         f"{r['request_throughput']:.2f} | {t['mean']:.2f} / {t['median']:.2f} / {t['p99']:.2f} | "
+                         f"{p['mean'] * 1e3:.0f} / {p['median'] * 1e3:.0f} / {p['p99'] * 1e3:.0f} | "
+                         f"{e['mean']:.1f} / {e['median']:.1f} / {e['p99']:.1f} | {r['failed']} |")
+    o16 = next((r for r in res["ours"] if r["concurrency"] == res["offline_cap"]), None)
+    if o16:
+        lines += ["", f"At concurrency {res['offline_cap']}: HTTP / offline = "
+                      f"{o16['output_tokens_per_s'] / res['offline']:.2f}."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--concurrency", default="1,16,64")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--min-requests", type=int, default=64, help="requests per level (at least 2x concurrency)")
+    ap.add_argument("--small-requests", type=int, default=4, help="requests at concurrency 1")
+    ap.add_argument("--offline-cap", type=int, default=16)
+    ap.add_argument("--port", type=int, default=8310)
+    ap.add_argument("--vllm-python", default=None)
+    ap.add_argument("--no-doc", action="store_true")
+    a = ap.parse_args()
+    a.conc = [int(c) for c in a.concurrency.split(",")]
+    from transformers import AutoTokenizer
+
+    from engine.default_model import default_model_dir
+    model_dir = default_model_dir()
+    prompts = token_prompts(AutoTokenizer.from_pretrained(str(model_dir)), max(a.min_requests, 2 * max(a.conc)),
+                            a.prompt_len)
+    res = {"machine": machine_description(), "args": {k: v for k, v in vars(a).items() if k != "conc"},
+           "offline_cap": a.offline_cap}
+    res["offline"] = offline_rate(prompts[:a.min_requests], a.new_tokens, a.offline_cap)
+    print(f"offline, cap {a.offline_cap}: {res['offline']:.1f} tok/s", flush=True)
+    print("ours:", flush=True)
+    res["ours"] = ours(prompts, a)
+    if a.vllm_python:
+        print("vLLM:", flush=True)
+        res["vllm"] = vllm(prompts, a, model_dir)
+    save_json("serving", res)
+    table = render(res)
+    print(table)
+    if not a.no_doc:
+        write_section("serving", table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
