@@ -15,6 +15,7 @@ from .core.scheduler import Scheduler, SchedulerConfig
 from .core.sequence import Sequence
 from .generation import GenerationConfig
 from .layers.attention import KVCache
+from .layers.kv_quant import check_policy
 from .model_runner import ModelRunner
 from .models.loader import load_model
 from .outputs import RequestOutput
@@ -38,7 +39,8 @@ def _eos_ids(model_dir, args, tokenizer) -> List[int]:
 
 def plan_num_blocks(cfg: EngineConfig, args, device: str, dtype: torch.dtype, session_len: int) -> int:
     """KV blocks from the budget: explicit count, GPU fraction or block count, CPU fraction or GiB."""
-    per_block = KVCache.bytes_per_block(args.num_layers, cfg.block_size, args.num_kv_heads, args.head_dim, dtype)
+    per_block = KVCache.bytes_per_block(args.num_layers, cfg.block_size, args.num_kv_heads, args.head_dim, dtype,
+                                        cfg.quant_policy)
     if cfg.num_cpu_blocks is not None:
         return cfg.num_cpu_blocks
     budget = cfg.cache_max_entry_count
@@ -74,6 +76,7 @@ class LLMEngine:
 
         self.model, self.model_dir = load_model(cfg.model, self.device, self.dtype)
         args = self.model.args
+        check_policy(cfg.quant_policy, args.head_dim)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.eos_token_ids = _eos_ids(self.model_dir, args, self.tokenizer)
         session_len = cfg.session_len or args.max_position_embeddings
@@ -88,11 +91,13 @@ class LLMEngine:
             max_batch_size=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens,
             num_blocks=num_blocks, block_size=cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching))
         self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.device, self.dtype,
-                                  self.eos_token_ids, cfg.rope_scaling_factor, cfg.seed)
-        gib = self.runner.kv.data.numel() * self.runner.kv.data.element_size() / 2**30
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s %s); session_len %d",
-                    num_blocks, cfg.block_size, capacity, gib, self.device, str(self.dtype).replace("torch.", ""),
-                    session_len)
+                                  self.eos_token_ids, cfg.rope_scaling_factor, cfg.seed, cfg.quant_policy)
+        kv = self.runner.kv
+        self.kv_bytes = sum(t.numel() * t.element_size() for t in (kv.data, kv.params) if t is not None)
+        kind = {0: str(self.dtype).replace("torch.", ""), 8: "int8", 4: "int4"}[cfg.quant_policy]
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s %s, quant_policy %d); session_len %d",
+                    num_blocks, cfg.block_size, capacity, self.kv_bytes / 2**30, self.device, kind,
+                    cfg.quant_policy, session_len)
         self.requests: Dict[str, RequestState] = {}
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0}
 

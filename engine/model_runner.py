@@ -17,16 +17,20 @@ logger = logging.getLogger(__name__)
 
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device: str, dtype: torch.dtype,
-                 eos_token_ids: List[int], rope_scaling_factor: float = 0.0, default_seed: int = 0):
+                 eos_token_ids: List[int], rope_scaling_factor: float = 0.0, default_seed: int = 0,
+                 quant_policy: int = 0):
         a = model.args
         self.model, self.device, self.dtype, self.block_size = model, device, dtype, block_size
-        self.kv = KVCache(a.num_layers, num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype, device)
+        self.kv = KVCache(a.num_layers, num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype, device,
+                          quant_policy)
         self.rope = RotaryEmbedding(a.head_dim, a.rope_theta, a.max_position_embeddings, a.rope_scaling,
                                     dynamic_factor=rope_scaling_factor, device=device)
         self.eos_token_ids = list(eos_token_ids)
         self.states: Dict[str, SamplingState] = {}
         self._seed_base = default_seed
-        if device == "cuda":
+        if quant_policy:  # quantized blocks: the torch path dequantizes gathered blocks
+            logger.info("paged decode: torch path over int%d KV blocks", quant_policy)
+        elif device == "cuda":
             self._use_triton_decode()
         elif dtype == torch.float32:
             self._use_native_decode()

@@ -16,6 +16,7 @@ import torch
 
 from engine.models.adapters import INVERSE_TRANSFORMS, get_adapter
 from engine.models.llama import LlamaModel
+from engine.models.quant_config import read_quant_config as _read_qc
 
 from .quantize import check_group, dequantize, fake_quant, pack_awq, quant_params, quantize, unpack_awq
 from .workdir import atomic_dir
@@ -94,17 +95,7 @@ def write_awq_checkpoint(model: LlamaModel, src_dir: Path, dst: Path, bits: int,
 
 
 def read_quant_config(model_dir: Path) -> Dict:
-    cfg = json.loads((model_dir / "config.json").read_text()).get("quantization_config")
-    if not cfg:
-        return {}
-    method = cfg.get("quant_method")
-    if method != "awq":
-        raise ValueError(f"quantization_config.quant_method: {method!r} is not supported; supported: ['awq']")
-    if cfg.get("bits", 4) != 4:
-        raise ValueError(f"quantization_config.bits: {cfg.get('bits')} is not supported; supported: [4]")
-    if str(cfg.get("version", "gemm")).lower() != "gemm":
-        raise ValueError(f"quantization_config.version: {cfg.get('version')!r} is not supported; supported: ['gemm']")
-    return cfg
+    return _read_qc(json.loads((Path(model_dir) / "config.json").read_text()))
 
 
 def dequantized_tensors(tensors: Iterator[Tuple[str, torch.Tensor]]) -> Iterator[Tuple[str, torch.Tensor]]:

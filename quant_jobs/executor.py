@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -23,10 +24,13 @@ TASK_RETRIES = 3
 
 def search_one(model_dir: str, index: int, x: torch.Tensor, settings: SearchSettings, device: str,
                dtype_name: str):
+    """-> (result tensors, info: chosen ratios and the seconds the search itself took)."""
+    t0 = time.perf_counter()
     dtype = resolve_dtype(dtype_name, device)
     layer, args = load_layer(model_dir, index, device, dtype)
     cos, sin = rotary_for(args, x.shape[1], device)
-    return search_layer(layer, x.to(device=device, dtype=dtype), cos, sin, settings)
+    result, ratios = search_layer(layer, x.to(device=device, dtype=dtype), cos, sin, settings)
+    return result, {"ratios": ratios, "seconds": time.perf_counter() - t0}
 
 
 def _calib_task(model_dir, ids, capture, device, dtype_name):
@@ -87,19 +91,21 @@ class Executor:
     # ---- AWQ search ---------------------------------------------------------------------------
     def search(self, model_dir: str, layers: Sequence[int], inputs: List[list], settings: SearchSettings,
                on_done: Callable[[int, Dict[str, torch.Tensor], Dict], None]) -> None:
-        """Search each layer in ``layers``; ``on_done(index, result, ratios)`` as each one finishes."""
+        """Search each layer in ``layers``; ``on_done(index, result, info)`` as each one finishes."""
         if not self.parallel:
             for i in layers:
-                result, ratios = search_one(model_dir, i, torch.cat(inputs[i]), settings, self.device,
-                                            self.dtype_name)
-                on_done(i, result, ratios)
+                result, info = search_one(model_dir, i, torch.cat(inputs[i]), settings, self.device,
+                                          self.dtype_name)
+                on_done(i, result, info)
             return
         import ray
         task = ray.remote(_search_task).options(max_retries=TASK_RETRIES, **self.task_resources)
-        pending = {task.remote(model_dir, i, settings, self.device, self.dtype_name, *inputs[i]): i
-                   for i in layers}
-        while pending:
+        queue, pending = list(layers), {}
+        while queue or pending:
+            while queue and len(pending) < self.workers:  # at most `workers` layers in flight
+                i = queue.pop(0)
+                pending[task.remote(model_dir, i, settings, self.device, self.dtype_name, *inputs[i])] = i
             done, _ = ray.wait(list(pending), num_returns=1)
             i = pending.pop(done[0])
-            result, ratios = ray.get(done[0])
-            on_done(i, result, ratios)
+            result, info = ray.get(done[0])
+            on_done(i, result, info)

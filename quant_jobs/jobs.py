@@ -57,7 +57,7 @@ def _run_calibration(o: CalibOptions, model_dir: Path, args, work: Path, ex: Exe
     meta = {"model": str(model_dir), "dataset": o.calib_dataset, "samples": o.calib_samples,
             "seqlen": o.calib_seqlen, "tokens": ids.numel()}
     save_stats(work / STATS_FILE, finalize(acc), meta)
-    return inputs, meta
+    return inputs, {**meta, "calibrate_s": round(secs, 2)}
 
 
 def calibrate(o: CalibOptions) -> Dict:
@@ -97,10 +97,10 @@ def finished_layers(work: Path, manifest: Dict, n_layers: int) -> List[int]:
     return [i for i in range(n_layers) if (d / f"layer_{i:03d}.safetensors").is_file()]
 
 
-def save_layer_result(work: Path, i: int, result: Dict[str, torch.Tensor], ratios: Dict) -> None:
+def save_layer_result(work: Path, i: int, result: Dict[str, torch.Tensor], info: Dict) -> None:
     from safetensors.torch import save_file
     with atomic_path(work / SEARCH_DIR / f"layer_{i:03d}.safetensors") as tmp:
-        save_file(result, str(tmp), metadata={"layer": str(i), "ratios": json.dumps(ratios)})
+        save_file(result, str(tmp), metadata={"layer": str(i), "info": json.dumps(info)})
 
 
 def load_layer_results(work: Path, n_layers: int) -> List[Dict[str, torch.Tensor]]:
@@ -121,6 +121,7 @@ def auto_awq(o: AwqOptions) -> Dict:
     dst = Path(o.dst).expanduser() if o.dst else work / "quantized"
     results = None
     skipped = 0
+    timing: Dict[str, float] = {}
     if not o.rtn and (o.search_scale or o.clip):
         manifest = _search_manifest(o, model_dir)
         done = finished_layers(work, manifest, args.num_layers)
@@ -130,24 +131,32 @@ def auto_awq(o: AwqOptions) -> Dict:
             log.info("resuming: %d of %d layers already searched, skipping them", len(done), args.num_layers)
         if todo:
             ex = Executor(o.parallel, o.device, o.dtype, o.workers)
-            inputs, _ = _run_calibration(o, model_dir, args, work, ex, capture=True)
+            inputs, meta = _run_calibration(o, model_dir, args, work, ex, capture=True)
+            layer_s: List[float] = []
+            t_search = time.perf_counter()
             with tqdm(total=len(todo), desc="awq search", unit="layer") as bar:
-                def on_done(i, result, ratios):
-                    save_layer_result(work, i, result, ratios)
-                    bar.set_postfix_str(f"layer {i}: " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+                def on_done(i, result, info):
+                    save_layer_result(work, i, result, info)
+                    layer_s.append(info["seconds"])
+                    bar.set_postfix_str(f"layer {i} {info['seconds']:.1f}s: " +
+                                        " ".join(f"{k}={v:.2f}" for k, v in info["ratios"].items()))
                     bar.update()
                 ex.search(str(model_dir), todo, inputs, _settings(o), on_done)
+            timing = {"capture_s": meta["calibrate_s"], "search_s": round(time.perf_counter() - t_search, 2),
+                      "layer_search_s_mean": round(sum(layer_s) / len(layer_s), 3), "workers": ex.workers}
         results = load_layer_results(work, args.num_layers)
+    t_pack = time.perf_counter()
     model = load_full(str(model_dir), "cpu", torch.float32)
     if results is not None:
         for layer, r in zip(model.layers, results):
             apply_result(layer, r)
     log.info("packing %d layers to %s", args.num_layers, dst)
     write_awq_checkpoint(model, model_dir, dst, o.w_bits, o.w_group_size)
+    timing["pack_s"] = round(time.perf_counter() - t_pack, 2)
     size = sum(f.stat().st_size for f in dst.glob("*.safetensors"))
     return {"step": "auto_awq", "method": "rtn" if results is None else "awq", "seconds": round(time.perf_counter() - t0, 1),
             "output": str(dst), "w_bits": o.w_bits, "w_group_size": o.w_group_size, "layers": args.num_layers,
-            "layers_resumed": skipped, "checkpoint_MiB": round(size / 2 ** 20, 1)}
+            "layers_resumed": skipped, "checkpoint_MiB": round(size / 2 ** 20, 1), **timing}
 
 
 # ---- KV-cache parameters --------------------------------------------------------------------

@@ -10,7 +10,8 @@ from typing import Tuple
 
 import torch
 
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a packed int32 holds column AWQ_ORDER[i] of its 8
+from engine.kernels.awq_torch import AWQ_ORDER, pack_columns, unpack_columns  # noqa: F401 (re-exported)
+
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -50,33 +51,6 @@ def fake_quant(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Quantize and dequantize (same dtype as w)."""
     scales, zeros = quant_params(w, bits, group_size)
     return dequantize(quantize(w, scales, zeros, bits), scales, zeros).to(w.dtype)
-
-
-def _to_int32(x: torch.Tensor) -> torch.Tensor:
-    """int64 holding unsigned 32-bit patterns -> int32 with the same bits."""
-    return torch.where(x >= 2 ** 31, x - 2 ** 32, x).to(torch.int32)
-
-
-def pack_columns(v: torch.Tensor) -> torch.Tensor:
-    """v [rows, cols] of 4-bit values -> int32 [rows, cols / 8] in AutoAWQ's nibble order."""
-    rows, cols = v.shape
-    if cols % 8:
-        raise ValueError(f"packing: {cols} columns is not a multiple of 8")
-    v = v.to(torch.int64).reshape(rows, cols // 8, 8)
-    packed = torch.zeros(rows, cols // 8, dtype=torch.int64)
-    for i, col in enumerate(AWQ_ORDER):
-        packed |= v[:, :, col] << (4 * i)
-    return _to_int32(packed)
-
-
-def unpack_columns(p: torch.Tensor) -> torch.Tensor:
-    """int32 [rows, cols / 8] -> int32 [rows, cols] of 4-bit values (inverse of pack_columns)."""
-    rows, n = p.shape
-    u = p.to(torch.int64) & 0xFFFFFFFF
-    out = torch.empty(rows, n, 8, dtype=torch.int32)
-    for i, col in enumerate(AWQ_ORDER):
-        out[:, :, col] = ((u >> (4 * i)) & 0xF).to(torch.int32)
-    return out.reshape(rows, n * 8)
 
 
 def pack_awq(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor):

@@ -209,3 +209,40 @@ def test_dataset_without_samples_and_unsupported_architecture(tiny, tmp_path):
     (bad / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     p = qj("calibrate", "--model", bad, "--work-dir", tmp_path / "w", check=False)
     assert p.returncode == 2 and "GPT2LMHeadModel" in p.stderr and "LlamaForCausalLM" in p.stderr
+
+
+def test_job_runs_through_ray_job_submit(tiny, tmp_path):
+    """A real head node (`ray start --head`) and `ray job submit --working-dir .`, as the README says."""
+    from conftest import free_port
+    ray_bin = Path(sys.executable).parent / "ray"
+    port, dash = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    head = subprocess.Popen([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=true", f"--dashboard-port={dash}", "--block",
+                             "--disable-usage-stats"], stdout=open(tmp_path / "head.log", "w"),
+                            stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    work = tmp_path / "work"
+    try:
+        url = f"http://127.0.0.1:{dash}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            p = subprocess.run([str(ray_bin), "job", "list", "--address", url], capture_output=True, env=env)
+            if p.returncode == 0:
+                break
+            time.sleep(1)
+        p = subprocess.run([str(ray_bin), "job", "submit", "--address", url, "--working-dir", str(ROOT), "--",
+                            sys.executable, "-m", "quant_jobs", "auto_awq", "--model", str(tiny[0]),
+                            "--work-dir", str(work), *CALIB, "--w-group-size", "32", "--workers", "2"],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        assert "succeeded" in p.stdout + p.stderr
+        assert "2 parallel cpu tasks" in p.stdout + p.stderr  # the job joined the cluster, not a new one
+        assert sorted(f.name for f in (work / "awq_search").glob("layer_*")) == [f"layer_00{i}.safetensors"
+                                                                                for i in range(4)]
+        assert (work / "quantized" / "model.safetensors").is_file()
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+        marker = Path("/tmp/ray/ray_current_cluster")
+        if marker.exists() and str(port) in marker.read_text():
+            marker.unlink()

@@ -63,6 +63,8 @@ def fused_decoder_for(model, dtype: torch.dtype) -> Optional[FusedDecoder]:
     """A FusedDecoder when the native library is built and the model fits its assumptions, else None."""
     so = cpu_native.lib()
     a = model.args
+    if any(not hasattr(layer.attn.qkv, "weight") for layer in model.layers):
+        return None  # quantized (AWQ) layers: the per-layer path dequantizes them
     if (so is None or dtype != torch.float32 or a.num_heads // a.num_kv_heads > cpu_native.MAX_GROUP
             or a.head_dim % 2 or any(not p.is_contiguous() for p in model.parameters())):
         return None

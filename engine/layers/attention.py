@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..kernels.paged_attention_torch import prefill_attention
+from .kv_quant import QuantKV, gather_blocks, packed_dim, write_slots
 from .linear import FusedLinear, Linear
 from .rotary import apply_rotary
 
@@ -39,19 +40,46 @@ class KVCache:
 
     Block-major with heads before slots: gathering whole blocks copies large contiguous chunks, and a
     gathered [B, blocks, KVH, block_size, D] tensor feeds the batched matmuls without re-layout.
+    With ``quant_policy`` 8 or 4 the blocks hold unsigned integers (two per byte at 4 bits) and a
+    per-token, per-head (scale, min) pair beside them (see kv_quant.py).
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: str):
-        self.num_blocks, self.block_size = num_blocks, block_size
-        self.data = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, head_dim, dtype=dtype, device=device)
+                 dtype: torch.dtype, device: str, quant_policy: int = 0):
+        self.num_blocks, self.block_size, self.quant_policy = num_blocks, block_size, quant_policy
+        self.dtype, self.head_dim = dtype, head_dim
+        if quant_policy:
+            width = packed_dim(head_dim, quant_policy)
+            self.data = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, width, dtype=torch.uint8,
+                                    device=device)
+            self.params = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, 2,
+                                      dtype=kv_params_dtype(dtype), device=device)
+        else:
+            self.data = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, head_dim, dtype=dtype,
+                                    device=device)
+            self.params = None
 
-    def layer(self, i: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def layer(self, i: int) -> Tuple:
+        if self.quant_policy:
+            return tuple(QuantKV(self.data[i, j], self.params[i, j], self.quant_policy, self.head_dim, self.dtype)
+                         for j in (0, 1))
         return self.data[i, 0], self.data[i, 1]
 
     @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return num_layers * 2 * block_size * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+    def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                        quant_policy: int = 0) -> int:
+        vectors = num_layers * 2 * block_size * kv_heads
+        if quant_policy:
+            return vectors * (packed_dim(head_dim, quant_policy) + 2 * _itemsize(kv_params_dtype(dtype)))
+        return vectors * head_dim * _itemsize(dtype)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.tensor([], dtype=dtype).element_size()
+
+
+def kv_params_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype == torch.float32 else torch.float16
 
 
 DecodeFn = Callable[..., torch.Tensor]
@@ -64,8 +92,8 @@ def torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> 
     g = H // kvh
     bt = meta.decode_block_tables  # [B, nb]
     nb = bt.shape[1]
-    k = k_cache.index_select(0, bt.reshape(-1)).view(B, nb, kvh, bs, d)
-    v = v_cache.index_select(0, bt.reshape(-1)).view(B, nb, kvh, bs, d)
+    k = gather_blocks(k_cache, bt).view(B, nb, kvh, bs, d)
+    v = gather_blocks(v_cache, bt).view(B, nb, kvh, bs, d)
     qg = q.view(B, 1, kvh, g, d)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, nb, KVH, g, bs]
     scores = scores.permute(0, 2, 3, 1, 4).reshape(B, kvh, g, nb * bs)  # [B, KVH, g, C]
@@ -79,7 +107,7 @@ def torch_decode(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> 
 
 def gather_context(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
     """cache [num_blocks, KVH, bs, D], block_ids [nb] -> the first ``length`` positions, [KVH, length, D]."""
-    blocks = cache.index_select(0, block_ids)  # [nb, KVH, bs, D]
+    blocks = gather_blocks(cache, block_ids)  # [nb, KVH, bs, D]
     nb, kvh, bs, d = blocks.shape
     return blocks.permute(1, 0, 2, 3).reshape(kvh, nb * bs, d)[:, :length]
 
@@ -103,8 +131,8 @@ class Attention(nn.Module):
         k = apply_rotary(k.reshape(T, self.num_kv_heads, self.head_dim), meta.cos, meta.sin)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)
         # write this step's K/V into their slots: cache[block, :, offset] = k[token]
-        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
-        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
+        write_slots(k_cache, meta.slot_blocks, meta.slot_offsets, k)
+        write_slots(v_cache, meta.slot_blocks, meta.slot_offsets, v)
         parts = []
         nd = meta.num_decode
         if nd:

@@ -14,6 +14,7 @@ import torch
 from .args import ModelArgs
 
 Target = Tuple[str, Optional[str], Optional[str]]  # (param, shard, transform)
+QUANT_TENSORS = ("qweight", "qzeros", "scales")
 
 
 def _llama_names(prefix: str = "model.") -> Dict[str, Target]:
@@ -89,6 +90,10 @@ class Adapter:
     ignore: Tuple[str, ...] = ("rotary_emb.inv_freq",)
 
     def target(self, name: str) -> Optional[Tuple[str, Optional[str], Optional[str]]]:
+        base, _, attr = name.rpartition(".")
+        if attr in QUANT_TENSORS:  # an AWQ linear's tensors map like its weight would
+            hit = self.target(base + ".weight")
+            return None if hit is None else (hit[0].rsplit(".", 1)[0] + "." + attr, hit[1], hit[2])
         m = re.search(r"\.(\d+)\.", name)
         key = name if m is None else name[:m.start()] + ".{i}." + name[m.end():]
         hit = self.names.get(key)

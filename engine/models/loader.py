@@ -14,6 +14,7 @@ from ..default_model import default_model_dir, ensure_converted
 from .adapters import TRANSFORMS, get_adapter
 from .args import ModelArgs
 from .llama import LlamaModel
+from .quant_config import read_quant_config
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +85,13 @@ def _iter_tensors(model_dir: Path):
             yield from state.items()
 
 
-def build_model(args: ModelArgs, device: str, dtype: torch.dtype) -> LlamaModel:
+def build_model(args: ModelArgs, device: str, dtype: torch.dtype, quant: Optional[Dict] = None) -> LlamaModel:
+    """On the meta device, AWQ layers swapped in when ``quant`` (read_quant_config) says so, then allocated."""
     with torch.device("meta"):
         model = LlamaModel(args)
+        if quant:
+            from ..layers.awq_linear import swap_in_awq
+            swap_in_awq(model, quant["group_size"])
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     return model
@@ -107,9 +112,9 @@ def load_weights(model: LlamaModel, model_dir: Path, tensors=None) -> None:
                     unused.append(name)
                 continue
             param, shard, tf = target
-            if tf is not None:
-                tensor = TRANSFORMS[tf](tensor, args)
             mod_name, attr = param.rsplit(".", 1)
+            if tf is not None:
+                tensor = _transform(tf, attr, tensor, args)
             mod = modules[mod_name]
             if hasattr(mod, "load"):
                 mod.load(attr, tensor, shard)
@@ -122,16 +127,29 @@ def load_weights(model: LlamaModel, model_dir: Path, tensors=None) -> None:
     _check_complete(model, loaded, unused)
 
 
+def _transform(tf: str, attr: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """Row transforms act on the output dimension, which AWQ tensors keep in (packed) columns."""
+    fn = TRANSFORMS[tf]
+    if attr in ("qweight", "qzeros"):
+        from ..kernels.awq_torch import pack_columns, unpack_columns
+        return pack_columns(fn(unpack_columns(tensor).t(), args).t())
+    if attr == "scales":
+        return fn(tensor.t(), args).t()
+    return fn(tensor, args)
+
+
 def _check_complete(model: LlamaModel, loaded, unused) -> None:
     have = {p for p, _ in loaded}
     missing = []
+    quant_buffers = [n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales")]
+    missing += [n for n in quant_buffers if n not in have]
     for name, _ in model.named_parameters(remove_duplicate=False):
         if name == "lm_head.weight" and model.args.tie_word_embeddings:
             continue
         if name not in have:
             missing.append(name)
     for mod_name, mod in model.named_modules():
-        for attr in ("weight", "bias"):
+        for attr in ("weight", "bias", "qweight", "qzeros", "scales"):
             offsets = getattr(mod, "offsets", None)
             if offsets and f"{mod_name}.{attr}" in have and getattr(mod, attr) is not None:
                 shards = {s for p, s in loaded if p == f"{mod_name}.{attr}"}
@@ -145,12 +163,13 @@ def _check_complete(model: LlamaModel, loaded, unused) -> None:
 
 def load_model(model: Optional[str], device: str, dtype: torch.dtype) -> Tuple[LlamaModel, Path]:
     model_dir = resolve_model_path(model)
-    args, _ = read_model_args(model_dir)
+    args, cfg = read_model_args(model_dir)
+    quant = read_quant_config(cfg)
     _weight_files(model_dir)  # fail before building anything
     t0 = time.perf_counter()
-    net = build_model(args, device, dtype)
+    net = build_model(args, device, dtype, quant)
     load_weights(net, model_dir)
     net.eval()
-    logger.info("loaded %s (%s, %d layers) in %.1f s", model_dir.name, args.architecture, args.num_layers,
-                time.perf_counter() - t0)
+    logger.info("loaded %s (%s, %d layers%s) in %.1f s", model_dir.name, args.architecture, args.num_layers,
+                f", AWQ w4 g{quant['group_size']}" if quant else "", time.perf_counter() - t0)
     return net, model_dir

@@ -1,0 +1,93 @@
+"""W4A16 linear layers holding AutoAWQ "GEMM" tensors (qweight, qzeros, scales), fused parts included.
+
+A fused layer (q/k/v, gate/up) keeps its parts side by side along the output dimension, which in this
+layout is the packed column dimension: part p fills columns [start/8, (start+size)/8) of qweight/qzeros
+and [start, start+size) of scales. On GPU the Triton kernel dequantizes inside the matmul; on CPU the
+layer dequantizes its weight in the call (the gain there is memory, not speed).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels.awq_torch import dequantize_awq
+
+QUANT_TENSORS = ("qweight", "qzeros", "scales")
+
+
+class AwqLinear(nn.Module):
+    def __init__(self, in_features: int, parts: Sequence[Tuple[str, int]], group_size: int, bias: bool = False):
+        super().__init__()
+        out = sum(size for _, size in parts)
+        for name, size in parts:
+            if size % 8:
+                raise ValueError(f"quantization_config: {name or 'linear'} has {size} outputs, not a multiple of 8")
+        if in_features % group_size:
+            raise ValueError(f"quantization_config.group_size: {group_size} does not divide a layer's input size "
+                             f"{in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out, group_size
+        self.register_buffer("qweight", torch.empty(in_features, out // 8, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.empty(in_features // group_size, out // 8, dtype=torch.int32))
+        self.register_buffer("scales", torch.empty(in_features // group_size, out))
+        self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
+        self.offsets: Dict[str, Tuple[int, int]] = {}
+        start = 0
+        for name, size in parts:
+            self.offsets[name] = (start, size)
+            start += size
+
+    def load(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> None:
+        start, size = self.offsets[shard] if shard else (0, self.out_features)
+        dst = getattr(self, name).data
+        if name in ("qweight", "qzeros"):
+            dst = dst[:, start // 8:(start + size) // 8]
+        elif name == "scales":
+            dst = dst[:, start:start + size]
+        else:
+            dst = dst[start:start + size]
+        if tuple(dst.shape) != tuple(tensor.shape):
+            what = f"{name}[{shard}]" if shard else name
+            hint = " (is quantization_config.group_size right?)" if name in ("qzeros", "scales") else ""
+            raise ValueError(f"{what}: checkpoint shape {tuple(tensor.shape)} does not match the layer's "
+                             f"{tuple(dst.shape)}{hint}")
+        dst.copy_(tensor.to(dst.dtype))
+
+    def weight_t(self, dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_awq(self.qweight, self.qzeros, self.scales, dtype)  # [in, out]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, in] -> [tokens, out]."""
+        if x.is_cuda:
+            from ..kernels.awq_triton import awq_matmul
+            y = awq_matmul(x, self.qweight, self.qzeros, self.scales)
+            return y if self.bias is None else y + self.bias
+        y = x @ self.weight_t(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def forward_t(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [tokens, in] -> y^T [out, tokens], contiguous (the fused MLP slices rows of it)."""
+        if x.is_cuda:
+            return self.forward(x).t().contiguous()
+        w_t = self.weight_t(x.dtype)
+        y = w_t.t() @ x.t()
+        return y if self.bias is None else y + self.bias[:, None]
+
+    def split(self, y: torch.Tensor, dim: int = -1):
+        return y.split([size for _, size in self.offsets.values()], dim=dim)
+
+
+def swap_in_awq(model, group_size: int) -> None:
+    """Replace every decoder layer's q/k/v, o, gate/up and down with AwqLinear (on the meta device, before
+    loading), as gpt-fast swaps quantized modules in."""
+    for layer in model.layers:
+        for parent, attr in ((layer.attn, "qkv"), (layer.attn, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down")):
+            old = getattr(parent, attr)
+            parts = list(old.offsets.items()) if getattr(old, "offsets", None) else [("", (0, old.out_features))]
+            new = AwqLinear(old.in_features, [(n, size) for n, (_, size) in parts], group_size,
+                            bias=old.bias is not None)
+            if not getattr(old, "offsets", None):
+                new.offsets = {}
+            setattr(parent, attr, new)
