@@ -217,6 +217,9 @@ def test_job_runs_through_ray_job_submit(tiny, tmp_path):
     ray_bin = Path(sys.executable).parent / "ray"
     port, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # Ray >= 2.5x turns token auth on for `ray start --head` once ~/.ray/auth_token exists (any earlier
+    # ray.init() writes one), but the job CLI only sends the token when the mode is named: name it for both.
+    env["RAY_AUTH_MODE"] = "token"
     head = subprocess.Popen([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
                              "--include-dashboard=true", f"--dashboard-port={dash}", "--block",
                              "--disable-usage-stats"], stdout=open(tmp_path / "head.log", "w"),
