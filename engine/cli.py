@@ -1,4 +1,5 @@
-"""``python -m engine chat [MODEL]`` (streaming terminal chat) and ``python -m engine generate`` (a file of prompts)."""
+"""``python -m engine chat [MODEL]`` (streaming terminal chat), ``python -m engine generate`` (a file of prompts)
+and ``python -m engine convert MODEL --tp T --dst DIR`` (per-rank tensor-parallel shards)."""
 from __future__ import annotations
 
 import argparse
@@ -117,6 +118,16 @@ def generate(a) -> int:
     return 0
 
 
+def convert(a) -> int:
+    from .parallel.convert import convert as run
+    if a.tp < 2:
+        raise ValueError(f"tp: {a.tp}; shards are for tp >= 2 (tp=1 loads the original checkpoint)")
+    res = run(a.model, a.tp, a.dst, a.dtype)
+    print(f"wrote {res['tp']} rank shards ({', '.join(f'{m} MiB' for m in res['rank_MiB'])}) to {res['dst']} "
+          f"in {res['seconds']:.1f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -127,9 +138,17 @@ def main(argv=None) -> int:
     g.add_argument("--input", required=True)
     g.add_argument("--output", default=None, help="write JSON lines here (default: stdout)")
     g.add_argument("--chat", action="store_true", help="wrap each line as a user message (chat template)")
+    v = sub.add_parser("convert", help="write per-rank tensor-parallel shards for fast replica starts")
+    v.add_argument("model", nargs="?", default=None, help="model folder or .gguf (default: embedded SmolLM2)")
+    v.add_argument("--tp", type=int, required=True, help="tensor-parallel degree the shards are for")
+    v.add_argument("--dst", required=True, help="output folder (created; must not hold files)")
+    v.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the stored dense weights")
     a = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("RAYLM_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
+        if a.cmd == "convert":
+            return convert(a)
         return chat(a) if a.cmd == "chat" else generate(a)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

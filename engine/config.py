@@ -16,7 +16,13 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Weight and activation dtype; auto = float32 on CPU, float16 on GPU")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the model runs; auto picks cuda when present")
-    tp: int = Field(1, ge=1, description="Tensor-parallel degree (devices per replica); only 1 runs so far")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree: devices (GPUs, or CPU worker processes) per "
+                                         "engine, each a Ray worker actor holding a shard of the model")
+    tp_worker_cpus: float = Field(
+        1.0, gt=0, description="Logical Ray CPUs each tp worker reserves when the engine creates its own "
+                               "placement group (offline use)")
+    tp_placement: Literal["STRICT_PACK", "PACK"] = Field(
+        "STRICT_PACK", description="Placement strategy of the tp workers' bundles: one node, or PACK across nodes")
     quant_policy: Literal[0, 4, 8] = Field(
         0, description="KV-cache quantization: 0 = off, 8 = int8, 4 = int4, asymmetric per token and head "
                        "(LMDeploy's knob)")
@@ -50,12 +56,6 @@ class EngineConfig(BaseModel):
         if self.device == "cpu" and self.dtype in ("float16",):
             raise ValueError("dtype: float16 is not supported on CPU; use float32 or bfloat16")
         return self
-
-
-def check_buildable(cfg: EngineConfig) -> None:
-    """Valid settings this build cannot run yet: a clear error before any heavy work."""
-    if cfg.tp != 1:
-        raise ValueError("tp: only 1 runs in this build (tensor parallelism is not built yet)")
 
 
 def resolve_device(cfg: EngineConfig) -> str:

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from .config import EngineConfig, check_buildable, resolve_device, resolve_dtype
+from .config import EngineConfig, resolve_device, resolve_dtype
 from .core.scheduler import Scheduler, SchedulerConfig
 from .core.sequence import Sequence
 from .generation import GenerationConfig
@@ -68,19 +68,22 @@ class LLMEngine:
     def __init__(self, config: Optional[EngineConfig] = None, **kwargs):
         cfg = config or EngineConfig(**kwargs)
         self.config = cfg
-        check_buildable(cfg)
         self.device = resolve_device(cfg)
         self.dtype = resolve_dtype(cfg, self.device)
         self.bind_threads()
         from transformers import AutoTokenizer
 
-        self.model, self.model_dir = load_model(cfg.model, self.device, self.dtype)
-        args = self.model.args
+        if cfg.tp > 1:
+            self.model, self.model_dir, args, local_args = None, *self._tp_plan(cfg)
+        else:
+            self.model, self.model_dir = load_model(cfg.model, self.device, self.dtype)
+            args = local_args = self.model.args
+        self.args = args
         check_policy(cfg.quant_policy, args.head_dim)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.eos_token_ids = _eos_ids(self.model_dir, args, self.tokenizer)
         session_len = cfg.session_len or args.max_position_embeddings
-        num_blocks = plan_num_blocks(cfg, args, self.device, self.dtype, session_len)
+        num_blocks = plan_num_blocks(cfg, local_args, self.device, self.dtype, session_len)
         capacity = num_blocks * cfg.block_size
         if session_len > capacity:
             logger.warning("session_len %d exceeds the KV cache (%d tokens); lowered to %d", session_len, capacity, capacity)
@@ -90,16 +93,41 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_batch_size=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens,
             num_blocks=num_blocks, block_size=cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching))
-        self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.device, self.dtype,
-                                  self.eos_token_ids, cfg.rope_scaling_factor, cfg.seed, cfg.quant_policy)
-        kv = self.runner.kv
-        self.kv_bytes = sum(t.numel() * t.element_size() for t in (kv.data, kv.params) if t is not None)
+        if cfg.tp > 1:
+            from .parallel.executor import RayTPExecutor
+            spec = {"tp": cfg.tp, "model_dir": str(self.model_dir), "device": self.device,
+                    "dtype": str(self.dtype).replace("torch.", ""), "num_blocks": num_blocks,
+                    "block_size": cfg.block_size, "eos_token_ids": self.eos_token_ids,
+                    "rope_scaling_factor": cfg.rope_scaling_factor, "seed": cfg.seed,
+                    "quant_policy": cfg.quant_policy, "num_threads": cfg.num_threads}
+            self.runner = RayTPExecutor(spec, placement=cfg.tp_placement, worker_cpus=cfg.tp_worker_cpus)
+        else:
+            self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.device, self.dtype,
+                                      self.eos_token_ids, cfg.rope_scaling_factor, cfg.seed, cfg.quant_policy)
+        self.kv_bytes = self.runner.kv_bytes()
         kind = {0: str(self.dtype).replace("torch.", ""), 8: "int8", 4: "int4"}[cfg.quant_policy]
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s %s, quant_policy %d); session_len %d",
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s %s, quant_policy %d%s); session_len %d",
                     num_blocks, cfg.block_size, capacity, self.kv_bytes / 2**30, self.device, kind,
-                    cfg.quant_policy, session_len)
+                    cfg.quant_policy, f", over {cfg.tp} ranks" if cfg.tp > 1 else "", session_len)
         self.requests: Dict[str, RequestState] = {}
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0}
+
+    def _tp_plan(self, cfg: EngineConfig):
+        """Model folder, full and per-rank (largest) ModelArgs; the partition errors out before any work."""
+        from .models.loader import read_model_args, resolve_model_path
+        from .models.quant_config import read_quant_config
+        from .parallel.loading import layouts_for
+        from .parallel.shard import rank_args
+        model_dir = resolve_model_path(cfg.model)
+        args, hf = read_model_args(model_dir)
+        layouts = layouts_for(model_dir, args, read_quant_config(hf), cfg.tp)
+        widest = max(layouts, key=lambda l: l.num_kv_heads)
+        return model_dir, args, rank_args(args, widest)
+
+    def shutdown(self) -> None:
+        """Release the tensor-parallel workers (no-op in process)."""
+        if hasattr(self.runner, "shutdown"):
+            self.runner.shutdown()
 
     # ---- requests -------------------------------------------------------------------------
     def add_request(self, prompt: Union[Prompt, List[int]], params: Optional[GenerationConfig] = None,

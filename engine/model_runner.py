@@ -28,20 +28,24 @@ class ModelRunner:
         self.eos_token_ids = list(eos_token_ids)
         self.states: Dict[str, SamplingState] = {}
         self._seed_base = default_seed
-        if quant_policy:  # quantized blocks: the torch path dequantizes gathered blocks
+        if device == "cuda":
+            self._use_triton_decode(quant_policy)
+        elif quant_policy:  # quantized blocks on CPU: the torch path dequantizes gathered blocks
             logger.info("paged decode: torch path over int%d KV blocks", quant_policy)
-        elif device == "cuda":
-            self._use_triton_decode()
         elif dtype == torch.float32:
             self._use_native_decode()
 
-    def _use_triton_decode(self) -> None:
+    def _use_triton_decode(self, quant_policy: int) -> None:
+        from .kernels.paged_attention_quant_triton import triton_quant_decode
         from .kernels.paged_attention_triton import HAVE_TRITON, _pow2, triton_decode
-        if not (HAVE_TRITON and _pow2(self.model.args.head_dim) and _pow2(self.block_size)):
+        width = self.model.args.head_dim // (2 if quant_policy == 4 else 1)
+        if not (HAVE_TRITON and _pow2(width) and _pow2(self.block_size)):
             logger.info("paged decode: torch path (Triton needs power-of-two head_dim and block_size)")
             return
+        fn = triton_quant_decode if quant_policy else triton_decode
+        logger.info("paged decode: Triton kernel over %s KV blocks", f"int{quant_policy}" if quant_policy else "dense")
         for layer in self.model.layers:
-            layer.attn.decode_fn = triton_decode
+            layer.attn.decode_fn = fn
 
     def _use_native_decode(self) -> None:
         from .kernels import cpu_native
@@ -110,7 +114,9 @@ class ModelRunner:
 
     # ---- the step ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+    def execute(self, sched: SchedulerOutput, sample_tokens: bool = True) -> RunnerOutput:
+        """One step. ``sample_tokens=False`` (tensor-parallel ranks > 0) runs the layers for their KV writes
+        and all-reduces, skips the LM head and sampling, and returns an empty output."""
         for rid in sched.finished_ids:
             self.states.pop(rid, None)
         for msg in sched.seqs:
@@ -120,6 +126,9 @@ class ModelRunner:
         if not sched.seqs:
             return out
         input_ids, meta, sample_idx, sample_ids = self.prepare(sched)
+        if not sample_tokens:
+            self.model(input_ids, meta, self.kv, sample_idx[:0])
+            return out
         logits = self.model(input_ids, meta, self.kv, sample_idx)
         if not sample_ids:
             return out
@@ -135,7 +144,17 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def logits_for(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Run a step and return the logits of the sampling rows without sampling (tests, perplexity)."""
+    def logits_for(self, sched: SchedulerOutput, all_rows: bool = False) -> torch.Tensor:
+        """Run a step and return the logits of the sampling rows (or of every token) without sampling
+        (tests, perplexity)."""
         input_ids, meta, sample_idx, _ = self.prepare(sched)
+        if all_rows:
+            sample_idx = torch.arange(len(input_ids), device=input_ids.device)
         return self.model(input_ids, meta, self.kv, sample_idx)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.kv.data, self.kv.params) if t is not None)

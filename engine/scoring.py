@@ -20,16 +20,14 @@ def window_logits(engine, ids: List[int], chunk: int = 128) -> torch.Tensor:
     runner = engine.runner
     bs = runner.block_size
     need = -(-len(ids) // bs)
-    if need > runner.kv.num_blocks or engine.has_unfinished():
+    if need > runner.num_blocks or engine.has_unfinished():
         raise ValueError(f"window: {len(ids)} tokens need {need} free KV blocks of an idle engine")
     blocks = list(range(need))
     out = []
     for start in range(0, len(ids), chunk):
         part = ids[start:start + chunk]
         msg = ScheduledSeq("score", part, start, blocks, sample=True)
-        input_ids, meta, _, _ = runner.prepare(SchedulerOutput(seqs=[msg]))
-        rows = torch.arange(len(part), device=input_ids.device)
-        out.append(runner.model(input_ids, meta, runner.kv, rows))
+        out.append(runner.logits_for(SchedulerOutput(seqs=[msg]), all_rows=True))
     return torch.cat(out)
 
 

@@ -1,6 +1,7 @@
 """Quantized KV cache (quant_policy 8 / 4): formats against hand-written references, attention over
 quantized blocks against attention over their dequantized copy, and the engine against its unquantized self."""
 import math
+import os
 
 import pytest
 import torch
@@ -52,6 +53,61 @@ def test_decode_attention_over_quantized_blocks_equals_attention_over_their_dequ
     out_q = torch_decode(q, kc, vc, meta, 0.25)
     out_d = torch_decode(q, dense_k, dense_v, meta, 0.25)
     assert torch.equal(out_q, out_d)
+
+
+def quant_cache_inputs(bits, B, H, KVH, D, BS, ctx_lens, device="cpu", dtype=torch.float32, seed=0):
+    """A quantized layer cache with every sequence's context written into scattered blocks."""
+    g = torch.Generator().manual_seed(seed)
+    nbs = max(-(-c // BS) for c in ctx_lens)
+    num_blocks = B * nbs + 2
+    bt = torch.randperm(num_blocks, generator=g)[:B * nbs].view(B, nbs)
+    kv = KVCache(1, num_blocks, BS, KVH, D, dtype, device, quant_policy=bits)
+    kc, vc = kv.layer(0)
+    blocks = bt.repeat_interleave(BS, 1).reshape(-1).to(device)
+    offsets = torch.arange(BS).repeat(B * nbs).to(device)
+    kc.write(blocks, offsets, (torch.randn(len(blocks), KVH, D, generator=g) * 2 + 0.5).to(device, dtype))
+    vc.write(blocks, offsets, torch.randn(len(blocks), KVH, D, generator=g).to(device, dtype))
+    q = torch.randn(B, H, D, generator=g).to(device, dtype)
+    meta = AttentionMetadata(positions=None, slot_blocks=None, slot_offsets=None, num_decode=B,
+                             decode_ctx_lens=torch.tensor(ctx_lens, device=device), decode_block_tables=bt.to(device))
+    return q, kc, vc, meta
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("B,H,KVH,D,BS,ctx", [(2, 4, 4, 16, 8, [9, 16]), (3, 6, 2, 16, 4, [5, 12, 1]),
+                                              (2, 8, 1, 32, 16, [40, 17])])
+def test_triton_quant_decode_matches_torch_dequantize_then_attend(bits, B, H, KVH, D, BS, ctx):
+    from engine.kernels.paged_attention_quant_triton import triton_quant_decode
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q, kc, vc, meta = quant_cache_inputs(bits, B, H, KVH, D, BS, ctx, device=dev)
+    out = triton_quant_decode(q, kc, vc, meta, 0.25)
+    ref = torch_decode(q, kc, vc, meta, 0.25)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_triton_quant_decode_gpu_sizes(bits):
+    from engine.kernels.paged_attention_quant_triton import triton_quant_decode
+    q, kc, vc, meta = quant_cache_inputs(bits, 16, 32, 8, 128, 64, [1 + 61 * i for i in range(16)], device="cuda",
+                                         dtype=torch.float16)
+    out = triton_quant_decode(q, kc, vc, meta, 128 ** -0.5)
+    ref = torch_decode(q.float(), *(QuantKV(c.data, c.params, bits, 128, torch.float32) for c in (kc, vc)), meta,
+                       128 ** -0.5)
+    assert torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_triton_quant_decode_rejects_bad_layouts():
+    from engine.kernels.paged_attention_quant_triton import paged_decode_attention_quant_triton as kern
+    q, kc, vc, meta = quant_cache_inputs(4, 2, 4, 2, 16, 4, [3, 5])
+    args = (meta.decode_block_tables, meta.decode_ctx_lens, 0.25)
+    with pytest.raises(ValueError, match="uint8"):
+        kern(q, kc.data, kc.params, vc.data, vc.params, *args, bits=8)  # int4 codes read as int8
+    with pytest.raises(ValueError, match="bits: 3"):
+        kern(q, kc.data, kc.params, vc.data, vc.params, *args, bits=3)
 
 
 def test_policy_errors(tmp_path, smol_dir):

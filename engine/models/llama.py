@@ -31,10 +31,13 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.qkv_bias, a.o_bias)
         self.post_norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.mlp = MLP(a.hidden_size, a.intermediate_size, a.mlp_bias)
+        self.reduce = None  # tensor parallel: sums the row-parallel (o, down) partial outputs over ranks
 
     def forward(self, x, meta, k_cache, v_cache):
-        x = x + self.attn(self.input_norm(x), meta, k_cache, v_cache)
-        return x + self.mlp(self.post_norm(x))
+        a = self.attn(self.input_norm(x), meta, k_cache, v_cache)
+        x = x + (a if self.reduce is None else self.reduce(a))
+        m = self.mlp(self.post_norm(x))
+        return x + (m if self.reduce is None else self.reduce(m))
 
 
 class LlamaModel(nn.Module):

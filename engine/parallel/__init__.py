@@ -1,0 +1,1 @@
+"""Tensor parallelism: head/intermediate partition, weight sharding, Ray worker actors, converted shards."""

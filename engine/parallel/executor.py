@@ -1,0 +1,103 @@
+"""RayTPExecutor: tp worker actors in a placement group, driven like the in-process ModelRunner.
+
+Inside a Serve replica the replica's own placement group is used (bundle 0 holds the replica, bundles
+1..tp its workers); offline, a group of tp bundles is created (STRICT_PACK, or PACK across nodes) and
+removed on shutdown. The workers are owned by the creating process, so they die with it.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Dict
+
+logger = logging.getLogger(__name__)
+
+
+class RayTPExecutor:
+    def __init__(self, spec: Dict[str, Any], placement: str = "STRICT_PACK", worker_cpus: float = 1.0,
+                 ready_timeout_s: float = 60.0):
+        import ray
+        from ray.util.placement_group import get_current_placement_group, placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from .worker import TPWorker
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)  # starts a local instance, or joins RAY_ADDRESS
+        self.tp, self.spec = spec["tp"], spec
+        gpu = spec["device"] == "cuda"
+        self._own_pg = None
+        pg = get_current_placement_group()
+        if pg is not None and len(pg.bundle_specs) >= self.tp + 1:
+            first = 1
+        else:
+            bundle = {"CPU": worker_cpus, **({"GPU": 1.0} if gpu else {})}
+            total = ray.cluster_resources()
+            if any(self.tp * v > total.get(k, 0) for k, v in bundle.items()):
+                raise ValueError(f"tp: {self.tp} workers need {self.tp} x {bundle} but the cluster has "
+                                 f"{{CPU: {total.get('CPU', 0)}, GPU: {total.get('GPU', 0)}}} in total")
+            pg = placement_group([dict(bundle) for _ in range(self.tp)], strategy=placement)
+            self._own_pg, first = pg, 0
+            if not _wait(pg, ready_timeout_s):
+                ray.util.remove_placement_group(pg)
+                raise ValueError(f"tp: {self.tp} workers need {self.tp} x {bundle} ({placement}) but the cluster "
+                                 f"could not place them within {ready_timeout_s:.0f} s (resources busy, or the "
+                                 "bundles do not fit one node under STRICT_PACK)")
+        self.pg = pg
+        opts = {"num_cpus": pg.bundle_specs[first].get("CPU", 0), "num_gpus": 1 if gpu else 0}
+        actor = ray.remote(TPWorker)
+        self.workers = [actor.options(**opts, max_concurrency=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
+            placement_group=pg, placement_group_bundle_index=first + r)).remote(r, spec) for r in range(self.tp)]
+        t0 = time.perf_counter()
+        try:
+            addr, port = ray.get(self.workers[0].address.remote())
+            infos = ray.get([w.setup.remote(addr, port) for w in self.workers])
+        except Exception:
+            self.shutdown()
+            raise
+        self.kv_bytes_total = sum(i["kv_bytes"] for i in infos)
+        self.load_s = time.perf_counter() - t0
+        self.block_size, self.num_blocks = spec["block_size"], spec["num_blocks"]
+        logger.info("tp=%d workers ready in %.1f s (rank loads: %s)", self.tp, self.load_s,
+                    ", ".join(f"{i['load_s']:.1f} s" for i in infos))
+
+    # ---- the ModelRunner surface the engine uses ------------------------------------------
+    def execute(self, sched):
+        import ray
+        return ray.get([w.execute.remote(sched) for w in self.workers])[0]
+
+    def logits_for(self, sched, all_rows: bool = False):
+        import ray
+        return ray.get([w.logits_for.remote(sched, all_rows) for w in self.workers])[0]
+
+    def kv_bytes(self) -> int:
+        return self.kv_bytes_total
+
+    def check_health(self, timeout_s: float = 30.0) -> None:
+        """Raises when a worker is gone (the replica's health check fails, and Serve replaces it)."""
+        import ray
+        ray.get([w.ping.remote() for w in self.workers], timeout=timeout_s)
+
+    def shutdown(self) -> None:
+        import ray
+        for w in getattr(self, "workers", []):
+            try:
+                ray.kill(w)
+            except Exception:  # already gone
+                pass
+        self.workers = []
+        if self._own_pg is not None:
+            try:
+                ray.util.remove_placement_group(self._own_pg)
+            except Exception:
+                pass
+            self._own_pg = None
+
+
+def _wait(pg, timeout_s: float) -> bool:
+    import ray
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+        return True
+    except ray.exceptions.GetTimeoutError:
+        return False
+

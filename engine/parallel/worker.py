@@ -1,0 +1,86 @@
+"""One tensor-parallel rank: a Ray actor holding its shard of the model, its KV heads and a ModelRunner.
+
+Ranks join a torch.distributed group (NCCL on GPU, gloo on CPU); every step each rank runs the same
+scheduled batch, the row-parallel layers all-reduce, and rank 0 alone samples and answers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from typing import Any, Dict, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class TPWorker:
+    def __init__(self, rank: int, spec: Dict[str, Any]):
+        self.rank, self.spec = rank, spec
+        self.tp = spec["tp"]
+        self.device = spec["device"]
+        self.runner = None
+        self._threads = spec.get("num_threads") or max(1, len(os.sched_getaffinity(0)) // self.tp)
+
+    def address(self):
+        import ray
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> Dict[str, Any]:
+        """Join the process group, load this rank's weights, allocate its KV cache."""
+        import torch.distributed as dist
+
+        from ..model_runner import ModelRunner
+        from .loading import load_rank_model
+        t0 = time.perf_counter()
+        self._bind()
+        backend = "nccl" if self.device == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                world_size=self.tp)
+        s = self.spec
+        dtype = getattr(torch, s["dtype"])
+        model = load_rank_model(s, self.rank, self.device, dtype)
+        for layer in model.layers:
+            layer.reduce = _all_reduce
+        self.runner = ModelRunner(model, s["num_blocks"], s["block_size"], self.device, dtype, s["eos_token_ids"],
+                                  s["rope_scaling_factor"], s["seed"], s["quant_policy"])
+        model.fused_decoder = None  # the fused CPU decoder has no all-reduce between its layers
+        return {"rank": self.rank, "load_s": time.perf_counter() - t0, "kv_bytes": self.runner.kv_bytes(),
+                "pid": os.getpid()}
+
+    def _bind(self) -> None:
+        if self.device == "cpu" and torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)
+
+    def execute(self, sched):
+        self._bind()
+        out = self.runner.execute(sched, sample_tokens=self.rank == 0)
+        return out if self.rank == 0 else None
+
+    def logits_for(self, sched, all_rows: bool = False) -> Optional[torch.Tensor]:
+        self._bind()
+        logits = self.runner.logits_for(sched, all_rows)
+        return logits.cpu() if self.rank == 0 else None
+
+    def ping(self) -> int:
+        return self.rank
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    t = t.contiguous()
+    dist.all_reduce(t)
+    return t

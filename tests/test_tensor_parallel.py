@@ -1,0 +1,170 @@
+"""Tensor parallelism: the head partition by hand, sharded layers against the full layer (torch oracle),
+and tp=2 engines (Ray worker actors, gloo all-reduce) against tp=1 on SmolLM2 and tiny random models, with
+fp and AWQ weights, int8 KV, and converted per-rank shards."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.parallel.partition import plan, working_tps
+from tiny_models import make_hf_model
+
+ROOT = Path(__file__).resolve().parent.parent
+GREEDY = dict(max_new_tokens=12, temperature=0, ignore_eos=True)
+PROMPTS = [[5, 17, 300, 4000, 12, 99, 7], [3, 14, 15, 92, 65, 35, 89, 79, 323, 84, 62, 64, 33, 83, 27, 95, 2, 88],
+           [42]]
+
+
+def test_partition_by_hand():
+    # SmolLM2: 9 heads in 3 KV groups of 3; tp=2 deals the groups 2 + 1
+    a, b = plan(9, 3, 1536, 2, 64)
+    assert (a.q_heads, a.kv_heads, a.inter) == (tuple(range(6)), (0, 1), (0, 768))
+    assert (b.q_heads, b.kv_heads, b.inter) == ((6, 7, 8), (2,), (768, 768))
+    # 4 heads, 1 KV head, tp=2: each rank holds a replica of the KV head and 2 query heads
+    a, b = plan(4, 1, 128, 2, 16)
+    assert (a.q_heads, a.kv_heads, b.q_heads, b.kv_heads) == ((0, 1), (0,), (2, 3), (0,))
+    assert working_tps(9, 3) == [1, 2, 3, 9]
+    with pytest.raises(ValueError, match=r"tp: 4 cannot split 9 attention heads.*\[1, 2, 3, 9\]"):
+        plan(9, 3, 1536, 4, 64)
+    with pytest.raises(ValueError, match="intermediate_size 100 does not split into 3"):
+        plan(6, 3, 100, 3, 16)
+    with pytest.raises(ValueError, match="not a multiple of the AWQ group size 64"):
+        plan(4, 2, 256, 2, 16, group_size=64)  # 2 heads x 16 = 32 inputs of o_proj per rank
+
+
+def test_sharded_layers_recompose_the_full_layer():
+    """Column-parallel outputs concatenate, row-parallel partial outputs sum, to the full layer's (dense and AWQ)."""
+    from engine.models.args import ModelArgs
+    from engine.parallel.shard import shard_state_dict
+    from engine.kernels.awq_torch import dequantize_awq, pack_columns
+    g = torch.Generator().manual_seed(0)
+    H, KVH, D, hid, inter, G = 4, 2, 16, 64, 128, 32
+    args = ModelArgs("LlamaForCausalLM", 100, hid, inter, 1, H, KVH, D, 1e-5, 64, 1e4)
+    qkv = torch.randn(H * D + 2 * KVH * D, hid, generator=g)
+    o = torch.randn(hid, H * D, generator=g)
+
+    def awq(out, inn):
+        q = torch.randint(0, 16, (inn, out), generator=g, dtype=torch.int32)
+        z = torch.randint(0, 16, (inn // G, out), generator=g, dtype=torch.int32)
+        return {"qweight": pack_columns(q), "qzeros": pack_columns(z), "scales": torch.rand(inn // G, out, generator=g)}
+    down_q = awq(hid, inter)
+    full = {"layers.0.attn.qkv.weight": qkv, "layers.0.attn.o.weight": o, "layers.0.attn.o.bias": torch.ones(hid),
+            **{f"layers.0.mlp.down.{k}": v for k, v in down_q.items()}}
+    x = torch.randn(3, hid, generator=g)
+    xo = torch.randn(3, H * D, generator=g)
+    xi = torch.randn(3, inter, generator=g)
+    lays = plan(H, KVH, inter, 2, D, group_size=G)
+    shards = [shard_state_dict(full, args, lay, G) for lay in lays]
+    # q/k/v: each rank's q, k, v rows are the full layer's rows of its heads
+    full_y = x @ qkv.t()
+    for lay, sh in zip(lays, shards):
+        y = x @ sh["layers.0.attn.qkv.weight"].t()
+        nq, nk = lay.num_heads * D, lay.num_kv_heads * D
+        q_rows = torch.cat([full_y[:, h * D:(h + 1) * D] for h in lay.q_heads], 1)
+        k_rows = torch.cat([full_y[:, H * D + h * D:H * D + (h + 1) * D] for h in lay.kv_heads], 1)
+        assert torch.allclose(y[:, :nq], q_rows) and torch.allclose(y[:, nq:nq + nk], k_rows)
+    # o: the rank inputs are the rank's head columns; partial outputs (bias on rank 0 only) sum to the full one
+    parts = [torch.cat([xo[:, h * D:(h + 1) * D] for h in lay.q_heads], 1) @ sh["layers.0.attn.o.weight"].t()
+             + sh["layers.0.attn.o.bias"] for lay, sh in zip(lays, shards)]
+    assert torch.allclose(sum(parts), xo @ o.t() + 1, atol=1e-4)
+    # AWQ down: row-parallel split on group boundaries
+    w_full = dequantize_awq(down_q["qweight"], down_q["qzeros"], down_q["scales"])
+    parts = [xi[:, lay.inter[0]:sum(lay.inter)] @ dequantize_awq(*(sh[f"layers.0.mlp.down.{k}"]
+                                                                     for k in ("qweight", "qzeros", "scales")))
+             for lay, sh in zip(lays, shards)]
+    assert torch.allclose(sum(parts), xi @ w_full, atol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+def run_engine(model, prompts=PROMPTS, **kw):
+    """Greedy outputs and the logits of the first prompt's last position."""
+    from engine.core.messages import ScheduledSeq, SchedulerOutput
+    from engine.llm_engine import LLMEngine
+    from engine.offline import Pipeline
+    eng = LLMEngine(model=model, block_size=16, num_cpu_blocks=64, max_batch_size=8, tp_worker_cpus=0.5, **kw)
+    try:
+        out = [r.token_ids for r in Pipeline(eng)(prompts, GREEDY)]
+        logits = eng.runner.logits_for(SchedulerOutput(seqs=[ScheduledSeq("x", prompts[0], 0, [0], sample=True)]))
+        return out, logits.cpu()
+    finally:
+        eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_mqa(tmp_path_factory, smol_dir):
+    """4 query heads and 1 KV head: tp=2 replicates the KV head."""
+    root = tmp_path_factory.mktemp("tp-tiny")
+    make_hf_model("llama", smol_dir, root / "fp", seed=5, num_attention_heads=4, num_key_value_heads=1)
+    return root / "fp"
+
+
+@pytest.mark.parametrize("quant_policy", [0, 8])
+def test_tp2_equals_tp1_on_a_model_whose_kv_head_is_replicated(ray_local, tiny_mqa, quant_policy):
+    ref, ref_logits = run_engine(str(tiny_mqa), quant_policy=quant_policy)
+    out, logits = run_engine(str(tiny_mqa), tp=2, quant_policy=quant_policy)
+    assert out == ref
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_tp2_equals_tp1_on_smollm2(ray_local):
+    ref, ref_logits = run_engine(None)
+    out, logits = run_engine(None, tp=2)
+    assert out == ref
+    assert torch.allclose(logits, ref_logits, atol=1e-3, rtol=1e-4)
+    ref8, _ = run_engine(None, quant_policy=8)
+    out8, _ = run_engine(None, tp=2, quant_policy=8)
+    assert out8 == ref8
+
+
+def test_tp2_equals_tp1_with_awq_weights(ray_local, tmp_path, smol_dir):
+    make_hf_model("llama", smol_dir, tmp_path / "fp", seed=9)
+    cmd = [sys.executable, "-m", "quant_jobs", "auto_awq", "--model", str(tmp_path / "fp"), "--work-dir",
+           str(tmp_path / "w"), "--w-group-size", "32", "--calib-samples", "2", "--calib-seqlen", "32",
+           "--no-parallel", "--rtn"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    model = str(tmp_path / "w" / "quantized")
+    ref, ref_logits = run_engine(model)
+    out, logits = run_engine(model, tp=2)
+    assert out == ref
+    assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_converted_shards_load_and_match(ray_local, tiny_mqa, tmp_path):
+    dst = tmp_path / "tp2"
+    p = subprocess.run([sys.executable, "-m", "engine", "convert", str(tiny_mqa), "--tp", "2", "--dst", str(dst)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((dst / "raylm_tp.json").read_text())["tp"] == 2
+    assert sorted(f.name for f in dst.glob("rank*.safetensors")) == ["rank0.safetensors", "rank1.safetensors"]
+    assert not list(tmp_path.glob(".tp2.tmp-*"))
+    ref, _ = run_engine(str(tiny_mqa))
+    out, _ = run_engine(str(dst), tp=2)
+    assert out == ref
+    from engine.llm_engine import LLMEngine
+    with pytest.raises(ValueError, match="holds shards for tp=2, not tp=4"):
+        LLMEngine(model=str(dst), tp=4)
+    p = subprocess.run([sys.executable, "-m", "engine", "convert", str(tiny_mqa), "--tp", "2", "--dst", str(dst)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "is not empty" in p.stderr
+
+
+def test_bad_tp_is_a_clear_error_before_any_work(ray_local):
+    from engine.llm_engine import LLMEngine
+    with pytest.raises(ValueError, match=r"tp: 4 cannot split 9 attention heads.*\[1, 2, 3, 9\]"):
+        LLMEngine(tp=4)
+    with pytest.raises(ValueError, match=r"tp: 3 workers need 3 x .*cluster has"):
+        LLMEngine(tp=3, tp_worker_cpus=64)
