@@ -116,3 +116,4 @@ class AsyncEngine:
             self._stopped = True
             self._wake.notify()
         self._thread.join(timeout=10)
+        self.engine.shutdown()

@@ -62,7 +62,8 @@ def resolve_device(cfg: EngineConfig) -> str:
     import torch
     if cfg.device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.device == "cuda" and not torch.cuda.is_available():
+    if cfg.device == "cuda" and cfg.tp == 1 and not torch.cuda.is_available():
+        # (with tp > 1 the GPUs belong to the worker actors, not to the process that drives them)
         raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
     return cfg.device
 

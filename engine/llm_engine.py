@@ -37,8 +37,10 @@ def _eos_ids(model_dir, args, tokenizer) -> List[int]:
     return sorted(ids)
 
 
-def plan_num_blocks(cfg: EngineConfig, args, device: str, dtype: torch.dtype, session_len: int) -> int:
-    """KV blocks from the budget: explicit count, GPU fraction or block count, CPU fraction or GiB."""
+def plan_num_blocks(cfg: EngineConfig, args, device: str, dtype: torch.dtype, session_len: int,
+                    free_bytes: Optional[int] = None) -> int:
+    """KV blocks from the budget: explicit count, GPU fraction or block count, CPU fraction or GiB.
+    ``free_bytes``: device memory left after the weights (tensor-parallel workers report it)."""
     per_block = KVCache.bytes_per_block(args.num_layers, cfg.block_size, args.num_kv_heads, args.head_dim, dtype,
                                         cfg.quant_policy)
     if cfg.num_cpu_blocks is not None:
@@ -47,7 +49,7 @@ def plan_num_blocks(cfg: EngineConfig, args, device: str, dtype: torch.dtype, se
     if budget is None:
         budget = 0.8 if device == "cuda" else 2
     if device == "cuda":
-        free, _ = torch.cuda.mem_get_info()
+        free = free_bytes if free_bytes is not None else torch.cuda.mem_get_info()[0]
         n = int(free * budget) // per_block if budget < 1 else int(budget)
     else:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -73,7 +75,8 @@ class LLMEngine:
         self.bind_threads()
         from transformers import AutoTokenizer
 
-        if cfg.tp > 1:
+        free_bytes = None
+        if cfg.tp > 1:  # checked against the model's heads before any worker starts
             self.model, self.model_dir, args, local_args = None, *self._tp_plan(cfg)
         else:
             self.model, self.model_dir = load_model(cfg.model, self.device, self.dtype)
@@ -82,8 +85,11 @@ class LLMEngine:
         check_policy(cfg.quant_policy, args.head_dim)
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.eos_token_ids = _eos_ids(self.model_dir, args, self.tokenizer)
+        if cfg.tp > 1:
+            self.runner = self._tp_executor(cfg)
+            free_bytes = self.runner.free_bytes
         session_len = cfg.session_len or args.max_position_embeddings
-        num_blocks = plan_num_blocks(cfg, local_args, self.device, self.dtype, session_len)
+        num_blocks = plan_num_blocks(cfg, local_args, self.device, self.dtype, session_len, free_bytes)
         capacity = num_blocks * cfg.block_size
         if session_len > capacity:
             logger.warning("session_len %d exceeds the KV cache (%d tokens); lowered to %d", session_len, capacity, capacity)
@@ -94,13 +100,7 @@ class LLMEngine:
             max_batch_size=cfg.max_batch_size, max_prefill_tokens=cfg.max_prefill_tokens,
             num_blocks=num_blocks, block_size=cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching))
         if cfg.tp > 1:
-            from .parallel.executor import RayTPExecutor
-            spec = {"tp": cfg.tp, "model_dir": str(self.model_dir), "device": self.device,
-                    "dtype": str(self.dtype).replace("torch.", ""), "num_blocks": num_blocks,
-                    "block_size": cfg.block_size, "eos_token_ids": self.eos_token_ids,
-                    "rope_scaling_factor": cfg.rope_scaling_factor, "seed": cfg.seed,
-                    "quant_policy": cfg.quant_policy, "num_threads": cfg.num_threads}
-            self.runner = RayTPExecutor(spec, placement=cfg.tp_placement, worker_cpus=cfg.tp_worker_cpus)
+            self.runner.allocate(num_blocks)
         else:
             self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.device, self.dtype,
                                       self.eos_token_ids, cfg.rope_scaling_factor, cfg.seed, cfg.quant_policy)
@@ -123,6 +123,14 @@ class LLMEngine:
         layouts = layouts_for(model_dir, args, read_quant_config(hf), cfg.tp)
         widest = max(layouts, key=lambda l: l.num_kv_heads)
         return model_dir, args, rank_args(args, widest)
+
+    def _tp_executor(self, cfg: EngineConfig):
+        from .parallel.executor import RayTPExecutor
+        spec = {"tp": cfg.tp, "model_dir": str(self.model_dir), "device": self.device,
+                "dtype": str(self.dtype).replace("torch.", ""), "block_size": cfg.block_size,
+                "eos_token_ids": self.eos_token_ids, "rope_scaling_factor": cfg.rope_scaling_factor,
+                "seed": cfg.seed, "quant_policy": cfg.quant_policy, "num_threads": cfg.num_threads}
+        return RayTPExecutor(spec, placement=cfg.tp_placement, worker_cpus=cfg.tp_worker_cpus)
 
     def shutdown(self) -> None:
         """Release the tensor-parallel workers (no-op in process)."""

@@ -61,14 +61,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STATE_API = {}  # {"address": dashboard URL} once the session's cluster is up
+
+
 @pytest.fixture(scope="session")
 def serve_url():
     """A real local Ray cluster with Serve's HTTP proxy on a free port; yields the base URL."""
     import ray
     from ray import serve
     port = free_port()
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    # the dashboard serves Ray's state API (list_actors, list_placement_groups) that lifecycle tests query
+    ctx = ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_port=free_port(),
+                   log_to_driver=False,
+                   runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}})
+    STATE_API["address"] = "http://" + ctx.dashboard_url
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

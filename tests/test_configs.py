@@ -38,7 +38,8 @@ def test_gpu_example_is_tp2_awq_with_int8_kv_and_up_to_4_replicas():
     cfg = parse_app_args(app["args"])
     assert (cfg.engine.tp, cfg.engine.quant_policy, cfg.engine.device) == (2, 8, "cuda")
     assert (cfg.autoscaling.min_replicas, cfg.autoscaling.max_replicas) == (1, 4)
-    assert cfg.placement_bundles() == [{"CPU": 4.0, "GPU": 1.0}] * 2  # one bundle per GPU
+    # the replica's own bundle, then one bundle per GPU for its two worker actors
+    assert cfg.placement_bundles() == [{"CPU": 1.0}] + [{"CPU": 4.0, "GPU": 1.0}] * 2
 
 
 @pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)

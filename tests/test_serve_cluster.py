@@ -10,7 +10,7 @@ import pytest
 import ray
 from ray import serve
 
-from conftest import wait_healthy
+from conftest import STATE_API, wait_healthy
 from engine.serve.builder import build_app
 
 SMALL = {"max_batch_size": 8, "block_size": 16, "cache_max_entry_count": 1, "session_len": 512}
@@ -100,3 +100,51 @@ def test_replica_lands_on_a_second_node_started_with_ray_start(serve_url, tmp_pa
         marker = Path("/tmp/ray/ray_current_cluster")  # `ray start` left it: later ray.init() would follow it
         if marker.exists() and gcs in marker.read_text():
             marker.unlink()
+
+
+def _alive(kind: str):
+    """Live tensor-parallel worker actors, or created placement groups (Ray's state API)."""
+    from ray.util.state import list_actors, list_placement_groups
+    if kind == "workers":
+        return list_actors(STATE_API["address"], filters=[("class_name", "=", "TPWorker"), ("state", "=", "ALIVE")])
+    return list_placement_groups(STATE_API["address"], filters=[("state", "=", "CREATED")])
+
+
+def test_tp2_replica_answers_and_a_dead_worker_gets_it_replaced_without_leaks(serve_url, smol_hf, smol_tok):
+    import os
+    import signal
+    groups_before = len(_alive("pgs"))
+    serve.run(build_app({**SMALL, "tp": 2, "cpus_per_device": 0.5, "replica_cpus": 0.5, "min_replicas": 1,
+                         "max_replicas": 1, "health_check_period_s": 1, "graceful_shutdown_timeout_s": 1}),
+              name="tp", route_prefix="/tp", blocking=False)
+    url = serve_url + "/tp"
+    try:
+        wait_healthy(url)
+        prompt = "The three primary colors are"
+        body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        ids = smol_tok(prompt, return_tensors="pt").input_ids  # oracle: transformers greedy on the full model
+        ref = smol_hf.generate(ids, max_new_tokens=10, do_sample=False)[0, ids.shape[1]:]
+        assert r.json()["choices"][0]["text"] == smol_tok.decode(ref)
+        workers = _alive("workers")
+        assert len(workers) == 2 and len(_alive("pgs")) == groups_before + 1
+        os.kill(workers[1]["pid"], signal.SIGKILL)  # one rank's process dies
+        deadline, fresh = time.time() + 240, []
+        old = {w["actor_id"] for w in workers}
+        while time.time() < deadline:
+            fresh = _alive("workers")
+            if len(fresh) == 2 and not old & {w["actor_id"] for w in fresh} and _running("tp") == 1:
+                break
+            time.sleep(1)
+        assert len(fresh) == 2 and not old & {w["actor_id"] for w in fresh}, "replica was not replaced"
+        wait_healthy(url)
+        r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == smol_tok.decode(ref)
+        assert len(_alive("workers")) == 2 and len(_alive("pgs")) == groups_before + 1  # nothing leaked
+    finally:
+        serve.delete("tp")
+    deadline = time.time() + 60
+    while time.time() < deadline and (_alive("workers") or len(_alive("pgs")) != groups_before):
+        time.sleep(1)
+    assert not _alive("workers") and len(_alive("pgs")) == groups_before

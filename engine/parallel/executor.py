@@ -54,11 +54,18 @@ class RayTPExecutor:
         except Exception:
             self.shutdown()
             raise
-        self.kv_bytes_total = sum(i["kv_bytes"] for i in infos)
         self.load_s = time.perf_counter() - t0
-        self.block_size, self.num_blocks = spec["block_size"], spec["num_blocks"]
-        logger.info("tp=%d workers ready in %.1f s (rank loads: %s)", self.tp, self.load_s,
+        frees = [i["free_bytes"] for i in infos if i["free_bytes"] is not None]
+        self.free_bytes = min(frees) if frees else None  # the tightest device decides the KV budget
+        self.block_size, self.num_blocks, self.kv_bytes_total = spec["block_size"], 0, 0
+        logger.info("tp=%d workers loaded in %.1f s (ranks: %s)", self.tp, self.load_s,
                     ", ".join(f"{i['load_s']:.1f} s" for i in infos))
+
+    def allocate(self, num_blocks: int) -> None:
+        """Every rank allocates ``num_blocks`` blocks of its own KV heads."""
+        import ray
+        self.kv_bytes_total = sum(ray.get([w.allocate.remote(num_blocks) for w in self.workers]))
+        self.num_blocks = num_blocks
 
     # ---- the ModelRunner surface the engine uses ------------------------------------------
     def execute(self, sched):

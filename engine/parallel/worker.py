@@ -35,26 +35,29 @@ class TPWorker:
         return ray.util.get_node_ip_address(), _free_port()
 
     def setup(self, master_addr: str, master_port: int) -> Dict[str, Any]:
-        """Join the process group, load this rank's weights, allocate its KV cache."""
+        """Join the process group and load this rank's weights; report the memory left for the KV cache."""
         import torch.distributed as dist
 
-        from ..model_runner import ModelRunner
         from .loading import load_rank_model
         t0 = time.perf_counter()
         self._bind()
         backend = "nccl" if self.device == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.tp)
-        s = self.spec
-        dtype = getattr(torch, s["dtype"])
-        model = load_rank_model(s, self.rank, self.device, dtype)
-        for layer in model.layers:
+        self.model = load_rank_model(self.spec, self.rank, self.device, getattr(torch, self.spec["dtype"]))
+        for layer in self.model.layers:
             layer.reduce = _all_reduce
-        self.runner = ModelRunner(model, s["num_blocks"], s["block_size"], self.device, dtype, s["eos_token_ids"],
-                                  s["rope_scaling_factor"], s["seed"], s["quant_policy"])
-        model.fused_decoder = None  # the fused CPU decoder has no all-reduce between its layers
-        return {"rank": self.rank, "load_s": time.perf_counter() - t0, "kv_bytes": self.runner.kv_bytes(),
-                "pid": os.getpid()}
+        free = torch.cuda.mem_get_info()[0] if self.device == "cuda" else None
+        return {"rank": self.rank, "load_s": time.perf_counter() - t0, "free_bytes": free, "pid": os.getpid()}
+
+    def allocate(self, num_blocks: int) -> int:
+        """Build the runner with this rank's KV heads in ``num_blocks`` blocks; returns the cache bytes."""
+        from ..model_runner import ModelRunner
+        s = self.spec
+        self.runner = ModelRunner(self.model, num_blocks, s["block_size"], self.device, getattr(torch, s["dtype"]),
+                                  s["eos_token_ids"], s["rope_scaling_factor"], s["seed"], s["quant_policy"])
+        self.model.fused_decoder = None  # the fused CPU decoder has no all-reduce between its layers
+        return self.runner.kv_bytes()
 
     def _bind(self) -> None:
         if self.device == "cpu" and torch.get_num_threads() != self._threads:

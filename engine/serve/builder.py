@@ -31,8 +31,8 @@ def build(cfg: AppConfig) -> Application:
         autoscaling_config=cfg.autoscaling.to_serve(),
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
-        # the replica actor sits in the first bundle; the others hold its tensor-parallel workers
-        ray_actor_options={"num_cpus": bundles[0]["CPU"], **({"num_gpus": 1} if gpu else {}),
+        # the replica actor sits in the first bundle; with tp > 1 the others hold its worker actors
+        ray_actor_options={"num_cpus": bundles[0]["CPU"], **({"num_gpus": 1} if gpu and cfg.engine.tp == 1 else {}),
                            "runtime_env": {"env_vars": ENGINE_ENV},
                            **({"resources": dict(cfg.replica_resources)} if cfg.replica_resources else {})},
         placement_group_bundles=bundles,

@@ -58,7 +58,9 @@ class AppConfig(BaseModel):
         256, ge=-1, description="Requests waiting for a replica before new ones are refused; -1 = no limit")
     overload_status: Literal[503, 429] = Field(503, description="HTTP status for a refused (overload) request")
     retry_after_s: int = Field(1, ge=0, description="Retry-After header sent with an overload refusal (s)")
-    cpus_per_device: float = Field(1.0, gt=0, description="Logical CPUs reserved per placement-group bundle")
+    cpus_per_device: float = Field(1.0, gt=0, description="Logical CPUs reserved per device bundle (per tp worker)")
+    replica_cpus: float = Field(1.0, gt=0, description="Logical CPUs of a tp > 1 replica's own bundle (it drives "
+                                                      "the workers and holds no device)")
     replica_resources: Dict[str, float] = Field(
         default_factory=dict, description="Custom Ray resources each replica's first bundle needs (pins replicas to node types)")
     ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress deployment")
@@ -87,11 +89,14 @@ class AppConfig(BaseModel):
         return list(self.api_keys) + env
 
     def placement_bundles(self) -> List[Dict[str, float]]:
-        """One bundle per device of a replica: tp GPUs on CUDA, one CPU bundle otherwise."""
+        """tp = 1: one bundle, the replica and its device. tp > 1: bundle 0 for the replica (scheduler,
+        tokenizer, HTTP streams; no device), then one bundle per device for its tp worker actors."""
         gpu = self.engine.device == "cuda"
-        n = self.engine.tp if gpu else 1
-        bundle = {"CPU": self.cpus_per_device, **({"GPU": 1.0} if gpu else {})}
-        bundles = [dict(bundle) for _ in range(n)]
+        device = {"CPU": self.cpus_per_device, **({"GPU": 1.0} if gpu else {})}
+        if self.engine.tp == 1:
+            bundles = [device]
+        else:
+            bundles = [{"CPU": self.replica_cpus}] + [dict(device) for _ in range(self.engine.tp)]
         bundles[0].update(self.replica_resources)
         return bundles
 

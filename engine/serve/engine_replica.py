@@ -96,6 +96,9 @@ class EngineReplica:
     def check_health(self) -> None:
         if not self.engine.is_alive():
             raise RuntimeError("engine loop is not running")
+        runner = self.engine.engine.runner
+        if hasattr(runner, "check_health"):  # tensor-parallel workers: a dead one fails the replica
+            runner.check_health()
 
     def __del__(self):
         if getattr(self, "reporter", None) is not None:
