@@ -73,6 +73,16 @@ class TPWorker:
         logits = self.runner.logits_for(sched, all_rows)
         return logits.cpu() if self.rank == 0 else None
 
+    def step(self, msg):
+        """The step entry point: ("execute", sched), ("logits", sched, all_rows) or ("noop", sched)."""
+        if msg[0] == "execute":
+            return self.execute(msg[1])
+        if msg[0] == "logits":
+            return self.logits_for(msg[1], msg[2])
+        if msg[0] == "noop":  # dispatch probe (bench/tp.py)
+            return None
+        raise ValueError(f"unknown step kind {msg[0]!r}")
+
     def ping(self) -> int:
         return self.rank
 
