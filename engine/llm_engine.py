@@ -129,7 +129,8 @@ class LLMEngine:
         spec = {"tp": cfg.tp, "model_dir": str(self.model_dir), "device": self.device,
                 "dtype": str(self.dtype).replace("torch.", ""), "block_size": cfg.block_size,
                 "eos_token_ids": self.eos_token_ids, "rope_scaling_factor": cfg.rope_scaling_factor,
-                "seed": cfg.seed, "quant_policy": cfg.quant_policy, "num_threads": cfg.num_threads}
+                "seed": cfg.seed, "quant_policy": cfg.quant_policy, "num_threads": cfg.num_threads,
+                "max_step_tokens": cfg.max_prefill_tokens + cfg.max_batch_size}
         return RayTPExecutor(spec, placement=cfg.tp_placement, worker_cpus=cfg.tp_worker_cpus)
 
     def shutdown(self) -> None:

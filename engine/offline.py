@@ -100,6 +100,16 @@ class Pipeline:
             for rid in pending:
                 self.engine.abort(rid)
 
+    def close(self) -> None:
+        """Release the engine's tensor-parallel workers (nothing to do in process)."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def chat(self, prompt: str, session: Optional[ChatSession] = None, gen_config: GenArg = None) -> ChatSession:
         session = session or ChatSession()
         session.history.append({"role": "user", "content": prompt})

@@ -10,6 +10,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from typing import Any, Dict
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class RayTPExecutor:
             self.shutdown()
             raise
         self.load_s = time.perf_counter() - t0
+        self._one_host = len({i["node_id"] for i in infos}) == 1
         frees = [i["free_bytes"] for i in infos if i["free_bytes"] is not None]
         self.free_bytes = min(frees) if frees else None  # the tightest device decides the KV budget
         self.block_size, self.num_blocks, self.kv_bytes_total = spec["block_size"], 0, 0
@@ -67,8 +69,16 @@ class RayTPExecutor:
     def allocate(self, num_blocks: int) -> None:
         """Every rank allocates ``num_blocks`` blocks of its own KV heads; then the step graph is compiled."""
         import ray
-        self.kv_bytes_total = sum(ray.get([w.allocate.remote(num_blocks) for w in self.workers]))
+        from . import shm_allreduce
+        shm = None
+        if self.spec["device"] == "cpu" and self._one_host and shm_allreduce.supported() and shm_enabled():
+            shm = f"raylm-tp-{uuid.uuid4().hex}"
+        self.kv_bytes_total = sum(ray.get([w.allocate.remote(num_blocks, shm) for w in self.workers]))
+        if shm is not None:
+            ray.get(self.workers[0].unlink_shared.remote())
         self.num_blocks = num_blocks
+        logger.info("tp=%d all-reduce: %s", self.tp, "shared memory" if shm else
+                    ("NCCL" if self.spec["device"] == "cuda" else "gloo"))
         self._compile()
 
     def _compile(self) -> None:
@@ -137,3 +147,9 @@ def _wait(pg, timeout_s: float) -> bool:
     except ray.exceptions.GetTimeoutError:
         return False
 
+
+def shm_enabled() -> bool:
+    """RAYLM_TP_SHM=1 all-reduces CPU workers on one host through shared memory instead of gloo. Off by
+    default: on the 2-core machine its spinning ranks made decode steps slower than gloo's sleeping waits
+    (docs/benchmarks.md, tensor parallelism), though one all-reduce alone is 9x faster."""
+    return os.environ.get("RAYLM_TP_SHM", "0") == "1"

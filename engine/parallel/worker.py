@@ -28,6 +28,7 @@ class TPWorker:
         self.tp = spec["tp"]
         self.device = spec["device"]
         self.runner = None
+        self._shm = None
         self._threads = spec.get("num_threads") or max(1, len(os.sched_getaffinity(0)) // self.tp)
 
     def address(self):
@@ -46,14 +47,25 @@ class TPWorker:
                                 world_size=self.tp)
         self.model = load_rank_model(self.spec, self.rank, self.device, getattr(torch, self.spec["dtype"]))
         for layer in self.model.layers:
-            layer.reduce = _all_reduce
+            layer.reduce = self._reduce
         free = torch.cuda.mem_get_info()[0] if self.device == "cuda" else None
-        return {"rank": self.rank, "load_s": time.perf_counter() - t0, "free_bytes": free, "pid": os.getpid()}
+        import ray
+        return {"rank": self.rank, "load_s": time.perf_counter() - t0, "free_bytes": free, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
-    def allocate(self, num_blocks: int) -> int:
-        """Build the runner with this rank's KV heads in ``num_blocks`` blocks; returns the cache bytes."""
+    def _reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self._shm is not None and t.numel() <= self._shm.max_numel:
+            return self._shm(t)
+        return _all_reduce(t)
+
+    def allocate(self, num_blocks: int, shm_name: Optional[str] = None) -> int:
+        """Build the runner with this rank's KV heads in ``num_blocks`` blocks; returns the cache bytes.
+        ``shm_name``: every rank is on this host, so all-reduce through shared memory."""
         from ..model_runner import ModelRunner
         s = self.spec
+        if shm_name is not None:
+            from .shm_allreduce import ShmAllReduce
+            self._shm = ShmAllReduce(shm_name, self.rank, self.tp, s["max_step_tokens"] * self.model.args.hidden_size)
         self.runner = ModelRunner(self.model, num_blocks, s["block_size"], self.device, getattr(torch, s["dtype"]),
                                   s["eos_token_ids"], s["rope_scaling_factor"], s["seed"], s["quant_policy"])
         self.model.fused_decoder = None  # the fused CPU decoder has no all-reduce between its layers
@@ -83,8 +95,28 @@ class TPWorker:
             return None
         raise ValueError(f"unknown step kind {msg[0]!r}")
 
+    def allreduce_probe(self, numel: int, iters: int, gloo: bool = False) -> float:
+        """Median seconds of one all-reduce of ``numel`` float32 values, the engine's path or torch.distributed's
+        (bench/tp.py; all ranks at once)."""
+        import statistics
+        t = torch.ones(numel, device=self.device)
+        fn = _all_reduce if gloo else self._reduce
+        for _ in range(10):
+            fn(t)
+        ts = []
+        for _ in range(iters):
+            a = time.perf_counter()
+            fn(t)
+            ts.append(time.perf_counter() - a)
+        return statistics.median(ts)
+
     def ping(self) -> int:
         return self.rank
+
+    def unlink_shared(self) -> None:
+        """Once every rank has mapped the shared buffer its file name can go (the mappings stay)."""
+        if self._shm is not None:
+            self._shm.close()
 
     def shutdown(self) -> None:
         import torch.distributed as dist

@@ -1,0 +1,141 @@
+"""KV-cache quantization on SmolLM2-135M-Instruct (float32 weights, CPU): memory at quant_policy 0/8/4 for
+batches of full-context sequences, sequences that fit a fixed budget, and accuracy through the engine
+(WikiText-2 perplexity with the context read back from the cache, and teacher-forced greedy agreement).
+
+    python bench/kv_quant.py [--context 512] [--batches 8,16,32,48] [--budget-gib 1] [--ppl-windows 8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import SHARED, machine_description, save_json, write_section  # noqa: E402
+
+POLICIES = (0, 8, 4)
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+           "Water boils at a temperature of", "The three primary colors are", "import numpy as np\n",
+           "The theory of relativity states that", "To make a cup of tea, first"]
+
+
+def memory_run(policy: int, batch: int, context: int, out_tokens: int) -> dict:
+    """In a fresh process (peak RSS is per process): batch sequences filling ``context`` tokens each."""
+    from engine.generation import GenerationConfig
+    from engine.llm_engine import LLMEngine
+    from engine.offline import Pipeline
+    bs = 64
+    eng = LLMEngine(quant_policy=policy, block_size=bs, max_batch_size=batch, max_prefill_tokens=2048,
+                    num_cpu_blocks=batch * -(-context // bs))
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    prompt = list(range(1000, 1000 + context - out_tokens))
+    Pipeline(eng)([prompt] * batch, GenerationConfig(max_new_tokens=out_tokens, ignore_eos=True, temperature=0))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"kv_MiB": eng.kv_bytes / 2 ** 20, "peak_MiB": peak / 1024, "after_load_MiB": base / 1024}
+
+
+def accuracy(windows: int, seqlen: int, chunk: int) -> dict:
+    from transformers import AutoTokenizer
+
+    from engine.generation import GenerationConfig
+    from engine.llm_engine import LLMEngine
+    from engine.offline import Pipeline
+    from engine.scoring import window_logits, window_nll
+    from quant_jobs.data import wikitext2_test_text
+    engines = {p: LLMEngine(quant_policy=p, block_size=64, max_batch_size=8, num_cpu_blocks=-(-seqlen // 64) + 2)
+               for p in POLICIES}
+    tok = AutoTokenizer.from_pretrained(str(engines[0].model_dir))
+    ids = tok(wikitext2_test_text(SHARED / "wikitext2" / "wiki.test.raw"), add_special_tokens=False)["input_ids"]
+    res = {}
+    for p, eng in engines.items():
+        nll = sum(window_nll(eng, ids[i * seqlen:(i + 1) * seqlen], chunk) for i in range(windows))
+        res[p] = {"ppl": math.exp(nll / (windows * (seqlen - 1)))}
+        print(f"  quant_policy {p}: ppl {res[p]['ppl']:.4f}", flush=True)
+    gc = GenerationConfig(max_new_tokens=32, temperature=0, ignore_eos=True)
+    outs = Pipeline(engines[0])(PROMPTS, gc)
+    agree = {p: [0, 0] for p in POLICIES}
+    for prompt, o in zip(PROMPTS, outs):
+        seq = tok(prompt, add_special_tokens=False)["input_ids"] + o.token_ids
+        n = len(o.token_ids)
+        for p in POLICIES:
+            pick = window_logits(engines[p], seq, chunk=1)[-n - 1:-1].argmax(-1).tolist()
+            agree[p][0] += sum(a == b for a, b in zip(pick, o.token_ids))
+            agree[p][1] += n
+    for p in POLICIES:
+        res[p]["greedy_agreement"] = agree[p][0] / agree[p][1]
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--out-tokens", type=int, default=16)
+    ap.add_argument("--batches", default="8,16,32,48")
+    ap.add_argument("--budget-gib", type=float, default=1.0)
+    ap.add_argument("--ppl-windows", type=int, default=8)
+    ap.add_argument("--ppl-seqlen", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: policy,batch for a child process
+    ap.add_argument("--no-doc", action="store_true")
+    a = ap.parse_args()
+    if a.one:
+        p, b = map(int, a.one.split(","))
+        print("RESULT " + json.dumps(memory_run(p, b, a.context, a.out_tokens)))
+        return 0
+    batches = [int(b) for b in a.batches.split(",")]
+    mem = {}
+    for b in batches:
+        for p in POLICIES:
+            out = subprocess.run([sys.executable, __file__, "--one", f"{p},{b}", "--context", str(a.context),
+                                  "--out-tokens", str(a.out_tokens)], capture_output=True, text=True, check=True)
+            mem[f"{p},{b}"] = json.loads(out.stdout.strip().splitlines()[-1][len("RESULT "):])
+            print(f"  batch {b} policy {p}: {mem[f'{p},{b}']}", flush=True)
+    from engine.layers.attention import KVCache
+    import torch
+    per_seq = {p: KVCache.bytes_per_block(30, 64, 3, 64, torch.float32, p) * -(-a.context // 64) for p in POLICIES}
+    fits = {p: int(a.budget_gib * 2 ** 30 // per_seq[p]) for p in POLICIES}
+    acc = accuracy(a.ppl_windows, a.ppl_seqlen, a.chunk)
+    res = {"machine": machine_description(), "args": vars(a), "memory": mem, "fits": fits, "accuracy": acc}
+    save_json("kv_quant", res)
+    table = render(res, batches)
+    print(table)
+    if not a.no_doc:
+        write_section("kv_quant", table)
+    return 0
+
+
+def render(res, batches) -> str:
+    a = res["args"]
+    lines = ["## KV-cache quantization, SmolLM2-135M-Instruct float32 (`bench/kv_quant.py`)", "",
+             f"Machine: {res['machine']}. Each batch runs in a fresh process: {a['context'] - a['out_tokens']}-token "
+             f"prompts plus {a['out_tokens']} output tokens (context {a['context']}), cache sized to the batch. "
+             "KV = the cache's bytes (integers plus per-token scale and minimum); peak = the process's peak RSS "
+             "(weights, activations, cache).", "",
+             "| batch | KV MiB (fp32 / int8 / int4) | peak MiB (fp32 / int8 / int4) |", "|---|---|---|"]
+    for b in batches:
+        m = [res["memory"][f"{p},{b}"] for p in POLICIES]
+        kv = " / ".join("%.0f" % x["kv_MiB"] for x in m)
+        peak = " / ".join("%.0f" % x["peak_MiB"] for x in m)
+        lines.append(f"| {b} | {kv} | {peak} |")
+    f = res["fits"]
+    lines += ["", f"Sequences of {a['context']} tokens that fit a {a['budget_gib']:g} GiB cache: "
+              f"{f[0]} at fp32, {f[8]} at int8 ({f[8] / f[0]:.1f}x), {f[4]} at int4 ({f[4] / f[0]:.1f}x).", "",
+              f"Accuracy through the engine: WikiText-2 test, {a['ppl_windows']} windows of {a['ppl_seqlen']} tokens "
+              f"prefilled in chunks of {a['chunk']} (every chunk after the first reads the context back from the "
+              "cache); greedy agreement = share of 32-token greedy continuations of 8 prompts where the "
+              "quantized cache, fed the same tokens one at a time, picks the same next token.", "",
+              "| quant_policy | perplexity | vs fp32 cache | greedy agreement |", "|---|---|---|---|"]
+    acc = {int(k): v for k, v in res["accuracy"].items()}
+    for p in POLICIES:
+        lines.append(f"| {p} | {acc[p]['ppl']:.4f} | {acc[p]['ppl'] / acc[0]['ppl'] - 1:+.2%} | "
+                     f"{acc[p]['greedy_agreement']:.1%} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
