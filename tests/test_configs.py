@@ -70,10 +70,10 @@ def test_flat_builder_args_are_typed():
     assert cfg.autoscaling.max_replicas == 3 and cfg.api_keys == ["a", "b"] and cfg.model_name == "m"
 
 
-def test_valid_but_unbuilt_settings_fail_at_engine_start():
+def test_valid_config_the_model_cannot_take_fails_at_engine_start():
     from engine.llm_engine import LLMEngine
-    with pytest.raises(ValueError, match="tp"):
-        LLMEngine(EngineConfig(tp=2))
+    with pytest.raises(ValueError, match=r"tp: 4 cannot split 9 attention heads"):
+        LLMEngine(EngineConfig(tp=4))  # SmolLM2: 9 heads in 3 KV groups; before any worker starts
 
 
 def test_quant_job_preset_validates_and_flags_override_it():
