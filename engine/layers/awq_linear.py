@@ -7,13 +7,14 @@ layer dequantizes its weight in the call (the gain there is memory, not speed).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.awq_torch import dequantize_awq
+from .linear import FusedLinear, part_offsets
 
 QUANT_TENSORS = ("qweight", "qzeros", "scales")
 
@@ -33,11 +34,7 @@ class AwqLinear(nn.Module):
         self.register_buffer("qzeros", torch.empty(in_features // group_size, out // 8, dtype=torch.int32))
         self.register_buffer("scales", torch.empty(in_features // group_size, out))
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
-        self.offsets: Dict[str, Tuple[int, int]] = {}
-        start = 0
-        for name, size in parts:
-            self.offsets[name] = (start, size)
-            start += size
+        self.offsets = part_offsets(parts)
 
     def load(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> None:
         start, size = self.offsets[shard] if shard else (0, self.out_features)
@@ -75,8 +72,7 @@ class AwqLinear(nn.Module):
         y = w_t.t() @ x.t()
         return y if self.bias is None else y + self.bias[:, None]
 
-    def split(self, y: torch.Tensor, dim: int = -1):
-        return y.split([size for _, size in self.offsets.values()], dim=dim)
+    split = FusedLinear.split  # the same parts, the same stacking on the output dimension
 
 
 def swap_in_awq(model, group_size: int) -> None:

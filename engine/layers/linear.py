@@ -52,16 +52,21 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias).t()
 
 
+def part_offsets(parts: Sequence[Tuple[str, int]]) -> Dict[str, Tuple[int, int]]:
+    """[(name, size)] stacked on the output dimension -> {name: (start, size)}."""
+    offsets, start = {}, 0
+    for name, size in parts:
+        offsets[name] = (start, size)
+        start += size
+    return offsets
+
+
 class FusedLinear(Linear):
     """Several projections of one input, stacked on the output dimension: ``parts`` = [(name, size)]."""
 
     def __init__(self, in_features: int, parts: Sequence[Tuple[str, int]], bias: bool = False):
         super().__init__(in_features, sum(size for _, size in parts), bias)
-        self.offsets: Dict[str, Tuple[int, int]] = {}
-        start = 0
-        for part, size in parts:
-            self.offsets[part] = (start, size)
-            start += size
+        self.offsets = part_offsets(parts)
 
     def load(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> None:
         param = getattr(self, name).data
