@@ -9,6 +9,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Calibration and evaluation texts: $RAYLM_DATA, or ../shared/data beside the project (as CI lays it out).
+DATA = Path(os.environ.get("RAYLM_DATA") or ROOT.parent / "shared" / "data")
+WIKI_TEST = DATA / "wikitext2" / "wiki.test.raw"
 
 
 @pytest.fixture(scope="session")

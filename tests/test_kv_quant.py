@@ -153,11 +153,10 @@ def test_int8_cache_agrees_with_unquantized_greedy(engines, smol_tok):
 
 @pytest.mark.slow
 def test_int8_perplexity_through_the_engine_within_one_percent(engines, smol_tok):
-    from pathlib import Path
-
+    from conftest import WIKI_TEST
     from engine.scoring import window_nll
     from quant_jobs.data import wikitext2_test_text
-    text = wikitext2_test_text(Path(__file__).resolve().parents[2] / "shared/data/wikitext2/wiki.test.raw")
+    text = wikitext2_test_text(WIKI_TEST)
     ids = smol_tok(text[:20000], add_special_tokens=False)["input_ids"][:1024]
     ppl = {p: math.exp(window_nll(e, ids, chunk=128) / (len(ids) - 1)) for p, e in engines.items()}
     assert abs(ppl[8] / ppl[0] - 1) < 0.01, ppl

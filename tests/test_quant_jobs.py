@@ -13,17 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import DATA, WIKI_TEST as EVAL
 from tiny_models import make_hf_model, write_internlm2
 
 ROOT = Path(__file__).resolve().parent.parent
-EVAL = ROOT.parent / "shared" / "data" / "wikitext2" / "wiki.test.raw"
 CALIB = ["--calib-samples", "8", "--calib-seqlen", "64"]
 
 
 def qj(*args, check=True, timeout=600, env=None):
     cmd = [sys.executable, "-m", "quant_jobs", *map(str, args)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "RAYLM_DATA": str(EVAL.parent.parent), **(env or {})})
+                       env={**os.environ, "RAYLM_DATA": str(DATA), **(env or {})})
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
