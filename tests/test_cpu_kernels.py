@@ -34,6 +34,21 @@ def test_linear_layer_uses_native_path_for_few_tokens_and_matches_torch():
         torch.testing.assert_close(lin(x), x @ lin.weight.t() + lin.bias, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("M", [1, 9, 33, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_wide_linear_in_slices_matches_torch(M, bias):
+    torch.manual_seed(M)
+    layer = Linear(48, 2500, bias=bias)  # 2500 rows: two full 1024-row slices and a 452-row tail
+    layer.weight.data.normal_()
+    if bias:
+        layer.bias.data.normal_()
+    x = torch.randn(M, 48)
+    ref = x.double() @ layer.weight.double().t() + (layer.bias.double() if bias else 0)
+    got = layer.forward_wide(x)
+    assert got.shape == (M, 2500) and got.is_contiguous()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-4)
+
+
 def test_skinny_linear_refuses_what_it_cannot_take():
     x, w = torch.randn(2, 16), torch.randn(8, 16)
     assert cpu_native.skinny_linear_t(x.double(), w.double(), None) is None

@@ -71,4 +71,4 @@ class LlamaModel(nn.Module):
                 k_cache, v_cache = kv.layer(i)
                 x = layer(x, meta, k_cache, v_cache)
         x = self.norm(x[sample_idx])
-        return self.lm_head(x).float().contiguous()
+        return self.lm_head.forward_wide(x).float()
