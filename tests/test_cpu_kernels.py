@@ -77,9 +77,11 @@ def test_native_decode_falls_back_to_torch_for_int64_tables():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["run", "run_phased"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_decode_layers_match_the_torch_layers(bias):
-    """Two decode steps through every layer: fused native path against the module path, same KV cache."""
+def test_fused_decode_layers_match_the_torch_layers(bias, path):
+    """A decode step through every layer: the whole-layer native path and the phased path (MKL products
+    between native phases) against the module path, same KV cache."""
     from engine.kernels.fused_decode import fused_decoder_for
     from engine.layers.attention import KVCache
     from engine.layers.rotary import RotaryEmbedding
@@ -110,6 +112,6 @@ def test_fused_decode_layers_match_the_torch_layers(bias):
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
             ref = layer(ref, meta, *caches[0].layer(i))
-        out = fused.run(x.clone(), meta, caches[1])
+        out = getattr(fused, path)(x.clone(), meta, caches[1])
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(caches[1].data, caches[0].data, rtol=1e-5, atol=1e-5)  # same K/V written

@@ -109,3 +109,20 @@ def test_dynamic_ntk_beyond_context_matches_hf(tmp_path, smol_dir):
     prompts = random_prompts([20, 90], seed=4)
     for p, lg in zip(prompts, engine_prompt_logits(engine, prompts)):
         assert rel_err(lg, hf_last_logits(hf, p)) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decode_batches_beyond_the_fused_size_match_hf(tmp_path, smol_dir, arch):
+    """Twelve sequences decoding together take the phased native path (MKL products between native
+    phases; qwen2 adds the qkv bias): still token-identical to transformers."""
+    from engine.kernels.fused_decode import MAX_TOKENS
+    hf = make_hf_model(arch, smol_dir, tmp_path / "m", seed=5)
+    engine = LLMEngine(model=str(tmp_path / "m"), block_size=8, max_prefill_tokens=256, num_cpu_blocks=128)
+    fused = engine.runner.model.fused_decoder
+    if fused is None:
+        pytest.skip("native CPU kernels unavailable")
+    sizes = []
+    run_phased = fused.run_phased
+    fused.run_phased = lambda x, meta, kv: (sizes.append(x.shape[0]), run_phased(x, meta, kv))[1]
+    check_model(engine, hf, random_prompts([3, 9, 14, 20, 5, 31, 7, 12, 26, 4, 17, 11], seed=5), n_new=10)
+    assert sizes and max(sizes) == 12 > MAX_TOKENS

@@ -1,6 +1,10 @@
-"""Whole decoder layers in one native call for small decode-only CPU steps (csrc/cpu_kernels.c).
+"""Decoder layers in native code for decode-only CPU steps (csrc/cpu_kernels.c).
 
-Torch reference: ``models.llama.DecoderLayer.forward`` (tests compare the two on random models).
+Up to MAX_TOKENS tokens a whole layer is one native call (its own skinny products stream the weights).
+Beyond that, up to MAX_PHASED_TOKENS, MKL runs the four matrix products and three native phases do the
+rest of each layer (norms with the residual adds, rotary + cache write + attention, SiLU gate), replacing
+about twenty small torch operations per layer. Torch reference: ``models.llama.DecoderLayer.forward``
+(tests compare them on random models).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 from . import cpu_native
 
 MAX_TOKENS = 8  # decode batches up to this size take the fused path (the skinny-matmul regime)
+MAX_PHASED_TOKENS = 256  # larger decode batches take the phased path up to here
 
 
 class _LayerWeights(ctypes.Structure):
@@ -29,7 +34,7 @@ class FusedDecoder:
 
     def __init__(self, model, so: ctypes.CDLL):
         a = model.args
-        self.so, self.a = so, a
+        self.so, self.a, self.model = so, a, model
         self.structs: List[_LayerWeights] = []
         for layer in model.layers:
             at, mlp = layer.attn, layer.mlp
@@ -57,6 +62,47 @@ class FusedDecoder:
                                  ctx.data_ptr(), bt.shape[1], M, kv.block_size, self.scale, scratch.data_ptr(),
                                  threads)
         return x
+
+
+    def run_phased(self, x: torch.Tensor, meta, kv) -> torch.Tensor:
+        """The same layers for MAX_TOKENS < M <= MAX_PHASED_TOKENS: MKL products between native phases."""
+        a, so = self.a, self.so
+        M, H, I, D = x.shape[0], a.hidden_size, a.intermediate_size, a.head_dim
+        NH, KVH = a.num_heads, a.num_kv_heads
+        QKV = (NH + 2 * KVH) * D
+        i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+        blocks, offsets = i32(meta.slot_blocks), i32(meta.slot_offsets)
+        bt, ctx = i32(meta.decode_block_tables), i32(meta.decode_ctx_lens)
+        cos, sin = meta.cos.float().contiguous(), meta.sin.float().contiguous()
+        e = lambda *shape: torch.empty(*shape, dtype=torch.float32)  # noqa: E731
+        h, qkv_t, qkv, att, o_t = e(M, H), e(QKV, M), e(M, QKV), e(M, NH * D), e(H, M)
+        gu_t, act_t, down_t = e(2 * I, M), e(I, M), e(H, M)
+        threads = torch.get_num_threads()
+        p = lambda t: t.data_ptr()  # noqa: E731
+        add = None
+        for i, layer in enumerate(self.model.layers):
+            at, mlp = layer.attn, layer.mlp
+            so.hy_add_norm(p(x), add, p(layer.input_norm.weight), p(h), M, H, layer.input_norm.eps, threads)
+            _mm(at.qkv, h.t(), qkv_t)
+            k_cache, v_cache = kv.layer(i)
+            so.hy_attention(p(qkv_t), p(qkv), p(cos), p(sin), p(k_cache), p(v_cache), p(blocks), p(offsets), p(bt),
+                            p(ctx), bt.shape[1], M, NH, KVH, D, kv.block_size, self.scale, p(att), threads)
+            _mm(at.o, att.t(), o_t)
+            so.hy_add_norm(p(x), p(o_t), p(layer.post_norm.weight), p(h), M, H, layer.post_norm.eps, threads)
+            _mm(mlp.gate_up, h.t(), gu_t)
+            so.hy_silu_mul(p(gu_t), p(act_t), M, I, threads)
+            _mm(mlp.down, act_t, down_t)
+            add = p(down_t)
+        x.add_(down_t.t())
+        return x
+
+
+def _mm(linear, rhs: torch.Tensor, out: torch.Tensor) -> None:
+    """out [N, M] = W @ rhs (+ b): the weight-major product MKL runs fastest for a few dozen tokens."""
+    if linear.bias is None:
+        torch.mm(linear.weight, rhs, out=out)
+    else:
+        torch.addmm(linear.bias[:, None], linear.weight, rhs, out=out)
 
 
 def fused_decoder_for(model, dtype: torch.dtype) -> Optional[FusedDecoder]:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.fused_decode import MAX_PHASED_TOKENS
 from ..layers.attention import Attention, AttentionMetadata, KVCache
 from ..layers.linear import FusedLinear, Linear
 from ..layers.norm import RMSNorm
@@ -51,9 +52,9 @@ class LlamaModel(nn.Module):
         self.lm_head = Linear(a.hidden_size, a.vocab_size)
         self.fused_decoder = None  # set by the runner on CPU when the native library is built
 
-    def fused_ok(self, meta: AttentionMetadata, num_tokens: int) -> bool:
+    def fused_ok(self, meta: AttentionMetadata, num_tokens: int, limit: int = 0) -> bool:
         from ..kernels.fused_decode import MAX_TOKENS
-        return (self.fused_decoder is not None and meta.num_decode == num_tokens <= MAX_TOKENS
+        return (self.fused_decoder is not None and meta.num_decode == num_tokens <= (limit or MAX_TOKENS)
                 and not meta.prefills)
 
     def tie_weights(self) -> None:
@@ -66,6 +67,8 @@ class LlamaModel(nn.Module):
         x = self.embed(input_ids)
         if self.fused_ok(meta, x.shape[0]):
             x = self.fused_decoder.run(x.contiguous(), meta, kv)
+        elif self.fused_ok(meta, x.shape[0], MAX_PHASED_TOKENS):
+            x = self.fused_decoder.run_phased(x.contiguous(), meta, kv)
         else:
             for i, layer in enumerate(self.layers):
                 k_cache, v_cache = kv.layer(i)

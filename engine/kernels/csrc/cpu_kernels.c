@@ -189,13 +189,41 @@ static void rope_inplace(float *v, const float *cos, const float *sin, int D) {
     }
 }
 
+/* qkv [M, QKV] -> rotate q and k heads, write k and v to their cache slots, attend over each sequence's
+ * context into att [M, NH*D]. Orphaned omp-fors: called inside the caller's parallel region. */
+static void rotate_write_attend(float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
+                                const int32_t *slot_blocks, const int32_t *slot_offsets, const int32_t *block_tables,
+                                const int32_t *ctx_lens, int max_blocks, int M, int NH, int KVH, int D, int BS,
+                                float scale, float *att) {
+    const int G = NH / KVH, QKV = (NH + 2 * KVH) * D;
+    const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
+    #pragma omp for schedule(static)
+    for (int t = 0; t < M * (NH + KVH); t++) {
+        int m = t / (NH + KVH), hd = t % (NH + KVH);
+        float *v = qkv + (int64_t)m * QKV + (int64_t)hd * D;
+        rope_inplace(v, cos + (int64_t)m * D, sin + (int64_t)m * D, D);
+        if (hd >= NH) {
+            int kh = hd - NH;
+            int64_t off = slot_blocks[m] * block_stride + kh * head_stride + (int64_t)slot_offsets[m] * D;
+            memcpy(k_cache + off, v, sizeof(float) * D);
+            memcpy(v_cache + off, v + (int64_t)KVH * D, sizeof(float) * D);
+        }
+    }
+    #pragma omp for schedule(dynamic, 1)
+    for (int task = 0; task < M * KVH; task++) {
+        int m = task / KVH, kh = task % KVH;
+        attend_kv_head(qkv + (int64_t)m * QKV + (int64_t)kh * G * D, att + (int64_t)m * NH * D + (int64_t)kh * G * D,
+                       k_cache, v_cache, block_tables + (int64_t)m * max_blocks, ctx_lens[m], kh, G, D, BS,
+                       block_stride, head_stride, scale);
+    }
+}
+
 void decode_layer(float *x, const layer_weights *L, const float *cos, const float *sin,
                   float *k_cache, float *v_cache, const int32_t *slot_blocks, const int32_t *slot_offsets,
                   const int32_t *block_tables, const int32_t *ctx_lens, int max_blocks, int M, int BS,
                   float scale, float *scratch, int nthreads) {
-    const int H = L->H, NH = L->NH, KVH = L->KVH, D = L->D, I = L->I, G = NH / KVH;
+    const int H = L->H, NH = L->NH, KVH = L->KVH, D = L->D, I = L->I;
     const int QKV = (NH + 2 * KVH) * D;
-    const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
     float *h = scratch;                      /* [M, H]   normed input */
     float *qkv = h + (int64_t)M * H;         /* [M, QKV] */
     float *att = qkv + (int64_t)M * QKV;     /* [M, NH*D] */
@@ -206,25 +234,8 @@ void decode_layer(float *x, const layer_weights *L, const float *cos, const floa
         #pragma omp single
         rmsnorm_rows(x, L->in_norm, h, M, H, L->eps);
         gemv_rows(h, L->w_qkv, L->b_qkv, qkv, M, QKV, H, 0);
-        #pragma omp for schedule(static)
-        for (int t = 0; t < M * (NH + KVH); t++) {  /* rotate q and k heads, then write k and v */
-            int m = t / (NH + KVH), hd = t % (NH + KVH);
-            float *v = qkv + (int64_t)m * QKV + (int64_t)hd * D;
-            rope_inplace(v, cos + (int64_t)m * D, sin + (int64_t)m * D, D);
-            if (hd >= NH) {
-                int kh = hd - NH;
-                int64_t off = slot_blocks[m] * block_stride + kh * head_stride + (int64_t)slot_offsets[m] * D;
-                memcpy(k_cache + off, v, sizeof(float) * D);
-                memcpy(v_cache + off, v + (int64_t)KVH * D, sizeof(float) * D);
-            }
-        }
-        #pragma omp for schedule(dynamic, 1)
-        for (int task = 0; task < M * KVH; task++) {
-            int m = task / KVH, kh = task % KVH, ctx = ctx_lens[m];
-            attend_kv_head(qkv + (int64_t)m * QKV + (int64_t)kh * G * D, att + (int64_t)m * NH * D + (int64_t)kh * G * D,
-                           k_cache, v_cache, block_tables + (int64_t)m * max_blocks, ctx, kh, G, D, BS,
-                           block_stride, head_stride, scale);
-        }
+        rotate_write_attend(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, block_tables, ctx_lens,
+                            max_blocks, M, NH, KVH, D, BS, scale, att);
         gemv_rows(att, L->w_o, L->b_o, x, M, H, NH * D, 1);  /* x += o(att) */
         #pragma omp single
         rmsnorm_rows(x, L->post_norm, h, M, H, L->eps);
@@ -236,5 +247,52 @@ void decode_layer(float *x, const layer_weights *L, const float *cos, const floa
             act[t] = g / (1.f + expf(-g)) * u;
         }
         gemv_rows(act, L->w_down, L->b_down, x, M, H, I, 1);  /* x += down(act) */
+    }
+}
+
+/* ---- Phases of a decode layer for larger batches, between MKL matrix products ---------------------
+ * The products run as W @ h^T and leave feature-major results [N, M]; these phases read them in that
+ * layout. Checked against the torch layers in tests/test_cpu_kernels.py.
+ */
+
+/* x[m, :] += addT[:, m] (when addT is given), then h[m, :] = rmsnorm(x[m, :]) * w */
+void hy_add_norm(float *x, const float *addT, const float *w, float *h, int M, int H, float eps, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int m = 0; m < M; m++) {
+        float *xr = x + (int64_t)m * H;
+        if (addT)
+            for (int i = 0; i < H; i++) xr[i] += addT[(int64_t)i * M + m];
+        float ss = 0.f;
+        for (int i = 0; i < H; i++) ss += xr[i] * xr[i];
+        float r = 1.f / sqrtf(ss / H + eps);
+        float *hr = h + (int64_t)m * H;
+        for (int i = 0; i < H; i++) hr[i] = w[i] * (xr[i] * r);
+    }
+}
+
+/* qkvT [QKV, M] (bias added) -> rotate q and k, write k and v to their cache slots, attend over each
+ * sequence's context; att [M, NH*D]. qkv is scratch [M, QKV]. */
+void hy_attention(const float *qkvT, float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
+                  const int32_t *slot_blocks, const int32_t *slot_offsets, const int32_t *block_tables,
+                  const int32_t *ctx_lens, int max_blocks, int M, int NH, int KVH, int D, int BS, float scale,
+                  float *att, int nthreads) {
+    const int QKV = (NH + 2 * KVH) * D;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int j = 0; j < QKV; j++)
+            for (int m = 0; m < M; m++) qkv[(int64_t)m * QKV + j] = qkvT[(int64_t)j * M + m];
+        rotate_write_attend(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, block_tables, ctx_lens,
+                            max_blocks, M, NH, KVH, D, BS, scale, att);
+    }
+}
+
+/* guT [2I, M] (gate rows, then up rows) -> actT [I, M] = silu(gate) * up */
+void hy_silu_mul(const float *guT, float *actT, int M, int I, int nthreads) {
+    const int64_t n = (int64_t)I * M;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < n; t++) {
+        float g = guT[t];
+        actT[t] = g / (1.f + expf(-g)) * guT[n + t];
     }
 }
