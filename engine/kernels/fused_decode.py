@@ -77,20 +77,22 @@ class FusedDecoder:
         e = lambda *shape: torch.empty(*shape, dtype=torch.float32)  # noqa: E731
         h, qkv_t, qkv, att, o_t = e(M, H), e(QKV, M), e(M, QKV), e(M, NH * D), e(H, M)
         gu_t, act_t, down_t = e(2 * I, M), e(I, M), e(H, M)
+        # The norms and the gate are microseconds of work: one thread, so that a busy host (HTTP proxies
+        # beside the engine) cannot stall them at a barrier waiting for a descheduled second thread.
         threads = torch.get_num_threads()
         p = lambda t: t.data_ptr()  # noqa: E731
         add = None
         for i, layer in enumerate(self.model.layers):
             at, mlp = layer.attn, layer.mlp
-            so.hy_add_norm(p(x), add, p(layer.input_norm.weight), p(h), M, H, layer.input_norm.eps, threads)
+            so.hy_add_norm(p(x), add, p(layer.input_norm.weight), p(h), M, H, layer.input_norm.eps, 1)
             _mm(at.qkv, h.t(), qkv_t)
             k_cache, v_cache = kv.layer(i)
             so.hy_attention(p(qkv_t), p(qkv), p(cos), p(sin), p(k_cache), p(v_cache), p(blocks), p(offsets), p(bt),
                             p(ctx), bt.shape[1], M, NH, KVH, D, kv.block_size, self.scale, p(att), threads)
             _mm(at.o, att.t(), o_t)
-            so.hy_add_norm(p(x), p(o_t), p(layer.post_norm.weight), p(h), M, H, layer.post_norm.eps, threads)
+            so.hy_add_norm(p(x), p(o_t), p(layer.post_norm.weight), p(h), M, H, layer.post_norm.eps, 1)
             _mm(mlp.gate_up, h.t(), gu_t)
-            so.hy_silu_mul(p(gu_t), p(act_t), M, I, threads)
+            so.hy_silu_mul(p(gu_t), p(act_t), M, I, 1)
             _mm(mlp.down, act_t, down_t)
             add = p(down_t)
         x.add_(down_t.t())
