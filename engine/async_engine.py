@@ -1,27 +1,38 @@
 """Asyncio front of the engine for servers: a background thread steps the engine while requests stream."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
-from typing import AsyncIterator, Dict, Optional
+from typing import List, Optional
 
 from .config import EngineConfig
-from .generation import GenerationConfig
 from .llm_engine import LLMEngine
 from .outputs import RequestOutput
+from .streams import RequestStreams, engine_stats
 
 logger = logging.getLogger(__name__)
 
 
-class AsyncEngine:
-    """``generate(prompt, params)`` yields deltas; ``abort(request_id)`` stops a request at once."""
+def fail_all(engine: LLMEngine) -> List[RequestOutput]:
+    """Abort every request after a failed step; their last outputs finish with reason "error"."""
+    outs = []
+    for rid in list(engine.requests):
+        o = engine.abort(rid)
+        if o is not None:
+            o.finish_reason = "error"
+            outs.append(o)
+    return outs
+
+
+class AsyncEngine(RequestStreams):
+    """``generate(prompt, params)`` yields deltas; ``abort(request_id)`` stops a request at once. The engine
+    steps in a background thread of this process."""
 
     def __init__(self, config: Optional[EngineConfig] = None, **kwargs):
+        super().__init__()
         self.engine = LLMEngine(config, **kwargs)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._queues: Dict[str, tuple] = {}  # request_id -> (loop, asyncio.Queue)
         self._stopped = False
         self.last_error: Optional[BaseException] = None
         self._thread = threading.Thread(target=self._loop, name="engine-loop", daemon=True)
@@ -41,72 +52,39 @@ class AsyncEngine:
                 except Exception as exc:  # a failing step must not hang every waiter
                     logger.exception("engine step failed")
                     self.last_error = exc
-                    outputs = self._fail_all(exc)
+                    outputs = fail_all(self.engine)
             for o in outputs:
                 self._deliver(o)
 
-    def _fail_all(self, exc: BaseException):
-        outs = []
-        for rid in list(self.engine.requests):
-            o = self.engine.abort(rid)
-            if o is not None:
-                o.finish_reason = "error"
-                outs.append(o)
-        return outs
-
-    def _deliver(self, o: RequestOutput) -> None:
-        entry = self._queues.get(o.request_id)
-        if entry is None:
-            return
-        loop, q = entry
-        try:
-            loop.call_soon_threadsafe(q.put_nowait, o)
-        except RuntimeError:  # the caller's loop is closed
-            pass
-
     # ---- API ------------------------------------------------------------------------------
-    async def generate(self, prompt, params: Optional[GenerationConfig] = None,
-                       request_id: Optional[str] = None) -> AsyncIterator[RequestOutput]:
-        """Add a request (ValueError on bad input) and yield its deltas until it finishes."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
+    def _submit(self, prompt, params, request_id, entry) -> str:
         with self._wake:
             rid = self.engine.add_request(prompt, params, request_id)
-            self._queues[rid] = (loop, q)
+            self._queues[rid] = entry
             self._wake.notify()
-        finished = False
-        try:
-            while True:
-                o = await q.get()
-                while not o.finished and not q.empty():  # the caller fell behind: hand over one delta
-                    o.absorb(q.get_nowait())
-                finished = o.finished
-                yield o
-                if finished:
-                    return
-        finally:
-            self._queues.pop(rid, None)
-            if not finished:
-                self.abort(rid)
+        return rid
 
     def abort(self, request_id: str) -> bool:
         with self._wake:
             return self.engine.abort(request_id) is not None
 
     def stats(self) -> dict:
-        e = self.engine
         with self._lock:
-            return {
-                "running": len(e.scheduler.running),
-                "waiting": len(e.scheduler.waiting),
-                "kv_usage": e.kv_usage(),
-                "free_blocks": e.scheduler.blocks.num_free_blocks,
-                "num_blocks": e.scheduler.blocks.num_blocks,
-                "prefix_hit_rate": e.scheduler.blocks.prefix_hit_rate(),
-                "prefix_queries": e.scheduler.blocks.prefix_queries,
-                "prefix_hits": e.scheduler.blocks.prefix_hits,
-                **e.stats,
-            }
+            return engine_stats(self.engine)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    def info(self) -> dict:
+        return {"session_len": self.engine.session_len, "device": self.engine.device}
+
+    def check_health(self) -> None:
+        if not self.is_alive():
+            raise RuntimeError("engine loop is not running")
+        runner = self.engine.runner
+        if hasattr(runner, "check_health"):  # tensor-parallel workers: a dead one fails the replica
+            runner.check_health()
 
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._stopped

@@ -1,11 +1,15 @@
 """Preemption, prefix caching, abort and the asyncio engine on a tiny random Llama, with HF as the oracle."""
 import asyncio
+import os
 import random
+import signal
+import time
 
 import pytest
 import torch
 
 from engine.async_engine import AsyncEngine
+from engine.engine_process import ProcessEngine
 from engine.generation import GenerationConfig
 from engine.llm_engine import LLMEngine
 from engine.offline import Pipeline
@@ -83,9 +87,23 @@ def test_abort_frees_blocks_and_others_continue(tiny):
     assert all_free(engine) and engine.abort(drop) is None
 
 
-def test_async_engine_concurrent_bad_request_and_disconnect(tiny):
+def idle_stats(eng, timeout=20.0):
+    """Stats once no request runs (an engine process publishes them a moment after it goes idle)."""
+    deadline = time.time() + timeout
+    while True:
+        stats = eng.stats()
+        if stats["running"] == 0 and stats["waiting"] == 0 or time.time() > deadline:
+            return stats
+        time.sleep(0.05)
+
+
+FRONTS = pytest.mark.parametrize("front", [AsyncEngine, ProcessEngine], ids=["thread", "process"])
+
+
+@FRONTS
+def test_async_engine_concurrent_bad_request_and_disconnect(tiny, front):
     d, hf = tiny
-    eng = AsyncEngine(model=str(d), block_size=8, num_cpu_blocks=40)
+    eng = front(model=str(d), block_size=8, num_cpu_blocks=40)
     ps = prompts([7, 15, 25], seed=4)
 
     async def collect(p, n):
@@ -112,15 +130,16 @@ def test_async_engine_concurrent_bad_request_and_disconnect(tiny):
     try:
         r = asyncio.run(main())
         assert r[0] == hf_greedy(hf, ps[0], 9) and r[1] == hf_greedy(hf, ps[1], 6) and r[3] == hf_greedy(hf, ps[2], 5)
-        stats = eng.stats()
+        stats = idle_stats(eng)
         assert stats["free_blocks"] == stats["num_blocks"] and stats["running"] == 0
     finally:
         eng.shutdown()
 
 
-def test_async_engine_slow_consumer_gets_merged_deltas(tiny):
+@FRONTS
+def test_async_engine_slow_consumer_gets_merged_deltas(tiny, front):
     d, hf = tiny
-    eng = AsyncEngine(model=str(d), block_size=8, num_cpu_blocks=40)
+    eng = front(model=str(d), block_size=8, num_cpu_blocks=40)
     p = prompts([9], seed=5)[0]
 
     async def slow():
@@ -134,5 +153,59 @@ def test_async_engine_slow_consumer_gets_merged_deltas(tiny):
         deltas = asyncio.run(slow())
         assert [t for o in deltas for t in o.token_ids] == hf_greedy(hf, p, 24)
         assert len(deltas) < 24 and deltas[-1].finished and deltas[-1].completion_tokens == 24
+    finally:
+        eng.shutdown()
+
+
+def test_stream_interval_and_message_budget_coalesce_deltas(tiny):
+    """An interval (or a message budget shared by the open streams) sends fewer, larger deltas; the tokens
+    and the finish are unchanged."""
+    d, hf = tiny
+    eng = AsyncEngine(model=str(d), block_size=8, num_cpu_blocks=40)
+    ps = prompts([9, 11], seed=6)
+
+    async def run(p, **stream):
+        deltas = []
+        async for o in eng.generate(p, G(max_new_tokens=24, temperature=0, ignore_eos=True), **stream):
+            deltas.append(o)
+        return deltas
+
+    async def both():  # two open streams at 10 messages/s: each waits about 0.2 s between messages
+        return await asyncio.gather(run(ps[0], messages_per_s=10.0), run(ps[1], messages_per_s=10.0))
+
+    try:
+        every = asyncio.run(run(ps[0]))
+        spaced = asyncio.run(run(ps[0], interval_s=0.2))
+        budget = asyncio.run(both())
+        assert len(every) == 24  # one delta per step when nothing asks for coalescing
+        for deltas, p in ((spaced, ps[0]), (budget[0], ps[0]), (budget[1], ps[1])):
+            assert [t for o in deltas for t in o.token_ids] == hf_greedy(hf, p, 24)
+            assert len(deltas[0].token_ids) == 1 and deltas[-1].finished  # the first token is never held back
+            assert len(deltas) < 24
+    finally:
+        eng.shutdown()
+
+
+def test_engine_process_start_failure_and_death(tiny, tmp_path):
+    d, _ = tiny
+    with pytest.raises(RuntimeError, match="engine process failed to start.*missing-model"):
+        ProcessEngine(model=str(tmp_path / "missing-model"))
+    eng = ProcessEngine(model=str(d), block_size=8, num_cpu_blocks=40)
+    p = prompts([10], seed=7)[0]
+
+    async def long_stream():
+        n = 0
+        async for o in eng.generate(p, G(max_new_tokens=400, temperature=0, ignore_eos=True)):
+            n += len(o.token_ids)
+            if n >= 2:
+                os.kill(eng._proc.pid, signal.SIGKILL)  # the engine dies mid-stream
+        return n
+
+    try:
+        eng.check_health()
+        with pytest.raises(RuntimeError, match="engine process exited"):
+            asyncio.run(long_stream())
+        with pytest.raises(RuntimeError, match="not running"):
+            eng.check_health()
     finally:
         eng.shutdown()

@@ -180,13 +180,15 @@ def test_disconnect_mid_stream_frees_blocks(api):
             if got >= 5:
                 break  # leave mid-stream: the connection closes here
     assert got >= 5
+    # the engine publishes its stats a few times a second: wait for a snapshot taken after the tokens
+    # were counted, in which no request runs and no block is held
     deadline = time.time() + 30
     while time.time() < deadline:
         text = httpx.get(api + "/metrics").text
-        if metric(text, "raylm_kv_cache_used_blocks") == 0 and metric(text, "raylm_requests_running") == 0:
+        if ("raylm_generation_tokens_total" in text and metric(text, "raylm_generation_tokens_total") > 0
+                and metric(text, "raylm_kv_cache_used_blocks") == 0 and metric(text, "raylm_requests_running") == 0):
             break
         time.sleep(0.5)
     else:
-        pytest.fail("blocks were not freed after the client left: " + text[-800:])
-    assert metric(text, "raylm_generation_tokens_total") > 0
+        pytest.fail("blocks were not freed after the client left: " + "\n".join(l for l in text.splitlines() if l.startswith(("raylm_kv", "raylm_requests_r", "raylm_generation"))))
     assert metric(text, "raylm_time_to_first_token_seconds_count") > 0

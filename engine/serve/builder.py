@@ -14,9 +14,11 @@ from .ingress import OpenAIIngress, app as fastapi_app
 IngressDeployment = serve.ingress(fastapi_app)(OpenAIIngress)
 
 
-# OpenMP threads that sleep at barriers leave the CPU to the HTTP proxy and ingress between steps
-# (measured on 2 cores: 29 -> 25 ms per streamed token at concurrency 1)
-ENGINE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# An engine stepping in the replica's own thread shares the GIL with Ray: its OpenMP threads sleep at
+# barriers, leaving the CPU to the proxy and ingress between steps (measured on 2 cores: 29 -> 25 ms per
+# streamed token at concurrency 1). An engine in its own process keeps OpenMP's default (spin briefly,
+# then sleep): passive waits cost it 20% of its offline rate.
+IN_REPLICA_ENGINE_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def hub_name_for(cfg: AppConfig) -> str:
@@ -33,7 +35,7 @@ def build(cfg: AppConfig) -> Application:
         max_queued_requests=cfg.max_queued_requests,
         # the replica actor sits in the first bundle; with tp > 1 the others hold its worker actors
         ray_actor_options={"num_cpus": bundles[0]["CPU"], **({"num_gpus": 1} if gpu and cfg.engine.tp == 1 else {}),
-                           "runtime_env": {"env_vars": ENGINE_ENV},
+                           "runtime_env": {"env_vars": {} if cfg.engine_in_process_child else IN_REPLICA_ENGINE_ENV},
                            **({"resources": dict(cfg.replica_resources)} if cfg.replica_resources else {})},
         placement_group_bundles=bundles,
         placement_group_strategy="STRICT_PACK",
@@ -45,7 +47,8 @@ def build(cfg: AppConfig) -> Application:
         ray_actor_options={"num_cpus": 0},
     )
     hub = hub_name_for(cfg)
-    return ingress.bind(engine.bind(cfg.engine.model_dump(), hub, cfg.metrics_report_s),
+    return ingress.bind(engine.bind(cfg.engine.model_dump(), hub, cfg.metrics_report_s, cfg.stream_settings(),
+                                    cfg.engine_in_process_child),
                         cfg.model_dump(mode="json"), hub)
 
 

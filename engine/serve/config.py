@@ -68,6 +68,23 @@ class AppConfig(BaseModel):
     graceful_shutdown_timeout_s: float = Field(
         30.0, ge=0, description="On shutdown, how long a replica waits for running requests to finish (s)")
     metrics_report_s: float = Field(0.5, gt=0, description="How often engine replicas publish their stats (s)")
+    engine_process: bool = Field(
+        True, description="Step the engine in a child process of each replica (its own GIL, away from Ray's "
+                          "threads); tp > 1 always steps in the replica, which drives the worker actors")
+    stream_interval_s: float = Field(
+        0.0, ge=0, le=5, description="Each stream sends at most one message per interval after its first token, "
+                                     "carrying every token since the last; 0 = one per engine step (s)")
+    stream_messages_per_s: float = Field(
+        50.0, ge=0, description="Stream messages per second one replica aims at in all: with N open streams each "
+                                "waits at least N / this between messages (bounds the per-token cost of the "
+                                "HTTP path under load; at concurrency 1 every token goes out); 0 = no bound")
+
+    @property
+    def engine_in_process_child(self) -> bool:
+        return self.engine_process and self.engine.tp == 1
+
+    def stream_settings(self) -> Dict[str, float]:
+        return {"interval_s": self.stream_interval_s, "messages_per_s": self.stream_messages_per_s}
 
     @field_validator("api_keys", mode="before")
     @classmethod

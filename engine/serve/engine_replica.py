@@ -1,12 +1,13 @@
-"""The engine deployment: one AsyncEngine per replica, streaming deltas to the ingress as plain dicts."""
+"""The engine deployment: one engine per replica (stepping in a child process, or in a thread for tp > 1),
+streaming deltas to the ingress as plain dicts."""
 from __future__ import annotations
 
 import logging
 import os
 from typing import AsyncIterator, Optional
 
-from ..async_engine import AsyncEngine
 from ..config import EngineConfig
+from ..engine_process import start_engine
 from ..generation import GenerationConfig
 from ..outputs import RequestOutput, TokenLogprob
 from .metrics_hub import Reporter
@@ -37,11 +38,14 @@ def _normal_priority() -> None:
 class EngineReplica:
     """Serve calls: ``generate(payload)`` (streaming), ``stats()``, ``check_health()``."""
 
-    def __init__(self, engine_config: dict, hub_name: Optional[str] = None, report_s: float = 0.5):
+    def __init__(self, engine_config: dict, hub_name: Optional[str] = None, report_s: float = 0.5,
+                 stream: Optional[dict] = None, engine_process: bool = True):
         _engine_logging()
+        self.stream = dict(stream or {})  # {"interval_s", "messages_per_s"}: see AppConfig
         _normal_priority()
-        self.engine = AsyncEngine(EngineConfig(**engine_config))
-        self.tokenizer = self.engine.engine.tokenizer
+        cfg = EngineConfig(**engine_config)
+        self.engine = start_engine(cfg, in_process=not engine_process or cfg.tp > 1)
+        self.tokenizer = self.engine.tokenizer
         self.reporter = None
         if hub_name:
             from ray import serve
@@ -59,7 +63,7 @@ class EngineReplica:
         """
         try:
             params = GenerationConfig(**payload["params"])
-            agen = self.engine.generate(payload["prompt"], params, payload.get("request_id"))
+            agen = self.engine.generate(payload["prompt"], params, payload.get("request_id"), **self.stream)
             first = await agen.__anext__()
         except ValueError as e:
             yield {"error": str(e)}
@@ -90,15 +94,10 @@ class EngineReplica:
 
     def model_info(self) -> dict:
         import ray
-        e = self.engine.engine
-        return {"session_len": e.session_len, "device": e.device, "node_id": ray.get_runtime_context().get_node_id()}
+        return {**self.engine.info(), "node_id": ray.get_runtime_context().get_node_id()}
 
     def check_health(self) -> None:
-        if not self.engine.is_alive():
-            raise RuntimeError("engine loop is not running")
-        runner = self.engine.engine.runner
-        if hasattr(runner, "check_health"):  # tensor-parallel workers: a dead one fails the replica
-            runner.check_health()
+        self.engine.check_health()
 
     def __del__(self):
         if getattr(self, "reporter", None) is not None:

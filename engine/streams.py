@@ -1,0 +1,95 @@
+"""What the asyncio fronts of the engine share: one asyncio queue per request, fed from another thread,
+and ``generate`` that yields its deltas (coalesced when the caller is slow or asks for an interval)."""
+from __future__ import annotations
+
+import asyncio
+from typing import AsyncIterator, Dict, Optional
+
+from .generation import GenerationConfig
+from .outputs import RequestOutput
+
+
+def engine_stats(e) -> dict:
+    """Scheduler, cache and counter figures of an LLMEngine (what /metrics and autoscaling read)."""
+    blocks = e.scheduler.blocks
+    return {
+        "running": len(e.scheduler.running),
+        "waiting": len(e.scheduler.waiting),
+        "kv_usage": e.kv_usage(),
+        "free_blocks": blocks.num_free_blocks,
+        "num_blocks": blocks.num_blocks,
+        "prefix_hit_rate": blocks.prefix_hit_rate(),
+        "prefix_queries": blocks.prefix_queries,
+        "prefix_hits": blocks.prefix_hits,
+        **e.stats,
+    }
+
+
+class RequestStreams:
+    """Subclasses implement ``_submit(prompt, params, request_id, entry) -> request_id`` (registering
+    ``entry`` in ``self._queues`` or raising ValueError) and ``abort(request_id)``; whatever steps the engine
+    calls ``_deliver(output)`` or ``_deliver_error(request_id, exc)`` from its own thread."""
+
+    def __init__(self):
+        self._queues: Dict[str, tuple] = {}  # request_id -> (loop, asyncio.Queue)
+
+    def _submit(self, prompt, params, request_id, entry) -> str:
+        raise NotImplementedError
+
+    def abort(self, request_id: str) -> bool:
+        raise NotImplementedError
+
+    def _put(self, request_id: str, item) -> None:
+        entry = self._queues.get(request_id)
+        if entry is None:
+            return
+        loop, q = entry
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the caller's loop is closed
+            pass
+
+    def _deliver(self, o: RequestOutput) -> None:
+        self._put(o.request_id, o)
+
+    def _deliver_error(self, request_id: str, exc: BaseException) -> None:
+        self._put(request_id, exc)
+
+    async def generate(self, prompt, params: Optional[GenerationConfig] = None, request_id: Optional[str] = None,
+                       interval_s: float = 0.0, messages_per_s: float = 0.0) -> AsyncIterator[RequestOutput]:
+        """Add a request (ValueError on bad input) and yield its deltas until it finishes.
+
+        After the first delta, yield at most once per ``interval_s``, and with ``messages_per_s`` > 0 at most
+        once per (open streams / messages_per_s) seconds; each yield carries every token since the last
+        (fewer, larger messages for a server's streams when many are open).
+        """
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        rid = self._submit(prompt, params, request_id, (loop, q))
+        finished, last_yield = False, None
+        try:
+            while True:
+                o = await q.get()
+                if isinstance(o, BaseException):
+                    finished = True  # refused by the engine: nothing to abort
+                    raise o
+                if not o.finished and last_yield is not None:
+                    gap = max(interval_s, len(self._queues) / messages_per_s if messages_per_s > 0 else 0.0)
+                    wait = last_yield + gap - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                while not o.finished and not q.empty():  # the caller fell behind: hand over one delta
+                    nxt = q.get_nowait()
+                    if isinstance(nxt, BaseException):
+                        finished = True
+                        raise nxt
+                    o.absorb(nxt)
+                finished = o.finished
+                yield o
+                last_yield = loop.time()
+                if finished:
+                    return
+        finally:
+            self._queues.pop(rid, None)
+            if not finished:
+                self.abort(rid)
