@@ -2,6 +2,7 @@
 import concurrent.futures as cf
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -56,14 +57,23 @@ def test_autoscaling_up_under_load_and_back_down(serve_url):
     wait_healthy(url)
     try:
         assert _running("auto") == 1
+        scaled = threading.Event()
+
+        def keep_busy():  # requests back to back until the second replica runs: one alone ends in seconds
+            codes = []
+            while not scaled.is_set() and len(codes) < 60:
+                codes.append(_complete(url, 160, 300).status_code)
+            return codes
+
         with cf.ThreadPoolExecutor(6) as pool:
-            load = [pool.submit(_complete, url, 160, 300) for _ in range(6)]
-            deadline, peak = time.time() + 120, 1
+            load = [pool.submit(keep_busy) for _ in range(6)]
+            deadline, peak = time.time() + 180, 1
             while time.time() < deadline and peak < 2:
                 peak = max(peak, _running("auto"))
                 time.sleep(0.5)
+            scaled.set()
             assert peak == 2, "no second replica under load"
-            assert all(f.result().status_code == 200 for f in load)
+            assert all(set(f.result()) == {200} for f in load)
         deadline = time.time() + 120
         while time.time() < deadline and _running("auto") != 1:
             time.sleep(1)
