@@ -8,6 +8,7 @@ import torch
 
 from .core.messages import RunnerOutput, SchedulerOutput
 from .layers.attention import AttentionMetadata, KVCache, PrefillChunk
+from .layers.linear import CPU_NATIVE_MAX_TOKENS
 from .layers.rotary import RotaryEmbedding
 from .models.llama import LlamaModel
 from .sampler import SamplingState, gather_logprobs, sample
@@ -34,6 +35,11 @@ class ModelRunner:
             logger.info("paged decode: torch path over int%d KV blocks", quant_policy)
         elif dtype == torch.float32:
             self._use_native_decode()
+        if device == "cpu" and dtype == torch.float32:
+            from .kernels import cpu_gemm
+            packed = cpu_gemm.pack_model(model)
+            if packed:
+                logger.info("CPU products beyond %d tokens: oneDNN over %d packed weights", CPU_NATIVE_MAX_TOKENS, packed)
 
     def _use_triton_decode(self, quant_policy: int) -> None:
         from .kernels.paged_attention_quant_triton import triton_quant_decode

@@ -115,3 +115,35 @@ def test_fused_decode_layers_match_the_torch_layers(bias, path):
         out = getattr(fused, path)(x.clone(), meta, caches[1])
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(caches[1].data, caches[0].data, rtol=1e-5, atol=1e-5)  # same K/V written
+
+
+@pytest.mark.parametrize("M", [9, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_packed_linear_matches_a_float64_reference(M, bias, monkeypatch):
+    from engine.kernels import cpu_gemm
+    if not cpu_gemm.available():
+        pytest.skip("this torch has no oneDNN linear ops")
+    monkeypatch.setattr(cpu_gemm, "_choice", True)
+    torch.manual_seed(M)
+    lin = Linear(96, 200, bias=bias)
+    lin.weight.data.normal_()
+    if bias:
+        lin.bias.data.normal_()
+    assert cpu_gemm.pack_model(lin) == 1
+    x = torch.randn(M, 96)
+    ref = x.double() @ lin.weight.double().t() + (lin.bias.double() if bias else 0)
+    for y in (lin(x), lin.forward_t(x).t(), lin.forward_wide(x)):
+        assert y.shape == (M, 200)
+        assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    few = torch.randn(3, 96)  # the native kernel's range keeps the plain weight
+    assert lin.packed_for(few) is None
+
+
+def test_cpu_gemm_setting_is_validated(monkeypatch):
+    from engine.kernels import cpu_gemm
+    monkeypatch.setattr(cpu_gemm, "_choice", None)
+    monkeypatch.setenv(cpu_gemm.ENV, "fast")
+    with pytest.raises(ValueError, match="RAYLM_CPU_GEMM='fast': allowed values are auto, onednn, mkl"):
+        cpu_gemm.use_onednn()
+    monkeypatch.setenv(cpu_gemm.ENV, "mkl")
+    assert cpu_gemm.use_onednn() is False

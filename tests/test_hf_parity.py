@@ -111,13 +111,19 @@ def test_dynamic_ntk_beyond_context_matches_hf(tmp_path, smol_dir):
         assert rel_err(lg, hf_last_logits(hf, p)) < 1e-4
 
 
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_decode_batches_beyond_the_fused_size_match_hf(tmp_path, smol_dir, arch):
-    """Twelve sequences decoding together take the phased native path (MKL products between native
-    phases; qwen2 adds the qkv bias): still token-identical to transformers."""
+def test_decode_batches_beyond_the_fused_size_match_hf(tmp_path, smol_dir, arch, gemm, monkeypatch):
+    """Twelve sequences decoding together take the phased native path (MKL or oneDNN products between
+    native phases; qwen2 adds the qkv bias): still token-identical to transformers."""
+    from engine.kernels import cpu_gemm
     from engine.kernels.fused_decode import MAX_TOKENS
+    if gemm == "onednn" and not cpu_gemm.available():
+        pytest.skip("this torch has no oneDNN linear ops")
+    monkeypatch.setattr(cpu_gemm, "_choice", gemm == "onednn")
     hf = make_hf_model(arch, smol_dir, tmp_path / "m", seed=5)
     engine = LLMEngine(model=str(tmp_path / "m"), block_size=8, max_prefill_tokens=256, num_cpu_blocks=128)
+    assert (engine.runner.model.lm_head.packed is not None) == (gemm == "onednn")
     fused = engine.runner.model.fused_decoder
     if fused is None:
         pytest.skip("native CPU kernels unavailable")

@@ -116,14 +116,18 @@ def ray_local():
         ray.shutdown()
 
 
-def run_engine(model, prompts=PROMPTS, **kw):
-    """Greedy outputs and the logits of the first prompt's last position."""
+def run_engine(model, prompts=PROMPTS, results=None, **kw):
+    """Greedy outputs and the logits of the first prompt's last position (``results``: a list that gets the
+    full responses, with the top-2 logprobs of every step)."""
     from engine.core.messages import ScheduledSeq, SchedulerOutput
     from engine.llm_engine import LLMEngine
     from engine.offline import Pipeline
     eng = LLMEngine(model=model, block_size=16, num_cpu_blocks=64, max_batch_size=8, tp_worker_cpus=0.5, **kw)
     try:
-        out = [r.token_ids for r in Pipeline(eng)(prompts, GREEDY)]
+        responses = Pipeline(eng)(prompts, {**GREEDY, "logprobs": 2})
+        if results is not None:
+            results.extend(responses)
+        out = [r.token_ids for r in responses]
         logits = eng.runner.logits_for(SchedulerOutput(seqs=[ScheduledSeq("x", prompts[0], 0, [0], sample=True)]))
         return out, logits.cpu()
     finally:
@@ -159,9 +163,22 @@ def test_tp2_equals_tp1_on_smollm2(ray_local):
     out, logits = run_engine(None, tp=2)
     assert out == ref
     assert torch.allclose(logits, ref_logits, atol=1e-3, rtol=1e-4)
-    ref8, _ = run_engine(None, quant_policy=8)
+    ref8 = []
+    run_engine(None, results=ref8, quant_policy=8)
     out8, _ = run_engine(None, tp=2, quant_policy=8)
-    assert out8 == ref8
+    for r, got in zip(ref8, out8):
+        assert_greedy_agrees_up_to_a_near_tie(r, got)
+
+
+def assert_greedy_agrees_up_to_a_near_tie(ref, got, gap=0.05):
+    """int8 KV rounding turns last-digit float differences (tp=2 sums in another order) into logit changes of
+    ~1e-2, so the two may part only where the reference's best two tokens were that close."""
+    for j, (a, b) in enumerate(zip(ref.token_ids, got)):
+        if a != b:
+            top = dict(ref.logprobs[j].top_logprobs)
+            assert b in top and top[a] - top[b] < gap, (j, ref.token_ids, got, ref.logprobs[j])
+            return
+    assert len(got) == len(ref.token_ids)
 
 
 def rtn_checkpoint(model_dir, work, group: int) -> str:

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from . import cpu_native
+from . import cpu_gemm, cpu_native
 
 MAX_TOKENS = 8  # decode batches up to this size take the fused path (the skinny-matmul regime)
 MAX_PHASED_TOKENS = 256  # larger decode batches take the phased path up to here
@@ -101,7 +101,9 @@ class FusedDecoder:
 
 def _mm(linear, rhs: torch.Tensor, out: torch.Tensor) -> None:
     """out [N, M] = W @ rhs (+ b): the weight-major product MKL runs fastest for a few dozen tokens."""
-    if linear.bias is None:
+    if linear.packed is not None:  # oneDNN's product is token-major; the transposing copy is ~1% of it
+        out.copy_(cpu_gemm.linear(rhs.t().contiguous(), linear.packed, linear.bias).t())
+    elif linear.bias is None:
         torch.mm(linear.weight, rhs, out=out)
     else:
         torch.addmm(linear.bias[:, None], linear.weight, rhs, out=out)

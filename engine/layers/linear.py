@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import cpu_gemm
 from ..kernels.cpu_native import skinny_linear_t
 
 
@@ -31,16 +32,29 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.packed = None  # oneDNN's copy of the weight (kernels/cpu_gemm.py), set after loading on CPU
+
+    def packed_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The packed weight when it serves x: CPU, 2-D, beyond the native skinny kernel's few tokens."""
+        if self.packed is not None and x.dim() == 2 and x.shape[0] > CPU_NATIVE_MAX_TOKENS and x.device.type == "cpu":
+            return self.packed
+        return None
 
     def load(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> None:
         _copy(getattr(self, name).data, tensor, name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, in] -> [tokens, out] (a transposed view on the CPU path)."""
+        """x: [tokens, in] -> [tokens, out] (a transposed view on the MKL CPU path)."""
+        packed = self.packed_for(x)
+        if packed is not None:
+            return cpu_gemm.linear(x.contiguous(), packed, self.bias)
         return self.forward_t(x).t()
 
     def forward_t(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, in] -> y^T: [out, tokens]; contiguous on the CPU path, so row slices stay contiguous."""
+        """x: [tokens, in] -> y^T: [out, tokens]; contiguous on the MKL CPU path, so row slices stay contiguous."""
+        packed = self.packed_for(x)
+        if packed is not None:
+            return cpu_gemm.linear(x.contiguous(), packed, self.bias).t()
         if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= CPU_NATIVE_MAX_TOKENS:
             y = skinny_linear_t(x.contiguous(), self.weight, self.bias)
             if y is not None:
@@ -60,6 +74,9 @@ class Linear(nn.Module):
         still in cache (measured: 19.4 -> 15.9 ms at 16 tokens, 39.6 -> 29.2 ms at 64, SmolLM2's head).
         """
         M = x.shape[0]
+        packed = self.packed_for(x)
+        if packed is not None:
+            return cpu_gemm.linear(x.contiguous(), packed, self.bias)
         if not (x.device.type == "cpu" and x.dim() == 2 and CPU_NATIVE_MAX_TOKENS < M <= CPU_WX_MAX_TOKENS
                 and self.out_features > 2 * rows):
             return self(x).contiguous()

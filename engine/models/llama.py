@@ -20,6 +20,10 @@ class MLP(nn.Module):
         self.inter = inter
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if getattr(self.gate_up, "packed", None) is not None and self.gate_up.packed_for(x) is not None:
+            # oneDNN: [T, 2 * inter] row-major
+            gu = self.gate_up(x)
+            return self.down(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
         gu = self.gate_up.forward_t(x)  # [2 * inter, T]: gate rows then up rows, each slice contiguous
         h = F.silu(gu[:self.inter]) * gu[self.inter:]  # [inter, T]
         return self.down(h.t())
