@@ -115,6 +115,15 @@ class ModelRunner:
                 used = -(-(msg.start_pos + n) // bs)
                 ctx_blocks = torch.tensor(msg.block_ids[:used], device=dev)
             meta.prefills.append(PrefillChunk(start, n, msg.start_pos, ctx_blocks))
+        if self.model.fused_decoder is not None:  # the native CPU step reads every sequence's blocks
+            nb = max(len(m.block_ids) for m in order)
+            meta.span_block_tables = torch.tensor([m.block_ids + [m.block_ids[0]] * (nb - len(m.block_ids))
+                                                   for m in order], dtype=torch.int32)
+            spans, row = [], 0
+            for m in order:
+                spans.append((row, len(m.token_ids), m.start_pos))
+                row += len(m.token_ids)
+            meta.spans = torch.tensor(spans, dtype=torch.int32)
         meta.cos, meta.sin = self.rope.cos_sin(positions_t, seq_lens_t)
         return torch.tensor(tokens, device=dev), meta, torch.tensor(sample_idx, device=dev, dtype=torch.long), sample_ids
 

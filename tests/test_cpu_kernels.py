@@ -55,9 +55,12 @@ def test_skinny_linear_refuses_what_it_cannot_take():
     assert cpu_native.skinny_linear_t(x, w.t().contiguous().t(), None) is None  # non-contiguous weight
 
 
-@pytest.mark.parametrize("D,BS,ctx_lens", [(64, 16, [1, 17, 40, 64]), (40, 4, [5, 12, 1]), (8, 64, [130, 3])])
-def test_native_paged_decode_matches_dense_and_torch_path(D, BS, ctx_lens):
-    H, KVH = 6, 2
+@pytest.mark.parametrize("D,BS,ctx_lens,H,KVH", [(64, 16, [1, 17, 40, 64], 6, 2), (40, 4, [5, 12, 1], 6, 2),
+                                                  (8, 64, [130, 3], 6, 2), (64, 64, [200, 3, 64], 9, 1),
+                                                  (128, 16, [1, 33, 70], 6, 2)])
+def test_native_paged_decode_matches_dense_and_torch_path(D, BS, ctx_lens, H, KVH):
+    """Head sizes 64 and 128 take the 512-bit kernel where the CPU has it (query heads in register groups
+    of 4 or 2 per KV head, and the rest one by one); others the generic one."""
     q, k, v, bt, ctx = paged_inputs(len(ctx_lens), H, KVH, D, BS, ctx_lens, seed=D)
     kc, vc = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [blocks, KVH, BS, D]
     out = cpu_native.paged_decode(q, kc, vc, bt.to(torch.int32), ctx.to(torch.int32), 0.125)
@@ -77,6 +80,21 @@ def test_native_decode_falls_back_to_torch_for_int64_tables():
                                rtol=1e-5, atol=1e-5)
 
 
+def _random_model(bias: bool, seed: int):
+    """A two-layer Llama with random weights (6 query heads over 2 KV heads) and its rotary tables."""
+    from engine.layers.rotary import RotaryEmbedding
+    from engine.models.args import ModelArgs
+    from engine.models.llama import LlamaModel
+    a = ModelArgs(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=48, intermediate_size=80,
+                  num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5,
+                  max_position_embeddings=256, rope_theta=10000.0, qkv_bias=bias, o_bias=bias, mlp_bias=bias)
+    torch.manual_seed(seed)
+    model = LlamaModel(a)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    return model, RotaryEmbedding(a.head_dim, a.rope_theta, a.max_position_embeddings, {})
+
+
 @pytest.mark.parametrize("path", ["run", "run_phased"])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fused_decode_layers_match_the_torch_layers(bias, path):
@@ -84,20 +102,11 @@ def test_fused_decode_layers_match_the_torch_layers(bias, path):
     between native phases) against the module path, same KV cache."""
     from engine.kernels.fused_decode import fused_decoder_for
     from engine.layers.attention import KVCache
-    from engine.layers.rotary import RotaryEmbedding
-    from engine.models.args import ModelArgs
-    from engine.models.llama import LlamaModel
 
-    a = ModelArgs(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=48, intermediate_size=80,
-                  num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5,
-                  max_position_embeddings=256, rope_theta=10000.0, qkv_bias=bias, o_bias=bias, mlp_bias=bias)
-    torch.manual_seed(0)
-    model = LlamaModel(a)
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
+    model, rope = _random_model(bias, seed=0)
+    a = model.args
     fused = fused_decoder_for(model, torch.float32)
     assert fused is not None
-    rope = RotaryEmbedding(a.head_dim, a.rope_theta, a.max_position_embeddings, {})
     bs, ctx_lens = 4, [5, 13, 1]  # tokens already cached per sequence
     caches = [KVCache(a.num_layers, 12, bs, a.num_kv_heads, a.head_dim, torch.float32, "cpu") for _ in range(2)]
     caches[0].data.normal_()
@@ -113,6 +122,53 @@ def test_fused_decode_layers_match_the_torch_layers(bias, path):
         for i, layer in enumerate(model.layers):
             ref = layer(ref, meta, *caches[0].layer(i))
         out = getattr(fused, path)(x.clone(), meta, caches[1])
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[1].data, caches[0].data, rtol=1e-5, atol=1e-5)  # same K/V written
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_native_mixed_step_matches_the_torch_layers(bias, packed, monkeypatch):
+    """Decode tokens and prefill chunks in one step (a fresh prompt, and a chunk continuing a cached prefix,
+    both longer than one 16-row attention tile) through the token-major native path, against the module
+    path over the same KV cache; products on packed (oneDNN) and plain weights."""
+    from engine.kernels import cpu_gemm
+    from engine.kernels.fused_decode import fused_decoder_for
+    from engine.layers.attention import KVCache, PrefillChunk
+
+    if packed and not cpu_gemm.available():
+        pytest.skip("this torch has no oneDNN linear ops")
+    model, rope = _random_model(bias, seed=1)
+    a = model.args
+    if packed:
+        monkeypatch.setattr(cpu_gemm, "_choice", True)
+        assert cpu_gemm.pack_model(model) > 0
+    fused = fused_decoder_for(model, torch.float32)
+    bs = 4
+    # (cached tokens, new tokens): two decodes, a fresh 17-token prompt, 20 tokens after 9 cached ones
+    seqs = [(5, 1), (13, 1), (0, 17), (9, 20)]
+    perm = torch.randperm(40).tolist()
+    tables = [perm[10 * i:10 * i + 10] for i in range(len(seqs))]
+    caches = [KVCache(a.num_layers, 40, bs, a.num_kv_heads, a.head_dim, torch.float32, "cpu") for _ in range(2)]
+    caches[0].data.normal_()
+    caches[1].data.copy_(caches[0].data)
+    pos = torch.cat([torch.arange(s, s + n) for s, n in seqs])
+    tok_tables = torch.cat([torch.tensor(t)[None].expand(n, -1) for t, (_, n) in zip(tables, seqs)])
+    cos, sin = rope.cos_sin(pos)
+    meta = AttentionMetadata(positions=pos, slot_blocks=tok_tables.gather(1, (pos // bs)[:, None])[:, 0],
+                             slot_offsets=pos % bs, num_decode=2, decode_ctx_lens=torch.tensor([6, 14]),
+                             decode_block_tables=torch.tensor(tables[:2]), cos=cos, sin=sin)
+    starts = [0, 1, 2, 19]
+    for (s, n), t, row in list(zip(seqs, tables, starts))[2:]:
+        meta.prefills.append(PrefillChunk(row, n, s, torch.tensor(t[:-(-(s + n) // bs)]) if s else None))
+    meta.spans = torch.tensor([[row, n, s] for row, (s, n) in zip(starts, seqs)], dtype=torch.int32)
+    meta.span_block_tables = torch.tensor(tables, dtype=torch.int32)
+    x = torch.randn(len(pos), a.hidden_size)
+    ref = x.clone()
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            ref = layer(ref, meta, *caches[0].layer(i))
+        out = fused.run_mixed(x.clone(), meta, caches[1])
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(caches[1].data, caches[0].data, rtol=1e-5, atol=1e-5)  # same K/V written
 

@@ -114,8 +114,9 @@ def test_dynamic_ntk_beyond_context_matches_hf(tmp_path, smol_dir):
 @pytest.mark.parametrize("gemm", ["mkl", "onednn"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_decode_batches_beyond_the_fused_size_match_hf(tmp_path, smol_dir, arch, gemm, monkeypatch):
-    """Twelve sequences decoding together take the phased native path (MKL or oneDNN products between
-    native phases; qwen2 adds the qkv bias): still token-identical to transformers."""
+    """Twelve sequences decoding together take the phased native path under MKL (feature-major products)
+    or the token-major one under oneDNN, and every prefill step the token-major native path (qwen2 adds
+    the qkv bias): still token-identical to transformers."""
     from engine.kernels import cpu_gemm
     from engine.kernels.fused_decode import MAX_TOKENS
     if gemm == "onednn" and not cpu_gemm.available():
@@ -127,8 +128,12 @@ def test_decode_batches_beyond_the_fused_size_match_hf(tmp_path, smol_dir, arch,
     fused = engine.runner.model.fused_decoder
     if fused is None:
         pytest.skip("native CPU kernels unavailable")
-    sizes = []
-    run_phased = fused.run_phased
-    fused.run_phased = lambda x, meta, kv: (sizes.append(x.shape[0]), run_phased(x, meta, kv))[1]
+    calls = []
+    for name in ("run_phased", "run_mixed"):
+        fn = getattr(fused, name)
+        setattr(fused, name, lambda x, meta, kv, fn=fn, name=name: (
+            calls.append((name, x.shape[0], bool(meta.prefills))), fn(x, meta, kv))[1])
     check_model(engine, hf, random_prompts([3, 9, 14, 20, 5, 31, 7, 12, 26, 4, 17, 11], seed=5), n_new=10)
-    assert sizes and max(sizes) == 12 > MAX_TOKENS
+    decode_path = "run_phased" if gemm == "mkl" else "run_mixed"
+    assert max(n for name, n, pre in calls if name == decode_path and not pre) == 12 > MAX_TOKENS
+    assert any(pre for name, _, pre in calls if name == "run_mixed")  # the prompts' prefill

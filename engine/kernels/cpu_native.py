@@ -102,6 +102,12 @@ def lib() -> Optional[ctypes.CDLL]:
         so.hy_attention.restype = None
         so.hy_silu_mul.argtypes = [_P, _P, _I, _I, _I]
         so.hy_silu_mul.restype = None
+        so.tm_add_norm.argtypes = [_P, _P, _P, _P, _I, _I, _F, _I]
+        so.tm_add_norm.restype = None
+        so.tm_silu_mul.argtypes = [_P, _P, _I, _I, _I]
+        so.tm_silu_mul.restype = None
+        so.tm_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _P, _I]
+        so.tm_attention.restype = None
         _lib = so
         return _lib
 

@@ -1,10 +1,15 @@
-"""Decoder layers in native code for decode-only CPU steps (csrc/cpu_kernels.c).
+"""Decoder layers in native code for CPU float32 steps (csrc/cpu_kernels.c).
 
-Up to MAX_TOKENS tokens a whole layer is one native call (its own skinny products stream the weights).
-Beyond that, up to MAX_PHASED_TOKENS, MKL runs the four matrix products and three native phases do the
-rest of each layer (norms with the residual adds, rotary + cache write + attention, SiLU gate), replacing
-about twenty small torch operations per layer. Torch reference: ``models.llama.DecoderLayer.forward``
-(tests compare them on random models).
+- ``run``: decode-only steps up to MAX_TOKENS tokens; a whole layer is one native call (its own skinny
+  products stream the weights).
+- ``run_mixed``: any larger step, decode tokens and prefill chunks together. The layers' products (oneDNN
+  on packed weights, else MKL) run token-major between three native phases (norm with the residual add;
+  rotary + cache write + causal paged attention; SiLU gate), replacing about twenty torch operations per
+  layer and the per-sequence attention calls of prefill chunks.
+- ``run_phased``: decode-only steps up to MAX_PHASED_TOKENS when the products are MKL's, which runs
+  W @ x^T (feature-major) fastest for a few dozen tokens.
+
+Torch reference: ``models.llama.DecoderLayer.forward`` (tests compare them on random models).
 """
 from __future__ import annotations
 
@@ -63,6 +68,38 @@ class FusedDecoder:
                                  threads)
         return x
 
+
+    def run_mixed(self, x: torch.Tensor, meta, kv) -> torch.Tensor:
+        """The layers for any step larger than MAX_TOKENS: token-major products between native phases."""
+        a, so = self.a, self.so
+        T, H, I, D = x.shape[0], a.hidden_size, a.intermediate_size, a.head_dim
+        NH, KVH = a.num_heads, a.num_kv_heads
+        i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
+        blocks, offsets = i32(meta.slot_blocks), i32(meta.slot_offsets)
+        spans, bt = meta.spans, meta.span_block_tables
+        cos, sin = meta.cos.float().contiguous(), meta.sin.float().contiguous()
+        h, act = torch.empty(T, H), torch.empty(T, I)
+        threads = torch.get_num_threads()
+        # elementwise phases: one thread for a few dozen rows (see run_phased), all of them for prefills
+        ew = 1 if T <= 64 else threads
+        p = lambda t: t.data_ptr()  # noqa: E731
+        add = None
+        for i, layer in enumerate(self.model.layers):
+            at, mlp = layer.attn, layer.mlp
+            so.tm_add_norm(p(x), add, p(layer.input_norm.weight), p(h), T, H, layer.input_norm.eps, ew)
+            qkv = at.qkv(h).contiguous()
+            att = torch.empty(T, NH * D)
+            k_cache, v_cache = kv.layer(i)
+            so.tm_attention(p(qkv), p(cos), p(sin), p(k_cache), p(v_cache), p(blocks), p(offsets), p(spans), p(bt),
+                            spans.shape[0], bt.shape[1], T, NH, KVH, D, kv.block_size, self.scale, p(att), threads)
+            o = at.o(att).contiguous()
+            so.tm_add_norm(p(x), p(o), p(layer.post_norm.weight), p(h), T, H, layer.post_norm.eps, ew)
+            gu = mlp.gate_up(h).contiguous()
+            so.tm_silu_mul(p(gu), p(act), T, I, ew)
+            down = mlp.down(act).contiguous()
+            add = p(down)
+        x.add_(down)
+        return x
 
     def run_phased(self, x: torch.Tensor, meta, kv) -> torch.Tensor:
         """The same layers for MAX_TOKENS < M <= MAX_PHASED_TOKENS: MKL products between native phases."""

@@ -33,6 +33,9 @@ class AttentionMetadata:
     seq_lens: Optional[torch.Tensor] = None  # [T] length of each token's sequence (dynamic NTK only)
     cos: Optional[torch.Tensor] = None  # [T, D]
     sin: Optional[torch.Tensor] = None
+    # for the native CPU step (kernels/fused_decode.py): one row per sequence, in batch order
+    spans: Optional[torch.Tensor] = None  # int32 [S, 3]: first token row, tokens, position of the first
+    span_block_tables: Optional[torch.Tensor] = None  # int32 [S, max_blocks]
 
 
 class KVCache:

@@ -1,6 +1,8 @@
 """The Llama-family decoder (Llama, Mistral-style, Qwen2, InternLM2 share it; adapters map their weights)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,6 +63,19 @@ class LlamaModel(nn.Module):
         return (self.fused_decoder is not None and meta.num_decode == num_tokens <= (limit or MAX_TOKENS)
                 and not meta.prefills)
 
+    def _native_step(self, x: torch.Tensor, meta: AttentionMetadata, kv: KVCache) -> Optional[torch.Tensor]:
+        """The native CPU paths (kernels/fused_decode.py) for this step, or None for the torch layers."""
+        fd = self.fused_decoder
+        if fd is None:
+            return None
+        if self.fused_ok(meta, x.shape[0]):
+            return fd.run(x.contiguous(), meta, kv)
+        if self.fused_ok(meta, x.shape[0], MAX_PHASED_TOKENS) and self.layers[0].attn.qkv.packed is None:
+            return fd.run_phased(x.contiguous(), meta, kv)  # MKL's feature-major products
+        if meta.spans is not None:
+            return fd.run_mixed(x.contiguous(), meta, kv)
+        return None
+
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -69,10 +84,9 @@ class LlamaModel(nn.Module):
                 sample_idx: torch.Tensor) -> torch.Tensor:
         """input_ids: [T] -> logits [len(sample_idx), vocab] (float32)."""
         x = self.embed(input_ids)
-        if self.fused_ok(meta, x.shape[0]):
-            x = self.fused_decoder.run(x.contiguous(), meta, kv)
-        elif self.fused_ok(meta, x.shape[0], MAX_PHASED_TOKENS):
-            x = self.fused_decoder.run_phased(x.contiguous(), meta, kv)
+        native = self._native_step(x, meta, kv)
+        if native is not None:
+            x = native
         else:
             for i, layer in enumerate(self.layers):
                 k_cache, v_cache = kv.layer(i)

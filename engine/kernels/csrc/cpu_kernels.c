@@ -50,6 +50,93 @@ static inline void axpy_f32(float *y, float p, const float *v, int n) {
     for (; k < n; k++) y[k] += p * v[k];
 }
 
+/* ---- vector exp: exp(x) = 2^n * p(r), r = x - n ln2, a degree-6 polynomial (Cephes' expf); inputs
+ * clamped to [-87.3, 88.4] so that 2^n stays a normal float. Relative error ~2e-7. */
+#if defined(__AVX512F__)
+#define HAVE_AVX512 1
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-87.3365447505531f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+#ifdef HAVE_AVX2
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447505531f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+/* s[j] = exp(s[j] - mx) for j < n; returns their sum */
+static inline float exp_shift_sum(float *s, int n, float mx) {
+    int j = 0;
+    float sum = 0.f;
+#if defined(HAVE_AVX512)
+    __m512 acc = _mm512_setzero_ps(), m = _mm512_set1_ps(mx);
+    for (; j + 16 <= n; j += 16) {
+        __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+        _mm512_storeu_ps(s + j, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    sum = _mm512_reduce_add_ps(acc);
+#elif defined(HAVE_AVX2)
+    __m256 acc = _mm256_setzero_ps(), m = _mm256_set1_ps(mx);
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+        _mm256_storeu_ps(s + j, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    float t[8];
+    _mm256_storeu_ps(t, acc);
+    for (int i = 0; i < 8; i++) sum += t[i];
+#endif
+    for (; j < n; j++) { s[j] = expf(s[j] - mx); sum += s[j]; }
+    return sum;
+}
+
+/* a[i] = silu(g[i]) * u[i] = g / (1 + exp(-g)) * u for i < n */
+static inline void silu_mul_f32(const float *g, const float *u, float *a, int64_t n) {
+    int64_t i = 0;
+#if defined(HAVE_AVX512)
+    const __m512 one = _mm512_set1_ps(1.f);
+    for (; i + 16 <= n; i += 16) {
+        __m512 x = _mm512_loadu_ps(g + i);
+        __m512 den = _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), x)));
+        _mm512_storeu_ps(a + i, _mm512_mul_ps(_mm512_div_ps(x, den), _mm512_loadu_ps(u + i)));
+    }
+#elif defined(HAVE_AVX2)
+    const __m256 one = _mm256_set1_ps(1.f);
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(g + i);
+        __m256 den = _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), x)));
+        _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_div_ps(x, den), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < n; i++) a[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
 /* Four dot products of one weight row with four input rows: the row is loaded once. */
 static inline void dot4_f32(const float *w, const float *x, int K, float *out) {
     int k = 0;
@@ -89,11 +176,95 @@ void skinny_linear(const float *x, const float *w, const float *b, float *y, int
     }
 }
 
+#if defined(HAVE_AVX512)
+/* The decode attention of attend_kv_head for head_dim = 16 * NV (NV 4 or 8) with 512-bit vectors: each K and
+ * V block is read from memory once (later query heads find it in L1), the next block is prefetched while
+ * this one is used, and each group of GN query heads keeps its output rows in registers over all keys.
+ * NV and GN are constants after inlining, so the register arrays stay in registers. */
+static inline __attribute__((always_inline)) void pv512(const float *sc, float *oh, const float *v_cache,
+                                                        const int32_t *bt, int ctx, int kh, int BS, int64_t block_stride,
+                                                        int64_t head_stride, const float *inv, const int NV, const int GN) {
+    const int D = 16 * NV;
+    __m512 acc[16];
+    for (int a = 0; a < GN * NV; a++) acc[a] = _mm512_setzero_ps();
+    for (int b0 = 0, b = 0; b0 < ctx; b0 += BS, b++) {
+        const int nk = ctx - b0 < BS ? ctx - b0 : BS;
+        const float *vb = v_cache + bt[b] * block_stride + kh * head_stride;
+        const float *vn = b0 + BS < ctx ? v_cache + bt[b + 1] * block_stride + kh * head_stride : NULL;
+        for (int j = 0; j < nk; j++) {
+            const float *vr = vb + (int64_t)j * D;
+            if (vn)
+                for (int i = 0; i < NV; i++) _mm_prefetch((const char *)(vn + (int64_t)j * D + 16 * i), _MM_HINT_T0);
+            __m512 v[8];
+            for (int i = 0; i < NV; i++) v[i] = _mm512_loadu_ps(vr + 16 * i);
+            for (int g = 0; g < GN; g++) {
+                const __m512 p = _mm512_set1_ps(sc[(int64_t)g * ctx + b0 + j]);
+                for (int i = 0; i < NV; i++) acc[g * NV + i] = _mm512_fmadd_ps(p, v[i], acc[g * NV + i]);
+            }
+        }
+    }
+    for (int g = 0; g < GN; g++)
+        for (int i = 0; i < NV; i++)
+            _mm512_storeu_ps(oh + (int64_t)g * D + 16 * i, _mm512_mul_ps(acc[g * NV + i], _mm512_set1_ps(inv[g])));
+}
+
+static inline __attribute__((always_inline)) void attend512(const float *qh, float *oh, const float *k_cache,
+                                                            const float *v_cache, const int32_t *bt, int ctx, int kh,
+                                                            int G, int BS, int64_t block_stride, int64_t head_stride,
+                                                            float scale, float *sc, const int NV) {
+    const int D = 16 * NV;
+    float inv[64];
+    for (int b0 = 0, b = 0; b0 < ctx; b0 += BS, b++) {
+        const int nk = ctx - b0 < BS ? ctx - b0 : BS;
+        const float *kb = k_cache + bt[b] * block_stride + kh * head_stride;
+        const float *kn = b0 + BS < ctx ? k_cache + bt[b + 1] * block_stride + kh * head_stride : NULL;
+        for (int g = 0; g < G; g++) {
+            __m512 q[8];
+            for (int i = 0; i < NV; i++) q[i] = _mm512_mul_ps(_mm512_loadu_ps(qh + (int64_t)g * D + 16 * i), _mm512_set1_ps(scale));
+            float *s = sc + (int64_t)g * ctx + b0;
+            for (int j = 0; j < nk; j++) {
+                const float *kr = kb + (int64_t)j * D;
+                if (g == 0 && kn)
+                    for (int i = 0; i < NV; i++) _mm_prefetch((const char *)(kn + (int64_t)j * D + 16 * i), _MM_HINT_T0);
+                __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
+                for (int i = 1; i < NV; i++) acc = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(kr + 16 * i), acc);
+                s[j] = _mm512_reduce_add_ps(acc);
+            }
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        float *s = sc + (int64_t)g * ctx;
+        __m512 m = _mm512_set1_ps(-INFINITY);
+        int j = 0;
+        for (; j + 16 <= ctx; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + j));
+        float mx = _mm512_reduce_max_ps(m);
+        for (; j < ctx; j++) mx = s[j] > mx ? s[j] : mx;
+        inv[g] = 1.f / exp_shift_sum(s, ctx, mx);
+    }
+    const int GN = NV == 4 ? 4 : 2;  /* output registers: GN * NV = 16 */
+    int g = 0;
+    for (; g + GN <= G; g += GN)
+        pv512(sc + (int64_t)g * ctx, oh + (int64_t)g * D, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, NV, GN);
+    for (; g < G; g++)
+        pv512(sc + (int64_t)g * ctx, oh + (int64_t)g * D, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, NV, 1);
+}
+#endif
+
 /* One (sequence, KV head): G query heads against ctx cached positions; writes G output rows. */
 static void attend_kv_head(const float *qh, float *oh, const float *k_cache, const float *v_cache,
                            const int32_t *bt, int ctx, int kh, int G, int D, int BS, int64_t block_stride,
                            int64_t head_stride, float scale) {
     float *scores = (float *)malloc(sizeof(float) * (size_t)G * (ctx > 0 ? ctx : 1));
+#if defined(HAVE_AVX512)
+    if (ctx > 0 && (D == 64 || D == 128)) {
+        if (D == 64)
+            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, 4);
+        else
+            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, 8);
+        free(scores);
+        return;
+    }
+#endif
     float mx[64], sum[64];  /* G <= 64 is checked by the caller */
     for (int g = 0; g < G; g++) mx[g] = -INFINITY;
     for (int t = 0; t < ctx; t++) {
@@ -105,9 +276,7 @@ static void attend_kv_head(const float *qh, float *oh, const float *k_cache, con
         }
     }
     for (int g = 0; g < G; g++) {
-        float s = 0.f, *sc = scores + (int64_t)g * ctx;
-        for (int t = 0; t < ctx; t++) { sc[t] = expf(sc[t] - mx[g]); s += sc[t]; }
-        sum[g] = s;
+        sum[g] = exp_shift_sum(scores + (int64_t)g * ctx, ctx, mx[g]);
         memset(oh + (int64_t)g * D, 0, sizeof(float) * D);
     }
     for (int t = 0; t < ctx; t++) {
@@ -241,10 +410,9 @@ void decode_layer(float *x, const layer_weights *L, const float *cos, const floa
         rmsnorm_rows(x, L->post_norm, h, M, H, L->eps);
         gemv_rows(h, L->w_gu, L->b_gu, gu, M, 2 * I, H, 0);
         #pragma omp for schedule(static)
-        for (int t = 0; t < M * I; t++) {
-            int m = t / I, i = t % I;
-            float g = gu[(int64_t)m * 2 * I + i], u = gu[(int64_t)m * 2 * I + I + i];
-            act[t] = g / (1.f + expf(-g)) * u;
+        for (int t = 0; t < M * ((I + 255) / 256); t++) {  /* (row, 256-wide slice) */
+            int m = t / ((I + 255) / 256), i = t % ((I + 255) / 256) * 256, n = I - i < 256 ? I - i : 256;
+            silu_mul_f32(gu + (int64_t)m * 2 * I + i, gu + (int64_t)m * 2 * I + I + i, act + (int64_t)m * I + i, n);
         }
         gemv_rows(act, L->w_down, L->b_down, x, M, H, I, 1);  /* x += down(act) */
     }
@@ -289,10 +457,143 @@ void hy_attention(const float *qkvT, float *qkv, const float *cos, const float *
 
 /* guT [2I, M] (gate rows, then up rows) -> actT [I, M] = silu(gate) * up */
 void hy_silu_mul(const float *guT, float *actT, int M, int I, int nthreads) {
-    const int64_t n = (int64_t)I * M;
+    const int64_t n = (int64_t)I * M, per = (n + nthreads - 1) / nthreads;
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < n; t++) {
-        float g = guT[t];
-        actT[t] = g / (1.f + expf(-g)) * guT[n + t];
+    for (int c = 0; c < nthreads; c++) {
+        int64_t a = c * per, b = a + per < n ? a + per : n;
+        if (a < b) silu_mul_f32(guT + a, guT + n + a, actT + a, b - a);
     }
+}
+
+/* ---- Token-major phases for any step (decode tokens and prefill chunks together) ----------------
+ * The products (oneDNN or MKL) leave token-major results [T, N]; these phases read and write that layout.
+ * A step is a list of spans, one per sequence: its tokens' rows in the batch (start, len) and the position
+ * of its first token (pos0). Every token's K/V is written to its cache slot first, so a prefill chunk
+ * attends to its own tokens and to the cached prefix through the same block table.
+ */
+
+/* x += add (when given, [M, H]); h = rmsnorm(x) * w */
+void tm_add_norm(float *x, const float *add, const float *w, float *h, int M, int H, float eps, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int m = 0; m < M; m++) {
+        float *xr = x + (int64_t)m * H;
+        if (add) {
+            const float *ar = add + (int64_t)m * H;
+            for (int i = 0; i < H; i++) xr[i] += ar[i];
+        }
+        float ss = 0.f;
+        for (int i = 0; i < H; i++) ss += xr[i] * xr[i];
+        float r = 1.f / sqrtf(ss / H + eps);
+        float *hr = h + (int64_t)m * H;
+        for (int i = 0; i < H; i++) hr[i] = w[i] * (xr[i] * r);
+    }
+}
+
+/* gu [M, 2I] (gate columns, then up) -> act [M, I] = silu(gate) * up */
+void tm_silu_mul(const float *gu, float *act, int M, int I, int nthreads) {
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int m = 0; m < M; m++)
+        silu_mul_f32(gu + (int64_t)m * 2 * I, gu + (int64_t)m * 2 * I + I, act + (int64_t)m * I, I);
+}
+
+#define TILE_ROWS 16 /* query tokens of one prefill chunk attended together */
+
+/* R consecutive query tokens of one sequence (the first at position pos0) and the G query heads of KV head
+ * kh: causal attention over the sequence's cached positions 0 .. pos0 + R - 1. q rows are qstride apart;
+ * out rows ostride apart. Scores come from each K block transposed into Kt, so that one key block's
+ * scores for a query are a vector loop over keys; values are added key by key into the outputs. */
+static void attend_tile(const float *q, int64_t qstride, float *out, int64_t ostride, const float *k_cache,
+                        const float *v_cache, const int32_t *bt, int pos0, int R, int kh, int G, int D, int BS,
+                        int64_t block_stride, int64_t head_stride, float scale) {
+    const int nq = R * G, ctx = pos0 + R;
+    float *scores = (float *)malloc(sizeof(float) * (size_t)nq * ctx);
+    float *kt = (float *)malloc(sizeof(float) * (size_t)D * BS);
+    for (int b0 = 0; b0 < ctx; b0 += BS) {
+        const int nk = ctx - b0 < BS ? ctx - b0 : BS;
+        const float *kb = k_cache + bt[b0 / BS] * block_stride + kh * head_stride;
+        for (int j = 0; j < nk; j++)
+            for (int d = 0; d < D; d++) kt[(int64_t)d * BS + j] = kb[(int64_t)j * D + d];
+        for (int r = 0; r < R; r++) {
+            const int lim = pos0 + r + 1 - b0; /* keys of this block row r may see */
+            if (lim <= 0) continue;
+            const int n = lim < nk ? lim : nk;
+            for (int g = 0; g < G; g++) {
+                const float *qv = q + (int64_t)r * qstride + (int64_t)g * D;
+                float *s = scores + ((int64_t)r * G + g) * ctx + b0;
+                for (int j = 0; j < n; j++) s[j] = 0.f;
+                for (int d = 0; d < D; d++) {
+                    const float qd = qv[d] * scale, *kr = kt + (int64_t)d * BS;
+                    for (int j = 0; j < n; j++) s[j] += qd * kr[j];
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const int lim = pos0 + r + 1;
+        for (int g = 0; g < G; g++) {
+            float *s = scores + ((int64_t)r * G + g) * ctx, mx = -INFINITY, sum = 0.f;
+            for (int j = 0; j < lim; j++) mx = s[j] > mx ? s[j] : mx;
+            sum = exp_shift_sum(s, lim, mx);
+            const float inv = 1.f / sum;
+            for (int j = 0; j < lim; j++) s[j] *= inv;
+            memset(out + (int64_t)r * ostride + (int64_t)g * D, 0, sizeof(float) * D);
+        }
+    }
+    for (int t = 0; t < ctx; t++) {
+        const float *vr = v_cache + bt[t / BS] * block_stride + kh * head_stride + (int64_t)(t % BS) * D;
+        for (int r = t > pos0 ? t - pos0 : 0; r < R; r++)
+            for (int g = 0; g < G; g++)
+                axpy_f32(out + (int64_t)r * ostride + (int64_t)g * D, scores[((int64_t)r * G + g) * ctx + t], vr, D);
+    }
+    free(kt);
+    free(scores);
+}
+
+/* qkv [T, QKV] (bias added; rotated in place) -> K/V written to their slots, then att [T, NH*D].
+ * spans [S, 3]: (first row, rows, position of the first row) per sequence; block_tables [S, max_blocks]. */
+void tm_attention(float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
+                  const int32_t *slot_blocks, const int32_t *slot_offsets, const int32_t *spans,
+                  const int32_t *block_tables, int S, int max_blocks, int T, int NH, int KVH, int D, int BS,
+                  float scale, float *att, int nthreads) {
+    const int G = NH / KVH, QKV = (NH + 2 * KVH) * D;
+    const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
+    /* tasks: (span, tile of TILE_ROWS rows, kv head); prefill tiles first, largest context first */
+    int ntask = 0;
+    for (int s = 0; s < S; s++) ntask += (spans[3 * s + 1] + TILE_ROWS - 1) / TILE_ROWS * KVH;
+    int *tasks = (int *)malloc(sizeof(int) * 3 * (size_t)(ntask > 0 ? ntask : 1));
+    int n = 0;
+    for (int s = S - 1; s >= 0; s--)
+        for (int r0 = ((spans[3 * s + 1] - 1) / TILE_ROWS) * TILE_ROWS; r0 >= 0; r0 -= TILE_ROWS)
+            for (int kh = 0; kh < KVH; kh++) { tasks[3 * n] = s; tasks[3 * n + 1] = r0; tasks[3 * n + 2] = kh; n++; }
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int t = 0; t < T * (NH + KVH); t++) {
+            int m = t / (NH + KVH), hd = t % (NH + KVH);
+            float *v = qkv + (int64_t)m * QKV + (int64_t)hd * D;
+            rope_inplace(v, cos + (int64_t)m * D, sin + (int64_t)m * D, D);
+            if (hd >= NH) {
+                int kh = hd - NH;
+                int64_t off = slot_blocks[m] * block_stride + kh * head_stride + (int64_t)slot_offsets[m] * D;
+                memcpy(k_cache + off, v, sizeof(float) * D);
+                memcpy(v_cache + off, v + (int64_t)KVH * D, sizeof(float) * D);
+            }
+        }
+        #pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < ntask; i++) {
+            const int s = tasks[3 * i], r0 = tasks[3 * i + 1], kh = tasks[3 * i + 2];
+            const int start = spans[3 * s], len = spans[3 * s + 1], pos0 = spans[3 * s + 2];
+            const int R = len - r0 < TILE_ROWS ? len - r0 : TILE_ROWS;
+            const int row = start + r0;
+            const int32_t *bt = block_tables + (int64_t)s * max_blocks;
+            float *q = qkv + (int64_t)row * QKV + (int64_t)kh * G * D;
+            float *o = att + (int64_t)row * NH * D + (int64_t)kh * G * D;
+            if (R == 1)
+                attend_kv_head(q, o, k_cache, v_cache, bt, pos0 + r0 + 1, kh, G, D, BS, block_stride, head_stride, scale);
+            else
+                attend_tile(q, QKV, o, (int64_t)NH * D, k_cache, v_cache, bt, pos0 + r0, R, kh, G, D, BS,
+                            block_stride, head_stride, scale);
+        }
+    }
+    free(tasks);
 }
