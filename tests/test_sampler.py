@@ -60,6 +60,17 @@ def test_sampling_follows_distribution():
     assert torch.allclose(freq, probs, atol=0.03)
 
 
+def test_sampling_never_draws_a_masked_token():
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5, 0.0])  # zeros at both ends and between
+    logits = probs.log().repeat(4000, 1)
+    toks, _ = sample(logits, [st(temperature=1.0)] * 4000)
+    freq = torch.bincount(toks, minlength=6).float() / 4000
+    assert set(toks.tolist()) == {1, 4}
+    assert abs(float(freq[1]) - 0.5) < 0.03
+    toks, _ = sample(torch.tensor([[3.0, 2.0, 1.0, 0.5]]).repeat(500, 1), [st(temperature=1.0, top_k=2)] * 500)
+    assert set(toks.tolist()) == {0, 1}
+
+
 def test_same_seed_same_tokens_different_seed_differs():
     logits = torch.zeros(1, 1000)
     draws = lambda seed: [sample(logits, [s])[0].item() for s in [st(seed=seed)] for _ in range(20)]  # noqa: E731
