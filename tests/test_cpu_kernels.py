@@ -80,13 +80,13 @@ def test_native_decode_falls_back_to_torch_for_int64_tables():
                                rtol=1e-5, atol=1e-5)
 
 
-def _random_model(bias: bool, seed: int):
-    """A two-layer Llama with random weights (6 query heads over 2 KV heads) and its rotary tables."""
+def _random_model(bias: bool, seed: int, heads=(6, 2, 8)):
+    """A two-layer Llama with random weights ((query heads, KV heads, head_dim)) and its rotary tables."""
     from engine.layers.rotary import RotaryEmbedding
     from engine.models.args import ModelArgs
     from engine.models.llama import LlamaModel
     a = ModelArgs(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=48, intermediate_size=80,
-                  num_layers=2, num_heads=6, num_kv_heads=2, head_dim=8, rms_norm_eps=1e-5,
+                  num_layers=2, num_heads=heads[0], num_kv_heads=heads[1], head_dim=heads[2], rms_norm_eps=1e-5,
                   max_position_embeddings=256, rope_theta=10000.0, qkv_bias=bias, o_bias=bias, mlp_bias=bias)
     torch.manual_seed(seed)
     model = LlamaModel(a)
@@ -127,18 +127,20 @@ def test_fused_decode_layers_match_the_torch_layers(bias, path):
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("bias", [False, True])
-def test_native_mixed_step_matches_the_torch_layers(bias, packed, monkeypatch):
+@pytest.mark.parametrize("bias,heads", [(False, (6, 2, 8)), (True, (6, 2, 8)), (False, (6, 2, 64)),
+                                        (True, (8, 1, 64)), (False, (3, 3, 128))])
+def test_native_mixed_step_matches_the_torch_layers(bias, heads, packed, monkeypatch):
     """Decode tokens and prefill chunks in one step (a fresh prompt, and a chunk continuing a cached prefix,
     both longer than one 16-row attention tile) through the token-major native path, against the module
-    path over the same KV cache; products on packed (oneDNN) and plain weights."""
+    path over the same KV cache; products on packed (oneDNN) and plain weights. Head sizes 64 and 128
+    take the 512-bit tile kernel where the CPU has it."""
     from engine.kernels import cpu_gemm
     from engine.kernels.fused_decode import fused_decoder_for
     from engine.layers.attention import KVCache, PrefillChunk
 
     if packed and not cpu_gemm.available():
         pytest.skip("this torch has no oneDNN linear ops")
-    model, rope = _random_model(bias, seed=1)
+    model, rope = _random_model(bias, seed=1, heads=heads)
     a = model.args
     if packed:
         monkeypatch.setattr(cpu_gemm, "_choice", True)

@@ -498,6 +498,107 @@ void tm_silu_mul(const float *gu, float *act, int M, int I, int nthreads) {
 
 #define TILE_ROWS 16 /* query tokens of one prefill chunk attended together */
 
+#if defined(HAVE_AVX512)
+/* attend_tile with 512-bit vectors for head_dim = 16 * NV. The tile's nq = R * G query vectors are scaled and
+ * transposed once (qt [D][nqp]), so the scores of 16 queries against one key are a vector, computed for 8
+ * keys at a time from broadcast K elements: K rows are read in place, never transposed. Scores sit key-major
+ * (st [ctx][nqp]); the causal softmax runs down the keys 16 queries at a time, and values are added 64 keys
+ * at a time for GN queries whose output rows stay in registers. */
+static inline __attribute__((always_inline)) void tile_pv512(const float *st, int nqp, const float *vrow0[],
+                                                             int nk, float *const orow[], const int NV, const int GN) {
+    __m512 acc[16];
+    for (int g = 0; g < GN; g++)
+        for (int i = 0; i < NV; i++) acc[g * NV + i] = _mm512_loadu_ps(orow[g] + 16 * i);
+    for (int j = 0; j < nk; j++) {
+        __m512 v[8];
+        for (int i = 0; i < NV; i++) v[i] = _mm512_loadu_ps(vrow0[j] + 16 * i);
+        for (int g = 0; g < GN; g++) {
+            const __m512 p = _mm512_set1_ps(st[(int64_t)j * nqp + g]);
+            for (int i = 0; i < NV; i++) acc[g * NV + i] = _mm512_fmadd_ps(p, v[i], acc[g * NV + i]);
+        }
+    }
+    for (int g = 0; g < GN; g++)
+        for (int i = 0; i < NV; i++) _mm512_storeu_ps(orow[g] + 16 * i, acc[g * NV + i]);
+}
+
+static inline __attribute__((always_inline)) void attend_tile512(const float *q, int64_t qstride, float *out,
+        int64_t ostride, const float *k_cache, const float *v_cache, const int32_t *bt, int pos0, int R, int kh,
+        int G, int BS, int64_t block_stride, int64_t head_stride, float scale, const int NV) {
+    const int D = 16 * NV, nq = R * G, nqp = (nq + 15) / 16 * 16, nqv = nqp / 16, ctx = pos0 + R;
+    float *qt = (float *)aligned_alloc(64, sizeof(float) * (size_t)D * nqp);
+    float *st = (float *)aligned_alloc(64, sizeof(float) * (size_t)(ctx + 8) * nqp);
+    int32_t lim[nqp];
+    for (int x = 0; x < nqp; x++) lim[x] = x < nq ? pos0 + x / G : -1;  /* last key each query sees */
+    for (int x = 0; x < nqp; x++)
+        for (int d = 0; d < D; d++)
+            qt[(int64_t)d * nqp + x] = x < nq ? q[(int64_t)(x / G) * qstride + (int64_t)(x % G) * D + d] * scale : 0.f;
+    /* scores: 8 keys x 16 queries per pass over d */
+    for (int t0 = 0; t0 < ctx; t0 += 8) {
+        const int nk = ctx - t0 < 8 ? ctx - t0 : 8;
+        const float *kr[8];
+        for (int j = 0; j < 8; j++) {
+            const int t = t0 + (j < nk ? j : 0);
+            kr[j] = k_cache + bt[t / BS] * block_stride + kh * head_stride + (int64_t)(t % BS) * D;
+        }
+        for (int c = 0; c < nqv; c++) {
+            __m512 acc[8];
+            for (int j = 0; j < 8; j++) acc[j] = _mm512_setzero_ps();
+            for (int d = 0; d < D; d++) {
+                const __m512 qv = _mm512_load_ps(qt + (int64_t)d * nqp + 16 * c);
+                for (int j = 0; j < 8; j++) acc[j] = _mm512_fmadd_ps(qv, _mm512_set1_ps(kr[j][d]), acc[j]);
+            }
+            for (int j = 0; j < 8; j++) _mm512_store_ps(st + (int64_t)(t0 + j) * nqp + 16 * c, acc[j]);
+        }
+    }
+    /* causal softmax down the keys, 16 queries at a time; masked entries become 0 */
+    float inv[nqp];
+    for (int c = 0; c < nqv; c++) {
+        const __m512i lv = _mm512_loadu_si512((const void *)(lim + 16 * c));
+        __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int t = 0; t < ctx; t++) {
+            const __mmask16 ok = _mm512_cmp_epi32_mask(_mm512_set1_epi32(t), lv, _MM_CMPINT_LE);
+            m = _mm512_mask_max_ps(m, ok, m, _mm512_load_ps(st + (int64_t)t * nqp + 16 * c));
+        }
+        for (int t = 0; t < ctx; t++) {
+            const __mmask16 ok = _mm512_cmp_epi32_mask(_mm512_set1_epi32(t), lv, _MM_CMPINT_LE);
+            float *sp = st + (int64_t)t * nqp + 16 * c;
+            const __m512 e = _mm512_maskz_mov_ps(ok, exp512(_mm512_sub_ps(_mm512_load_ps(sp), m)));
+            _mm512_store_ps(sp, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        _mm512_storeu_ps(inv + 16 * c, _mm512_div_ps(_mm512_set1_ps(1.f), sum));  /* padded lanes: inf, unused */
+    }
+    for (int x = 0; x < nq; x++) memset(out + (int64_t)(x / G) * ostride + (int64_t)(x % G) * D, 0, sizeof(float) * D);
+    /* values: 64 keys at a time, GN queries' outputs in registers */
+    const int GN = NV == 4 ? 4 : 2;
+    for (int t0 = 0; t0 < ctx; t0 += 64) {
+        const int nk = ctx - t0 < 64 ? ctx - t0 : 64;
+        const float *vr[64];
+        for (int j = 0; j < nk; j++) {
+            const int t = t0 + j;
+            vr[j] = v_cache + bt[t / BS] * block_stride + kh * head_stride + (int64_t)(t % BS) * D;
+        }
+        int x = 0;
+        for (; x < nq; x += GN) {
+            const int n = nq - x < GN ? nq - x : GN;
+            float *orow[4];
+            for (int g = 0; g < n; g++) orow[g] = out + (int64_t)((x + g) / G) * ostride + (int64_t)((x + g) % G) * D;
+            const float *sp = st + (int64_t)t0 * nqp + x;
+            if (n == GN && NV == 4) tile_pv512(sp, nqp, vr, nk, orow, 4, 4);
+            else if (n == GN) tile_pv512(sp, nqp, vr, nk, orow, 8, 2);
+            else for (int g = 0; g < n; g++) tile_pv512(sp + g, nqp, vr, nk, orow + g, NV, 1);
+        }
+    }
+    for (int x = 0; x < nq; x++) {
+        float *o = out + (int64_t)(x / G) * ostride + (int64_t)(x % G) * D;
+        const __m512 s = _mm512_set1_ps(inv[x]);
+        for (int i = 0; i < NV; i++) _mm512_storeu_ps(o + 16 * i, _mm512_mul_ps(_mm512_loadu_ps(o + 16 * i), s));
+    }
+    free(st);
+    free(qt);
+}
+#endif
+
 /* R consecutive query tokens of one sequence (the first at position pos0) and the G query heads of KV head
  * kh: causal attention over the sequence's cached positions 0 .. pos0 + R - 1. q rows are qstride apart;
  * out rows ostride apart. Scores come from each K block transposed into Kt, so that one key block's
@@ -505,6 +606,15 @@ void tm_silu_mul(const float *gu, float *act, int M, int I, int nthreads) {
 static void attend_tile(const float *q, int64_t qstride, float *out, int64_t ostride, const float *k_cache,
                         const float *v_cache, const int32_t *bt, int pos0, int R, int kh, int G, int D, int BS,
                         int64_t block_stride, int64_t head_stride, float scale) {
+#if defined(HAVE_AVX512)
+    if (G * R <= 1024 && (D == 64 || D == 128)) {
+        if (D == 64)
+            attend_tile512(q, qstride, out, ostride, k_cache, v_cache, bt, pos0, R, kh, G, BS, block_stride, head_stride, scale, 4);
+        else
+            attend_tile512(q, qstride, out, ostride, k_cache, v_cache, bt, pos0, R, kh, G, BS, block_stride, head_stride, scale, 8);
+        return;
+    }
+#endif
     const int nq = R * G, ctx = pos0 + R;
     float *scores = (float *)malloc(sizeof(float) * (size_t)nq * ctx);
     float *kt = (float *)malloc(sizeof(float) * (size_t)D * BS);
