@@ -75,9 +75,18 @@ class RequestStreams:
                     raise o
                 if not o.finished and last_yield is not None:
                     gap = max(interval_s, len(self._queues) / messages_per_s if messages_per_s > 0 else 0.0)
-                    wait = last_yield + gap - loop.time()
-                    if wait > 0:
-                        await asyncio.sleep(wait)
+                    deadline = last_yield + gap
+                    # hold the delta until the deadline, absorbing later ones; the last one goes out at once
+                    # (a client waiting for the end of a stream to send its next request must not wait)
+                    while not o.finished and deadline > loop.time():
+                        try:
+                            nxt = await asyncio.wait_for(q.get(), deadline - loop.time())
+                        except asyncio.TimeoutError:
+                            break
+                        if isinstance(nxt, BaseException):
+                            finished = True
+                            raise nxt
+                        o.absorb(nxt)
                 while not o.finished and not q.empty():  # the caller fell behind: hand over one delta
                     nxt = q.get_nowait()
                     if isinstance(nxt, BaseException):

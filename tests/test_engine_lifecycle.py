@@ -183,6 +183,11 @@ def test_stream_interval_and_message_budget_coalesce_deltas(tiny):
             assert [t for o in deltas for t in o.token_ids] == hf_greedy(hf, p, 24)
             assert len(deltas[0].token_ids) == 1 and deltas[-1].finished  # the first token is never held back
             assert len(deltas) < 24
+        # nor is the last: a 5 s interval would hold the second delta, but the finish cuts the wait short
+        t0 = time.monotonic()
+        held = asyncio.run(run(ps[1], interval_s=5.0))
+        assert time.monotonic() - t0 < 2.5
+        assert [len(o.token_ids) for o in held] == [1, 23] and held[-1].finished
     finally:
         eng.shutdown()
 
