@@ -53,8 +53,7 @@ class AsyncEngine(RequestStreams):
                     logger.exception("engine step failed")
                     self.last_error = exc
                     outputs = fail_all(self.engine)
-            for o in outputs:
-                self._deliver(o)
+            self._deliver_step(outputs)
 
     # ---- API ------------------------------------------------------------------------------
     def _submit(self, prompt, params, request_id, entry) -> str:

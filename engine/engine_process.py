@@ -154,8 +154,7 @@ class ProcessEngine(RequestStreams):
                 break
             kind = msg[0]
             if kind == "out":
-                for o in msg[1]:
-                    self._deliver(o)
+                self._deliver_step(msg[1])
             elif kind == "error":
                 self._deliver_error(msg[1], ValueError(msg[2]))
             elif kind == "stats":

@@ -8,7 +8,7 @@ import torch
 
 from .core.messages import RunnerOutput, SchedulerOutput
 from .layers.attention import AttentionMetadata, KVCache, PrefillChunk
-from .layers.linear import CPU_NATIVE_MAX_TOKENS
+from .layers.linear import CPU_NATIVE_MAX_TOKENS_ONEDNN
 from .layers.rotary import RotaryEmbedding
 from .models.llama import LlamaModel
 from .sampler import SamplingState, gather_logprobs, sample
@@ -39,7 +39,8 @@ class ModelRunner:
             from .kernels import cpu_gemm
             packed = cpu_gemm.pack_model(model)
             if packed:
-                logger.info("CPU products beyond %d tokens: oneDNN over %d packed weights", CPU_NATIVE_MAX_TOKENS, packed)
+                logger.info("CPU products beyond %d tokens: oneDNN over %d packed weights", CPU_NATIVE_MAX_TOKENS_ONEDNN,
+                            packed)
 
     def _use_triton_decode(self, quant_policy: int) -> None:
         from .kernels.paged_attention_quant_triton import triton_quant_decode

@@ -25,10 +25,23 @@ def engine_stats(e) -> dict:
     }
 
 
+def _enqueue(entry: tuple, item) -> None:
+    """On the caller's loop: queue a delta; mark the stream's end so a held delta goes out at once."""
+    _, q, last = entry
+    q.put_nowait(item)
+    if isinstance(item, BaseException) or item.finished:
+        last.set()
+
+
+def _enqueue_all(items) -> None:
+    for entry, item in items:
+        _enqueue(entry, item)
+
+
 class RequestStreams:
     """Subclasses implement ``_submit(prompt, params, request_id, entry) -> request_id`` (registering
     ``entry`` in ``self._queues`` or raising ValueError) and ``abort(request_id)``; whatever steps the engine
-    calls ``_deliver(output)`` or ``_deliver_error(request_id, exc)`` from its own thread."""
+    calls ``_deliver_step(outputs)`` or ``_deliver_error(request_id, exc)`` from its own thread."""
 
     def __init__(self):
         self._queues: Dict[str, tuple] = {}  # request_id -> (loop, asyncio.Queue)
@@ -43,14 +56,24 @@ class RequestStreams:
         entry = self._queues.get(request_id)
         if entry is None:
             return
-        loop, q = entry
+        loop = entry[0]
         try:
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            loop.call_soon_threadsafe(_enqueue, entry, item)
         except RuntimeError:  # the caller's loop is closed
             pass
 
-    def _deliver(self, o: RequestOutput) -> None:
-        self._put(o.request_id, o)
+    def _deliver_step(self, outputs) -> None:
+        """A step's outputs: one wake-up per event loop, not one per request."""
+        by_loop: Dict[object, list] = {}
+        for o in outputs:
+            entry = self._queues.get(o.request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry, o))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_enqueue_all, items)
+            except RuntimeError:  # the caller's loop is closed
+                pass
 
     def _deliver_error(self, request_id: str, exc: BaseException) -> None:
         self._put(request_id, exc)
@@ -65,7 +88,8 @@ class RequestStreams:
         """
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        rid = self._submit(prompt, params, request_id, (loop, q))
+        last = asyncio.Event()  # set when the final delta (or an error) is queued
+        rid = self._submit(prompt, params, request_id, (loop, q, last))
         finished, last_yield = False, None
         try:
             while True:
@@ -75,18 +99,14 @@ class RequestStreams:
                     raise o
                 if not o.finished and last_yield is not None:
                     gap = max(interval_s, len(self._queues) / messages_per_s if messages_per_s > 0 else 0.0)
-                    deadline = last_yield + gap
-                    # hold the delta until the deadline, absorbing later ones; the last one goes out at once
-                    # (a client waiting for the end of a stream to send its next request must not wait)
-                    while not o.finished and deadline > loop.time():
+                    wait = last_yield + gap - loop.time()
+                    # hold the delta until then, but not past the request's end: a client waiting for the
+                    # end of a stream to send its next request must not wait (nor the engine idle meanwhile)
+                    if wait > 0 and not last.is_set():
                         try:
-                            nxt = await asyncio.wait_for(q.get(), deadline - loop.time())
+                            await asyncio.wait_for(last.wait(), wait)
                         except asyncio.TimeoutError:
-                            break
-                        if isinstance(nxt, BaseException):
-                            finished = True
-                            raise nxt
-                        o.absorb(nxt)
+                            pass
                 while not o.finished and not q.empty():  # the caller fell behind: hand over one delta
                     nxt = q.get_nowait()
                     if isinstance(nxt, BaseException):

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..kernels.fused_decode import MAX_PHASED_TOKENS
 from ..layers.attention import Attention, AttentionMetadata, KVCache
-from ..layers.linear import FusedLinear, Linear
+from ..layers.linear import CPU_NATIVE_MAX_TOKENS_ONEDNN, FusedLinear, Linear
 from ..layers.norm import RMSNorm
 from .args import ModelArgs
 
@@ -68,9 +68,10 @@ class LlamaModel(nn.Module):
         fd = self.fused_decoder
         if fd is None:
             return None
-        if self.fused_ok(meta, x.shape[0]):
+        packed = self.layers[0].attn.qkv.packed is not None  # oneDNN's products
+        if self.fused_ok(meta, x.shape[0], CPU_NATIVE_MAX_TOKENS_ONEDNN if packed else 0):
             return fd.run(x.contiguous(), meta, kv)
-        if self.fused_ok(meta, x.shape[0], MAX_PHASED_TOKENS) and self.layers[0].attn.qkv.packed is None:
+        if self.fused_ok(meta, x.shape[0], MAX_PHASED_TOKENS) and not packed:
             return fd.run_phased(x.contiguous(), meta, kv)  # MKL's feature-major products
         if meta.spans is not None:
             return fd.run_mixed(x.contiguous(), meta, kv)
