@@ -83,10 +83,11 @@ class ModelRunner:
         bs = self.block_size
         tokens, positions, blocks, offsets, seq_lens = [], [], [], [], []
         sample_idx, sample_ids = [], []
-        chunks = []
+        chunks, spans = [], []
         for msg in order:
             start = len(tokens)
             n = len(msg.token_ids)
+            spans.append((start, n, msg.start_pos))
             tokens += msg.token_ids
             pos = range(msg.start_pos, msg.start_pos + n)
             positions += pos
@@ -104,10 +105,8 @@ class ModelRunner:
         meta = AttentionMetadata(positions=positions_t, slot_blocks=torch.tensor(blocks, device=dev),
                                  slot_offsets=torch.tensor(offsets, device=dev), num_decode=len(decodes))
         if decodes:
-            nb = max(len(m.block_ids) for m in decodes)
             idx = torch.int32 if dev == "cpu" else torch.long  # int32 for the native CPU kernel
-            bt = torch.tensor([m.block_ids + [m.block_ids[0]] * (nb - len(m.block_ids)) for m in decodes],
-                              device=dev, dtype=idx)
+            bt = _block_tables(decodes, dev, idx)
             ctx = torch.tensor([m.start_pos + 1 for m in decodes], device=dev, dtype=idx)
             meta.decode_block_tables, meta.decode_ctx_lens = bt, ctx
         for msg, start, n in chunks:
@@ -117,13 +116,7 @@ class ModelRunner:
                 ctx_blocks = torch.tensor(msg.block_ids[:used], device=dev)
             meta.prefills.append(PrefillChunk(start, n, msg.start_pos, ctx_blocks))
         if self.model.fused_decoder is not None:  # the native CPU step reads every sequence's blocks
-            nb = max(len(m.block_ids) for m in order)
-            meta.span_block_tables = torch.tensor([m.block_ids + [m.block_ids[0]] * (nb - len(m.block_ids))
-                                                   for m in order], dtype=torch.int32)
-            spans, row = [], 0
-            for m in order:
-                spans.append((row, len(m.token_ids), m.start_pos))
-                row += len(m.token_ids)
+            meta.span_block_tables = _block_tables(order, dev, torch.int32)
             meta.spans = torch.tensor(spans, dtype=torch.int32)
         meta.cos, meta.sin = self.rope.cos_sin(positions_t, seq_lens_t)
         return torch.tensor(tokens, device=dev), meta, torch.tensor(sample_idx, device=dev, dtype=torch.long), sample_ids
@@ -174,3 +167,10 @@ class ModelRunner:
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.kv.data, self.kv.params) if t is not None)
+
+
+def _block_tables(msgs, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """[len(msgs), most blocks] block ids per sequence, short rows padded with their first block."""
+    nb = max(len(m.block_ids) for m in msgs)
+    return torch.tensor([m.block_ids + [m.block_ids[0]] * (nb - len(m.block_ids)) for m in msgs], device=device,
+                        dtype=dtype)

@@ -25,17 +25,12 @@ def engine_stats(e) -> dict:
     }
 
 
-def _enqueue(entry: tuple, item) -> None:
-    """On the caller's loop: queue a delta; mark the stream's end so a held delta goes out at once."""
-    _, q, last = entry
-    q.put_nowait(item)
-    if isinstance(item, BaseException) or item.finished:
-        last.set()
-
-
-def _enqueue_all(items) -> None:
-    for entry, item in items:
-        _enqueue(entry, item)
+def _enqueue(items) -> None:
+    """On the callers' loop: queue each delta; mark a stream's end so a held delta goes out at once."""
+    for (_, q, last), item in items:
+        q.put_nowait(item)
+        if isinstance(item, BaseException) or item.finished:
+            last.set()
 
 
 class RequestStreams:
@@ -44,7 +39,7 @@ class RequestStreams:
     calls ``_deliver_step(outputs)`` or ``_deliver_error(request_id, exc)`` from its own thread."""
 
     def __init__(self):
-        self._queues: Dict[str, tuple] = {}  # request_id -> (loop, asyncio.Queue)
+        self._queues: Dict[str, tuple] = {}  # request_id -> (loop, asyncio.Queue, end-of-stream Event)
 
     def _submit(self, prompt, params, request_id, entry) -> str:
         raise NotImplementedError
@@ -52,31 +47,24 @@ class RequestStreams:
     def abort(self, request_id: str) -> bool:
         raise NotImplementedError
 
-    def _put(self, request_id: str, item) -> None:
-        entry = self._queues.get(request_id)
-        if entry is None:
-            return
-        loop = entry[0]
-        try:
-            loop.call_soon_threadsafe(_enqueue, entry, item)
-        except RuntimeError:  # the caller's loop is closed
-            pass
-
-    def _deliver_step(self, outputs) -> None:
-        """A step's outputs: one wake-up per event loop, not one per request."""
+    def _post(self, pairs) -> None:
+        """[(request_id, delta or exception)] to their waiting streams: one wake-up per event loop."""
         by_loop: Dict[object, list] = {}
-        for o in outputs:
-            entry = self._queues.get(o.request_id)
+        for rid, item in pairs:
+            entry = self._queues.get(rid)
             if entry is not None:
-                by_loop.setdefault(entry[0], []).append((entry, o))
+                by_loop.setdefault(entry[0], []).append((entry, item))
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_enqueue_all, items)
+                loop.call_soon_threadsafe(_enqueue, items)
             except RuntimeError:  # the caller's loop is closed
                 pass
 
+    def _deliver_step(self, outputs) -> None:
+        self._post((o.request_id, o) for o in outputs)
+
     def _deliver_error(self, request_id: str, exc: BaseException) -> None:
-        self._put(request_id, exc)
+        self._post([(request_id, exc)])
 
     async def generate(self, prompt, params: Optional[GenerationConfig] = None, request_id: Optional[str] = None,
                        interval_s: float = 0.0, messages_per_s: float = 0.0) -> AsyncIterator[RequestOutput]:

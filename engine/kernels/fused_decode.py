@@ -54,10 +54,8 @@ class FusedDecoder:
 
     def run(self, x: torch.Tensor, meta, kv) -> torch.Tensor:
         M = x.shape[0]
-        i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-        blocks, offsets = i32(meta.slot_blocks), i32(meta.slot_offsets)
-        bt, ctx = i32(meta.decode_block_tables), i32(meta.decode_ctx_lens)
-        cos, sin = meta.cos.float().contiguous(), meta.sin.float().contiguous()
+        blocks, offsets, cos, sin = _slots_and_rotary(meta)
+        bt, ctx = _i32(meta.decode_block_tables), _i32(meta.decode_ctx_lens)
         scratch = torch.empty(M * self.per_token, dtype=torch.float32)
         threads = torch.get_num_threads()
         for i, w in enumerate(self.structs):
@@ -74,10 +72,8 @@ class FusedDecoder:
         a, so = self.a, self.so
         T, H, I, D = x.shape[0], a.hidden_size, a.intermediate_size, a.head_dim
         NH, KVH = a.num_heads, a.num_kv_heads
-        i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-        blocks, offsets = i32(meta.slot_blocks), i32(meta.slot_offsets)
+        blocks, offsets, cos, sin = _slots_and_rotary(meta)
         spans, bt = meta.spans, meta.span_block_tables
-        cos, sin = meta.cos.float().contiguous(), meta.sin.float().contiguous()
         h, act = torch.empty(T, H), torch.empty(T, I)
         threads = torch.get_num_threads()
         # elementwise phases: one thread for a few dozen rows (see run_phased), all of them for prefills
@@ -107,10 +103,8 @@ class FusedDecoder:
         M, H, I, D = x.shape[0], a.hidden_size, a.intermediate_size, a.head_dim
         NH, KVH = a.num_heads, a.num_kv_heads
         QKV = (NH + 2 * KVH) * D
-        i32 = lambda t: t.to(torch.int32).contiguous()  # noqa: E731
-        blocks, offsets = i32(meta.slot_blocks), i32(meta.slot_offsets)
-        bt, ctx = i32(meta.decode_block_tables), i32(meta.decode_ctx_lens)
-        cos, sin = meta.cos.float().contiguous(), meta.sin.float().contiguous()
+        blocks, offsets, cos, sin = _slots_and_rotary(meta)
+        bt, ctx = _i32(meta.decode_block_tables), _i32(meta.decode_ctx_lens)
         e = lambda *shape: torch.empty(*shape, dtype=torch.float32)  # noqa: E731
         h, qkv_t, qkv, att, o_t = e(M, H), e(QKV, M), e(M, QKV), e(M, NH * D), e(H, M)
         gu_t, act_t, down_t = e(2 * I, M), e(I, M), e(H, M)
@@ -134,6 +128,15 @@ class FusedDecoder:
             add = p(down_t)
         x.add_(down_t.t())
         return x
+
+
+def _i32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int32).contiguous()
+
+
+def _slots_and_rotary(meta):
+    """What every native path reads per token: cache slot (block, offset) as int32, cos and sin as float32."""
+    return _i32(meta.slot_blocks), _i32(meta.slot_offsets), meta.cos.float().contiguous(), meta.sin.float().contiguous()
 
 
 def _mm(linear, rhs: torch.Tensor, out: torch.Tensor) -> None:

@@ -316,15 +316,19 @@ typedef struct {
     int H, NH, KVH, D, I;
 } layer_weights;
 
-static void rmsnorm_rows(const float *x, const float *w, float *y, int M, int H, float eps) {
-    for (int m = 0; m < M; m++) {
-        const float *xr = x + (int64_t)m * H;
-        float *yr = y + (int64_t)m * H;
-        float ss = 0.f;
-        for (int i = 0; i < H; i++) ss += xr[i] * xr[i];
-        float r = 1.f / sqrtf(ss / H + eps);
-        for (int i = 0; i < H; i++) yr[i] = w[i] * (xr[i] * r);
-    }
+/* One row: x += add (when given; its elements add_step apart), then h = rmsnorm(x) * w. */
+static inline __attribute__((always_inline)) void add_norm_row(float *xr, const float *add, int64_t add_step,
+                                                               const float *w, float *hr, int H, float eps) {
+    if (add)
+        for (int i = 0; i < H; i++) xr[i] += add[(int64_t)i * add_step];
+    float ss = 0.f;
+    for (int i = 0; i < H; i++) ss += xr[i] * xr[i];
+    float r = 1.f / sqrtf(ss / H + eps);
+    for (int i = 0; i < H; i++) hr[i] = w[i] * (xr[i] * r);
+}
+
+static void rmsnorm_rows(float *x, const float *w, float *y, int M, int H, float eps) {
+    for (int m = 0; m < M; m++) add_norm_row(x + (int64_t)m * H, NULL, 0, w, y + (int64_t)m * H, H, eps);
 }
 
 /* y[m, n] (+)= x[m, :] . w[n, :] + b[n]; an orphaned omp-for inside the caller's parallel region */
@@ -360,11 +364,10 @@ static void rope_inplace(float *v, const float *cos, const float *sin, int D) {
 
 /* qkv [M, QKV] -> rotate q and k heads, write k and v to their cache slots, attend over each sequence's
  * context into att [M, NH*D]. Orphaned omp-fors: called inside the caller's parallel region. */
-static void rotate_write_attend(float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
-                                const int32_t *slot_blocks, const int32_t *slot_offsets, const int32_t *block_tables,
-                                const int32_t *ctx_lens, int max_blocks, int M, int NH, int KVH, int D, int BS,
-                                float scale, float *att) {
-    const int G = NH / KVH, QKV = (NH + 2 * KVH) * D;
+/* qkv [M, QKV] -> rotate the q and k heads in place, write k and v to their cache slots. An orphaned omp-for. */
+static void rotate_write(float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
+                         const int32_t *slot_blocks, const int32_t *slot_offsets, int M, int NH, int KVH, int D, int BS) {
+    const int QKV = (NH + 2 * KVH) * D;
     const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
     #pragma omp for schedule(static)
     for (int t = 0; t < M * (NH + KVH); t++) {
@@ -378,6 +381,15 @@ static void rotate_write_attend(float *qkv, const float *cos, const float *sin, 
             memcpy(v_cache + off, v + (int64_t)KVH * D, sizeof(float) * D);
         }
     }
+}
+
+static void rotate_write_attend(float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
+                                const int32_t *slot_blocks, const int32_t *slot_offsets, const int32_t *block_tables,
+                                const int32_t *ctx_lens, int max_blocks, int M, int NH, int KVH, int D, int BS,
+                                float scale, float *att) {
+    const int G = NH / KVH, QKV = (NH + 2 * KVH) * D;
+    const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
+    rotate_write(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, M, NH, KVH, D, BS);
     #pragma omp for schedule(dynamic, 1)
     for (int task = 0; task < M * KVH; task++) {
         int m = task / KVH, kh = task % KVH;
@@ -426,16 +438,8 @@ void decode_layer(float *x, const layer_weights *L, const float *cos, const floa
 /* x[m, :] += addT[:, m] (when addT is given), then h[m, :] = rmsnorm(x[m, :]) * w */
 void hy_add_norm(float *x, const float *addT, const float *w, float *h, int M, int H, float eps, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int m = 0; m < M; m++) {
-        float *xr = x + (int64_t)m * H;
-        if (addT)
-            for (int i = 0; i < H; i++) xr[i] += addT[(int64_t)i * M + m];
-        float ss = 0.f;
-        for (int i = 0; i < H; i++) ss += xr[i] * xr[i];
-        float r = 1.f / sqrtf(ss / H + eps);
-        float *hr = h + (int64_t)m * H;
-        for (int i = 0; i < H; i++) hr[i] = w[i] * (xr[i] * r);
-    }
+    for (int m = 0; m < M; m++)
+        add_norm_row(x + (int64_t)m * H, addT ? addT + m : NULL, M, w, h + (int64_t)m * H, H, eps);
 }
 
 /* qkvT [QKV, M] (bias added) -> rotate q and k, write k and v to their cache slots, attend over each
@@ -475,18 +479,8 @@ void hy_silu_mul(const float *guT, float *actT, int M, int I, int nthreads) {
 /* x += add (when given, [M, H]); h = rmsnorm(x) * w */
 void tm_add_norm(float *x, const float *add, const float *w, float *h, int M, int H, float eps, int nthreads) {
     #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int m = 0; m < M; m++) {
-        float *xr = x + (int64_t)m * H;
-        if (add) {
-            const float *ar = add + (int64_t)m * H;
-            for (int i = 0; i < H; i++) xr[i] += ar[i];
-        }
-        float ss = 0.f;
-        for (int i = 0; i < H; i++) ss += xr[i] * xr[i];
-        float r = 1.f / sqrtf(ss / H + eps);
-        float *hr = h + (int64_t)m * H;
-        for (int i = 0; i < H; i++) hr[i] = w[i] * (xr[i] * r);
-    }
+    for (int m = 0; m < M; m++)
+        add_norm_row(x + (int64_t)m * H, add ? add + (int64_t)m * H : NULL, 1, w, h + (int64_t)m * H, H, eps);
 }
 
 /* gu [M, 2I] (gate columns, then up) -> act [M, I] = silu(gate) * up */
@@ -677,18 +671,7 @@ void tm_attention(float *qkv, const float *cos, const float *sin, float *k_cache
             for (int kh = 0; kh < KVH; kh++) { tasks[3 * n] = s; tasks[3 * n + 1] = r0; tasks[3 * n + 2] = kh; n++; }
     #pragma omp parallel num_threads(nthreads)
     {
-        #pragma omp for schedule(static)
-        for (int t = 0; t < T * (NH + KVH); t++) {
-            int m = t / (NH + KVH), hd = t % (NH + KVH);
-            float *v = qkv + (int64_t)m * QKV + (int64_t)hd * D;
-            rope_inplace(v, cos + (int64_t)m * D, sin + (int64_t)m * D, D);
-            if (hd >= NH) {
-                int kh = hd - NH;
-                int64_t off = slot_blocks[m] * block_stride + kh * head_stride + (int64_t)slot_offsets[m] * D;
-                memcpy(k_cache + off, v, sizeof(float) * D);
-                memcpy(v_cache + off, v + (int64_t)KVH * D, sizeof(float) * D);
-            }
-        }
+        rotate_write(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, T, NH, KVH, D, BS);
         #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < ntask; i++) {
             const int s = tasks[3 * i], r0 = tasks[3 * i + 1], kh = tasks[3 * i + 2];
