@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,21 +65,32 @@ def load_levels(url, model, prompts, a) -> list:
 
 
 def ours(prompts, a) -> list:
-    import ray
-    from ray import serve
-
-    from engine.serve.builder import build_app
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-    serve.run(build_app({"max_batch_size": 64, "min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 256}),
-              name="bench", route_prefix="/", blocking=False)
+    """Our endpoint as a user starts it (``serve run`` on a Serve config, its own Ray instance), so that the
+    client process holds no Ray driver: the same footing as vLLM's server."""
+    import yaml
+    config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": a.port},
+              "applications": [{"name": "bench", "route_prefix": "/", "import_path": "serve_app:build_app",
+                                "args": {"engine": {"max_batch_size": 64},
+                                         "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                                         "max_ongoing_requests": 256}}]}
+    root = Path(__file__).resolve().parent.parent
+    cfg_path = Path(tempfile.mkdtemp(prefix="raylm-bench-")) / "serve_bench.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    serve_bin = Path(sys.executable).with_name("serve")
+    proc = subprocess.Popen([str(serve_bin), "run", str(cfg_path)], cwd=root, start_new_session=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+                            stdout=open("/tmp/raylm-serve-bench.log", "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{a.port}"
-    wait_ready(url, 300)
     try:
+        wait_ready(url, 300, proc)
         return load_levels(url, MODEL, prompts, a)
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        os.killpg(proc.pid, signal.SIGINT)  # serve run shuts the app and its Ray instance down
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
 
 
 def vllm(prompts, a, model_dir) -> list:
@@ -101,7 +113,8 @@ def vllm(prompts, a, model_dir) -> list:
 def render(res) -> str:
     lines = ["## Serving over HTTP, SmolLM2-135M-Instruct float32 (`bench/serving.py`)", "",
              f"Machine: {res['machine']}. Streaming `/v1/completions`, {res['args']['prompt_len']}-token prompts, "
-             f"{res['args']['new_tokens']} output tokens each, one engine replica, same client for both servers. "
+             f"{res['args']['new_tokens']} output tokens each, one engine replica, same client for both servers, each "
+             "server in processes of its own (ours through `serve run` on a Serve config, vLLM's api_server). "
              f"Our engine offline on the same prompts at batch cap {res['offline_cap']}: "
              f"{res['offline']:.1f} output tokens/s (mean of "
              f"{' and '.join(f'{r:.1f}' for r in res.get('offline_runs', [res['offline']]))}, "
@@ -133,7 +146,7 @@ def main() -> int:
     ap.add_argument("--offline-cap", type=int, default=16)
     ap.add_argument("--port", type=int, default=8310)
     ap.add_argument("--vllm-python", default=None)
-    ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--no-doc", action="store_true", help="print only: neither results/ nor docs/ change")
     a = ap.parse_args()
     a.conc = [int(c) for c in a.concurrency.split(",")]
     from transformers import AutoTokenizer
@@ -156,10 +169,10 @@ def main() -> int:
     if a.vllm_python:
         print("vLLM:", flush=True)
         res["vllm"] = vllm(prompts, a, model_dir)
-    save_json("serving", res)
     table = render(res)
     print(table)
-    if not a.no_doc:
+    if not a.no_doc:  # a trial run (--no-doc) leaves the recorded results alone
+        save_json("serving", res)
         write_section("serving", table)
     return 0
 
