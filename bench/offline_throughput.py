@@ -99,6 +99,8 @@ def main() -> int:
     n_params = sum(p.numel() for p in engine.model.parameters())
     weight_bytes = n_params * 4
     flops_per_token = 2 * (n_params - engine.model.embed.weight.numel() + engine.model.lm_head.weight.numel())
+    # a prompt token goes through every layer but not the LM head (logits only where a token is sampled)
+    flops_per_prompt_token = 2 * (n_params - engine.model.embed.weight.numel())
     bound_b1 = bw * 1e9 / weight_bytes
     bound_compute = gflops * 1e9 / flops_per_token
     print(f"machine: {machine}\nmemory read {bw:.1f} GB/s -> batch-1 bound {bound_b1:.1f} tok/s; "
@@ -129,7 +131,8 @@ def main() -> int:
         rows.append({"system": "vllm", "batch": 64, "prompts": a.num_prompts, "tokens_per_s": r})
         print(f"vLLM-CPU (its scheduler, 64 prompts): {r:7.1f} tok/s", flush=True)
     result = {"machine": machine, "memory_gbs": bw, "matmul_gflops": gflops, "bound_batch1": bound_b1,
-              "bound_compute": bound_compute, "rows": rows, "args": vars(a)}
+              "bound_compute": bound_compute, "flops_per_token": flops_per_token,
+              "flops_per_prompt_token": flops_per_prompt_token, "rows": rows, "args": vars(a)}
     save_json("offline_throughput", result)
     table = render(result)
     print(table)
@@ -155,8 +158,9 @@ def render(res) -> str:
         f"Prompts of {res['args']['prompt_len']} tokens, {res['args']['new_tokens']} new tokens each, greedy, "
         f"medians over {res['args']['repeats']} runs. Output tokens per second.",
         "",
-        "| batch cap | ours | prompts | HF generate | prompts | ours / HF | ours / bound | ours, decode-only steps | those / bound |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| batch cap | ours | prompts | HF generate | prompts | ours / HF | ours / bound | model FLOP use | "
+        "ours, decode-only steps | those / bound |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in [r for r in res["rows"] if r["system"] == "ours"]:
         b = r["batch"]
@@ -165,7 +169,7 @@ def render(res) -> str:
         lines.append(f"| {b} | {r['tokens_per_s']:.1f} | {r['prompts']} | "
                      f"{h['tokens_per_s']:.1f} | {h['prompts']} | {r['tokens_per_s'] / h['tokens_per_s']:.2f}x | "
                      if h else f"| {b} | {r['tokens_per_s']:.1f} | {r['prompts']} | – | – | – | ")
-        lines[-1] += f"{100 * r['tokens_per_s'] / bound:.0f}% |"
+        lines[-1] += f"{100 * r['tokens_per_s'] / bound:.0f}% | {_flop_use(res, r)} |"
         d = r.get("decode_tokens_per_s")
         lines[-1] += f" {d:.1f} | {100 * d / bound:.0f}% |" if d else " – | – |"
     v = by.get(("vllm", 64))
@@ -178,8 +182,21 @@ def render(res) -> str:
                   "FLOPs per generated token; the prompt's 128 tokens per request cost as much again and are not in "
                   "it). Decode-only steps: the tokens of the steps with no prompt tokens in them over those steps' "
                   "time (the same runs), which is what the per-token bound describes; attention's reads of the "
-                  "float32 KV cache are in them and not in the bound."]
+                  "float32 KV cache are in them and not in the bound. Model FLOP use (MFU): the model FLOPs the run "
+                  "did, prompt tokens (every layer, no LM head) and output tokens (every layer and the LM head) "
+                  "alike, per second, over the measured matmul rate; attention's score and value products are "
+                  "not counted."]
     return "\n".join(lines)
+
+
+def _flop_use(res, row) -> str:
+    """Share of the matmul rate that the run's model FLOPs (prompt and output tokens) took up."""
+    fp = res.get("flops_per_prompt_token")
+    if not fp or row["batch"] == 1:
+        return "–"
+    per_request = res["flops_per_token"] * res["args"]["new_tokens"] + fp * res["args"]["prompt_len"]
+    rate = row["tokens_per_s"] / res["args"]["new_tokens"] * per_request
+    return f"{100 * rate / (res['matmul_gflops'] * 1e9):.0f}%"
 
 
 def plot(res) -> None:

@@ -205,3 +205,29 @@ def test_cpu_gemm_setting_is_validated(monkeypatch):
         cpu_gemm.use_onednn()
     monkeypatch.setenv(cpu_gemm.ENV, "mkl")
     assert cpu_gemm.use_onednn() is False
+
+
+def test_gemm_choice_weighs_each_weight_shape_by_how_many_layers_have_it(monkeypatch):
+    """``auto`` is decided on the model's own products: every dense weight shape, timed once and counted as
+    often as the model has it (a shape MKL wins once must not outweigh one oneDNN wins in every layer)."""
+    from engine.kernels import cpu_gemm
+    if not cpu_gemm.available():
+        pytest.skip("this torch has no oneDNN linear ops")
+    model, _ = _random_model(False, seed=3, heads=(6, 2, 8))  # hidden 48, intermediate 80, 2 layers, vocab 64
+    # hand-counted [out, in] shapes: qkv (6 + 2 * 2) * 8 = 80 rows, o, gate_up 2 * 80, down, the LM head
+    expected = {(80, 48): 2, (48, 48): 2, (160, 48): 2, (48, 80): 2, (64, 48): 1}
+    packed_shapes, timed = [], []
+    real_pack = cpu_gemm.pack
+    monkeypatch.setattr(cpu_gemm, "pack", lambda w: packed_shapes.append(tuple(w.shape)) or real_pack(w))
+
+    def fake_medians(fns, reps=11):  # (MKL s, oneDNN s): the LM head favours MKL by 20 ms, layers oneDNN by 3
+        timed.append(packed_shapes[-1])
+        return [0.0, 0.020] if packed_shapes[-1] == (64, 48) else [0.004, 0.001]
+    monkeypatch.setattr(cpu_gemm, "_interleaved_medians", fake_medians)
+    monkeypatch.setenv(cpu_gemm.ENV, "auto")
+    monkeypatch.setattr(cpu_gemm, "_choice", None)
+    assert cpu_gemm.pack_model(model) == 9  # weighted: MKL 8 * 4 = 32 ms against oneDNN 20 + 8 * 1 = 28 ms
+    assert sorted(timed) == sorted(expected)  # each shape timed once
+    assert cpu_gemm._choice is True
+    monkeypatch.setattr(cpu_gemm, "_choice", None)
+    assert cpu_gemm.use_onednn({s: 1 for s in expected}) is False  # one of each: 16 ms against 24 ms
