@@ -208,6 +208,28 @@ static inline __attribute__((always_inline)) void pv512(const float *sc, float *
             _mm512_storeu_ps(oh + (int64_t)g * D + 16 * i, _mm512_mul_ps(acc[g * NV + i], _mm512_set1_ps(inv[g])));
 }
 
+/* Dot products of q (NV vectors, pre-scaled) with 16 consecutive key rows (D = 16 * NV apart): one
+ * accumulator per key, then a transpose-and-add tree (pairs within 128-bit lanes, then across lanes) that
+ * leaves key t's sum in lane t. */
+static inline __attribute__((always_inline)) __m512 scores16(const __m512 *q, const float *kr, const int NV) {
+    const int D = 16 * NV;
+    __m512 a[16], b[8], c[4];
+    for (int t = 0; t < 16; t++) {
+        a[t] = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr + (int64_t)t * D));
+        for (int i = 1; i < NV; i++) a[t] = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(kr + (int64_t)t * D + 16 * i), a[t]);
+    }
+    for (int t = 0; t < 8; t++)  /* per 128-bit lane: [a0 02, a1 02, a0 13, a1 13] */
+        b[t] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * t], a[2 * t + 1]), _mm512_unpackhi_ps(a[2 * t], a[2 * t + 1]));
+    for (int t = 0; t < 4; t++) {  /* per 128-bit lane: keys 4t .. 4t + 3, that lane's share of each */
+        const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(b[2 * t]), _mm512_castps_pd(b[2 * t + 1]));
+        const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(b[2 * t]), _mm512_castps_pd(b[2 * t + 1]));
+        c[t] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+    const __m512 e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+    const __m512 e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x88), _mm512_shuffle_f32x4(c[2], c[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, 0x88), _mm512_shuffle_f32x4(e0, e1, 0xDD));
+}
+
 static inline __attribute__((always_inline)) void attend512(const float *qh, float *oh, const float *k_cache,
                                                             const float *v_cache, const int32_t *bt, int ctx, int kh,
                                                             int G, int BS, int64_t block_stride, int64_t head_stride,
@@ -218,14 +240,23 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
         const int nk = ctx - b0 < BS ? ctx - b0 : BS;
         const float *kb = k_cache + bt[b] * block_stride + kh * head_stride;
         const float *kn = b0 + BS < ctx ? k_cache + bt[b + 1] * block_stride + kh * head_stride : NULL;
+        /* while this block is scored: the next block's keys, and this block's values for the second pass
+         * (one cache line per 16 floats; a task's K and V stream from memory side by side) */
+        const float *vb = v_cache + bt[b] * block_stride + kh * head_stride;
+        for (int j = 0; j < nk; j++)
+            for (int i = 0; i < NV; i++) {
+                if (kn) _mm_prefetch((const char *)(kn + (int64_t)j * D + 16 * i), _MM_HINT_T0);
+                _mm_prefetch((const char *)(vb + (int64_t)j * D + 16 * i), _MM_HINT_T1);
+            }
         for (int g = 0; g < G; g++) {
             __m512 q[8];
             for (int i = 0; i < NV; i++) q[i] = _mm512_mul_ps(_mm512_loadu_ps(qh + (int64_t)g * D + 16 * i), _mm512_set1_ps(scale));
             float *s = sc + (int64_t)g * ctx + b0;
-            for (int j = 0; j < nk; j++) {
+            int j = 0;
+            for (; j + 16 <= nk; j += 16)  /* 16 keys' scores in one vector: no horizontal sum per key */
+                _mm512_storeu_ps(s + j, scores16(q, kb + (int64_t)j * D, NV));
+            for (; j < nk; j++) {
                 const float *kr = kb + (int64_t)j * D;
-                if (g == 0 && kn)
-                    for (int i = 0; i < NV; i++) _mm_prefetch((const char *)(kn + (int64_t)j * D + 16 * i), _MM_HINT_T0);
                 __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
                 for (int i = 1; i < NV; i++) acc = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(kr + 16 * i), acc);
                 s[j] = _mm512_reduce_add_ps(acc);
@@ -241,12 +272,18 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
         for (; j < ctx; j++) mx = s[j] > mx ? s[j] : mx;
         inv[g] = 1.f / exp_shift_sum(s, ctx, mx);
     }
-    const int GN = NV == 4 ? 4 : 2;  /* output registers: GN * NV = 16 */
-    int g = 0;
-    for (; g + GN <= G; g += GN)
-        pv512(sc + (int64_t)g * ctx, oh + (int64_t)g * D, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, NV, GN);
-    for (; g < G; g++)
-        pv512(sc + (int64_t)g * ctx, oh + (int64_t)g * D, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, NV, 1);
+    /* query heads per pass over V, at most 16 output registers (GN * NV): G = 3 (SmolLM2) takes one pass */
+    for (int g = 0, gn; g < G; g += gn) {
+        const int rem = G - g;
+        gn = NV == 4 ? (rem >= 4 ? 4 : rem) : (rem >= 2 ? 2 : 1);
+        const float *sg = sc + (int64_t)g * ctx;
+        float *og = oh + (int64_t)g * D;
+        /* GN and NV must be constants in each call for the accumulators to stay in registers */
+        if (NV == 4 && gn == 4) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, 4, 4);
+        else if (NV == 4 && gn == 3) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, 4, 3);
+        else if (gn == 2) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, NV, 2);
+        else pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, NV, 1);
+    }
 }
 #endif
 
