@@ -43,17 +43,26 @@ def median_of(fn: Callable[[], float], repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
 
-def memory_bandwidth_gbs(repeats: int = 5) -> float:
-    """Read bandwidth seen by torch: sum over a 1 GiB float32 tensor (bytes read / time), median."""
+def memory_bandwidth_gbs(repeats: int = 9) -> float:
+    """Read bandwidth over 1 GiB of float32: the best of ``repeats`` passes of each of torch's sum and the
+    native skinny product at one token (a weight stream, what batch-1 decoding does). A bound is what the
+    machine can do: the best pass, not the median (this host's bandwidth drifts by 2x over minutes)."""
     import torch
-    x = torch.ones(2**28)
 
-    def once():
-        t = time.perf_counter()
-        x.sum()
-        return x.numel() * 4 / (time.perf_counter() - t) / 1e9
-    once()
-    return median_of(once, repeats)
+    from engine.kernels import cpu_native
+    x = torch.ones(2**28)
+    readers = [lambda: x.sum()]
+    w, v = x.view(2**15, 2**13), torch.ones(1, 2**13)
+    if cpu_native.lib() is not None:
+        readers.append(lambda: cpu_native.skinny_linear_t(v, w, None))
+    best = 0.0
+    for read in readers:
+        read()
+        for _ in range(repeats):
+            t = time.perf_counter()
+            read()
+            best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
