@@ -101,9 +101,8 @@ def main() -> int:
     flops_per_token = 2 * (n_params - engine.model.embed.weight.numel() + engine.model.lm_head.weight.numel())
     # a prompt token goes through every layer but not the LM head (logits only where a token is sampled)
     flops_per_prompt_token = 2 * (n_params - engine.model.embed.weight.numel())
-    bound_b1 = bw * 1e9 / weight_bytes
     bound_compute = gflops * 1e9 / flops_per_token
-    print(f"machine: {machine}\nmemory read {bw:.1f} GB/s -> batch-1 bound {bound_b1:.1f} tok/s; "
+    print(f"machine: {machine}\nmemory read {bw:.1f} GB/s; "
           f"matmul {gflops:.1f} GFLOP/s -> compute bound {bound_compute:.0f} tok/s", flush=True)
 
     rows = []
@@ -117,7 +116,7 @@ def main() -> int:
     # the bandwidth again after our runs (it drifts over minutes); the bound takes the better figure
     bw = max(bw, memory_bandwidth_gbs())
     bound_b1 = bw * 1e9 / weight_bytes
-    print(f"memory read, best before/after: {bw:.1f} GB/s -> batch-1 bound {bound_b1:.1f} tok/s", flush=True)
+    print(f"memory read, best of before and after: {bw:.1f} GB/s -> batch-1 bound {bound_b1:.1f} tok/s", flush=True)
     model = AutoModelForCausalLM.from_pretrained(str(_model_dir()), dtype=torch.float32).eval()
     for b in [int(c) for c in a.hf_batches.split(",")]:
         n = a.small_prompts if b == 1 else min(a.num_prompts, max(b, a.hf_prompts))

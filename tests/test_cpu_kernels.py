@@ -230,4 +230,4 @@ def test_gemm_choice_weighs_each_weight_shape_by_how_many_layers_have_it(monkeyp
     assert sorted(timed) == sorted(expected)  # each shape timed once
     assert cpu_gemm._choice is True
     monkeypatch.setattr(cpu_gemm, "_choice", None)
-    assert cpu_gemm.use_onednn({s: 1 for s in expected}) is False  # one of each: 16 ms against 24 ms
+    assert cpu_gemm.use_onednn([torch.randn(*s) for s in expected]) is False  # one of each: 16 ms against 24 ms

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from collections import Counter
-from typing import Dict, Optional, Tuple
+from typing import Optional, Sequence
 
 import torch
 
@@ -54,13 +54,13 @@ def _interleaved_medians(fns, reps: int = 11) -> list:
     return [sorted(ts)[reps // 2] for ts in times]
 
 
-def use_onednn(shapes: Dict[Tuple[int, int], int] = None, tokens: int = 16) -> bool:
+def use_onednn(weights: Sequence[torch.Tensor] = (), tokens: int = 16) -> bool:
     """Whether float32 CPU products of more than a few tokens go through oneDNN (decided once per process).
 
-    ``auto`` times both libraries on each weight shape [out, in] at ``tokens`` rows, the way the engine
-    calls them, in turns, and takes oneDNN when the sum over ``shapes`` (shape -> how many layers have it;
-    a model passes its own) is at least MIN_GAIN faster: one small product timed alone swung either way on
-    a busy host.
+    ``auto`` times both libraries at ``tokens`` rows, the way the engine calls them, in turns, on one of
+    each shape among ``weights`` (a model passes all of its dense weights, so a shape counts as often as
+    layers have it), and takes oneDNN when the sum is at least MIN_GAIN faster: one small product timed
+    alone swung either way on a busy host.
     """
     global _choice
     if _choice is not None:
@@ -73,17 +73,19 @@ def use_onednn(shapes: Dict[Tuple[int, int], int] = None, tokens: int = 16) -> b
     elif mode == "onednn":
         _choice = True
     else:
-        shapes = shapes or {(1536, 576): 1}
         g = torch.Generator().manual_seed(0)
+        weights = list(weights) or [torch.randn(1536, 576, generator=g)]
+        counts = Counter(tuple(w.shape) for w in weights)
+        first = {tuple(w.shape): w for w in reversed(weights)}  # one weight of each shape, the model's own
         t_mkl = t_dnn = 0.0
-        for (n, k), count in shapes.items():
-            w, x = torch.randn(n, k, generator=g), torch.randn(tokens, k, generator=g)
+        for shape, w in first.items():
+            x = torch.randn(tokens, w.shape[1], generator=g)
             packed = pack(w)
             m, d = _interleaved_medians([lambda: torch.mm(w, x.t()), lambda: linear(x, packed, None)])
-            t_mkl, t_dnn = t_mkl + count * m, t_dnn + count * d
+            t_mkl, t_dnn = t_mkl + counts[shape] * m, t_dnn + counts[shape] * d
         _choice = t_mkl >= MIN_GAIN * t_dnn
         logger.info("CPU float32 products at %d tokens, %d weights: MKL %.1f ms, oneDNN %.1f ms -> %s", tokens,
-                    sum(shapes.values()), t_mkl * 1e3, t_dnn * 1e3, "oneDNN" if _choice else "MKL")
+                    len(weights), t_mkl * 1e3, t_dnn * 1e3, "oneDNN" if _choice else "MKL")
     return _choice
 
 
@@ -92,8 +94,7 @@ def pack_model(model: torch.nn.Module) -> int:
     from ..layers.linear import Linear
     dense = [m for m in model.modules() if isinstance(m, Linear) and getattr(m, "weight", None) is not None
              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    shapes = Counter(tuple(m.weight.shape) for m in dense)
-    if not dense or not use_onednn(shapes):
+    if not dense or not use_onednn([m.weight for m in dense]):
         return 0
     for module in dense:
         module.packed = pack(module.weight)
