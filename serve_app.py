@@ -6,7 +6,11 @@
 
 Routes: /v1/models, /v1/chat/completions, /v1/completions, /health, /metrics.
 """
-from engine.serve.builder import build_app
+from engine.serve.ray_env import apply_quiet_ray_env
+
+apply_quiet_ray_env()  # before `serve run` starts Ray: quieter bookkeeping loops (see engine/serve/ray_env.py)
+
+from engine.serve.builder import build_app  # noqa: E402
 
 app = build_app({})
 

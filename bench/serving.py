@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import machine_description, save_json, token_prompts, write_section  # noqa: E402
 from bench.serving_client import run_load  # noqa: E402
+from engine.serve.ray_env import apply_quiet_ray_env  # noqa: E402
 
 MODEL = "SmolLM2-135M-Instruct"
 
@@ -77,8 +78,9 @@ def ours(prompts, a) -> list:
     cfg_path = Path(tempfile.mkdtemp(prefix="raylm-bench-")) / "serve_bench.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     serve_bin = Path(sys.executable).with_name("serve")
-    proc = subprocess.Popen([str(serve_bin), "run", str(cfg_path)], cwd=root, start_new_session=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    apply_quiet_ray_env(env)  # as scripts/run.sh starts it
+    proc = subprocess.Popen([str(serve_bin), "run", str(cfg_path)], cwd=root, start_new_session=True, env=env,
                             stdout=open("/tmp/raylm-serve-bench.log", "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{a.port}"
     try:

@@ -9,4 +9,6 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false RAYLM_LOG=${RAYLM_LOG:-INFO}
 # Convert the embedded model once, before replicas start (later starts take seconds).
 .venv/bin/python -c "from engine.default_model import default_model_dir; print('model:', default_model_dir())"
+# Quieter Ray bookkeeping loops on a small host (engine/serve/ray_env.py), for config files as well.
+eval "$(.venv/bin/python -m engine.serve.ray_env)"
 exec .venv/bin/serve run serve_app:app "$@"
