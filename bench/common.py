@@ -66,16 +66,17 @@ def memory_bandwidth_gbs(repeats: int = 9) -> float:
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """float32 matmul rate on all threads (median): the better of MKL (torch's ``@``) and oneDNN on a packed
-    weight (what the engine may use; on AMD processors MKL keeps to AVX2), so the bound is the machine's."""
+    """float32 matmul rate on all threads (median): the best of MKL (torch's ``@``), oneDNN and our panel
+    products on a packed weight (what the engine may use; on AMD processors MKL keeps to AVX2), so the bound
+    is the machine's, not one library's."""
     import torch
 
     from engine.kernels import cpu_gemm
     a, b = torch.randn(n, n), torch.randn(n, n)
     products = [lambda: a @ b]
-    if cpu_gemm.available():
-        packed = cpu_gemm.pack(b)
-        products.append(lambda: cpu_gemm.linear(a, packed, None))
+    for backend in ("onednn", "native"):
+        if cpu_gemm.backend_available(backend):
+            products.append((lambda p: lambda: cpu_gemm.linear(a, p, None))(cpu_gemm.pack(b, backend)))
     rates = []
     for product in products:
         def once():

@@ -8,7 +8,6 @@ import torch
 
 from .core.messages import RunnerOutput, SchedulerOutput
 from .layers.attention import AttentionMetadata, KVCache, PrefillChunk
-from .layers.linear import CPU_NATIVE_MAX_TOKENS_ONEDNN
 from .layers.rotary import RotaryEmbedding
 from .models.llama import LlamaModel
 from .sampler import SamplingState, gather_logprobs, sample
@@ -33,14 +32,13 @@ class ModelRunner:
             self._use_triton_decode(quant_policy)
         elif quant_policy:  # quantized blocks on CPU: the torch path dequantizes gathered blocks
             logger.info("paged decode: torch path over int%d KV blocks", quant_policy)
-        elif dtype == torch.float32:
-            self._use_native_decode()
-        if device == "cpu" and dtype == torch.float32:
+        if device == "cpu" and dtype == torch.float32:  # before the fused decoder, which takes the packed layout
             from .kernels import cpu_gemm
             packed = cpu_gemm.pack_model(model)
             if packed:
-                logger.info("CPU products beyond %d tokens: oneDNN over %d packed weights", CPU_NATIVE_MAX_TOKENS_ONEDNN,
-                            packed)
+                logger.info("CPU float32 products: %s over %d packed weights", cpu_gemm.backend(), packed)
+        if device == "cpu" and not quant_policy and dtype == torch.float32:
+            self._use_native_decode()
 
     def _use_triton_decode(self, quant_policy: int) -> None:
         from .kernels.paged_attention_quant_triton import triton_quant_decode

@@ -95,28 +95,37 @@ def _random_model(bias: bool, seed: int, heads=(6, 2, 8)):
     return model, RotaryEmbedding(a.head_dim, a.rope_theta, a.max_position_embeddings, {})
 
 
-@pytest.mark.parametrize("path", ["run", "run_phased"])
+@pytest.mark.parametrize("path", ["run", "run_phased", "run_panels"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_decode_layers_match_the_torch_layers(bias, path):
-    """A decode step through every layer: the whole-layer native path and the phased path (MKL products
-    between native phases) against the module path, same KV cache."""
+def test_fused_decode_layers_match_the_torch_layers(bias, path, monkeypatch):
+    """A decode step of 11 sequences through every layer: the whole-layer native path (on row-major or
+    panel-packed weights: 8 + 3 token rows, 48-, 32- and 16-wide output tiles) and the phased path (MKL
+    products between native phases) against the module path, same KV cache."""
+    from engine.kernels import cpu_gemm
     from engine.kernels.fused_decode import fused_decoder_for
     from engine.layers.attention import KVCache
 
     model, rope = _random_model(bias, seed=0)
     a = model.args
+    if path == "run_panels":
+        if not cpu_gemm.native_available():
+            pytest.skip("no panel products (AVX-512 native kernels) on this machine")
+        monkeypatch.setattr(cpu_gemm, "_choice", "native")
+        assert cpu_gemm.pack_model(model) > 0
     fused = fused_decoder_for(model, torch.float32)
-    assert fused is not None
-    bs, ctx_lens = 4, [5, 13, 1]  # tokens already cached per sequence
-    caches = [KVCache(a.num_layers, 12, bs, a.num_kv_heads, a.head_dim, torch.float32, "cpu") for _ in range(2)]
+    assert fused is not None and fused.panels == (path == "run_panels")
+    path = "run" if path == "run_panels" else path
+    bs, ctx_lens = 4, [5, 13, 1, 0, 9, 15, 2, 7, 11, 3, 6]  # tokens already cached per sequence
+    B = len(ctx_lens)
+    caches = [KVCache(a.num_layers, 4 * B, bs, a.num_kv_heads, a.head_dim, torch.float32, "cpu") for _ in range(2)]
     caches[0].data.normal_()
     caches[1].data.copy_(caches[0].data)
-    bt = torch.tensor([[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]])
-    x = torch.randn(3, a.hidden_size)
+    bt = torch.randperm(4 * B).reshape(B, 4)
+    x = torch.randn(B, a.hidden_size)
     pos = torch.tensor(ctx_lens)
     cos, sin = rope.cos_sin(pos)
     meta = AttentionMetadata(positions=pos, slot_blocks=bt.gather(1, (pos // bs)[:, None])[:, 0], slot_offsets=pos % bs,
-                             num_decode=3, decode_ctx_lens=pos + 1, decode_block_tables=bt, cos=cos, sin=sin)
+                             num_decode=B, decode_ctx_lens=pos + 1, decode_block_tables=bt, cos=cos, sin=sin)
     ref = x.clone()
     with torch.no_grad():
         for i, layer in enumerate(model.layers):
@@ -126,24 +135,24 @@ def test_fused_decode_layers_match_the_torch_layers(bias, path):
     torch.testing.assert_close(caches[1].data, caches[0].data, rtol=1e-5, atol=1e-5)  # same K/V written
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("gemm", ["mkl", "onednn", "native"])
 @pytest.mark.parametrize("bias,heads", [(False, (6, 2, 8)), (True, (6, 2, 8)), (False, (6, 2, 64)),
                                         (True, (8, 1, 64)), (False, (3, 3, 128))])
-def test_native_mixed_step_matches_the_torch_layers(bias, heads, packed, monkeypatch):
+def test_native_mixed_step_matches_the_torch_layers(bias, heads, gemm, monkeypatch):
     """Decode tokens and prefill chunks in one step (a fresh prompt, and a chunk continuing a cached prefix,
     both longer than one 16-row attention tile) through the token-major native path, against the module
-    path over the same KV cache; products on packed (oneDNN) and plain weights. Head sizes 64 and 128
+    path over the same KV cache; products on plain (MKL), oneDNN-packed and panel-packed weights. Head sizes 64 and 128
     take the 512-bit tile kernel where the CPU has it."""
     from engine.kernels import cpu_gemm
     from engine.kernels.fused_decode import fused_decoder_for
     from engine.layers.attention import KVCache, PrefillChunk
 
-    if packed and not cpu_gemm.available():
-        pytest.skip("this torch has no oneDNN linear ops")
+    if gemm != "mkl" and not cpu_gemm.backend_available(gemm):
+        pytest.skip(f"no {gemm} products on this machine")
     model, rope = _random_model(bias, seed=1, heads=heads)
     a = model.args
-    if packed:
-        monkeypatch.setattr(cpu_gemm, "_choice", True)
+    if gemm != "mkl":
+        monkeypatch.setattr(cpu_gemm, "_choice", gemm)
         assert cpu_gemm.pack_model(model) > 0
     fused = fused_decoder_for(model, torch.float32)
     bs = 4
@@ -175,25 +184,27 @@ def test_native_mixed_step_matches_the_torch_layers(bias, heads, packed, monkeyp
     torch.testing.assert_close(caches[1].data, caches[0].data, rtol=1e-5, atol=1e-5)  # same K/V written
 
 
-@pytest.mark.parametrize("M", [9, 64])
+@pytest.mark.parametrize("gemm,M", [("onednn", 9), ("onednn", 64), ("native", 2), ("native", 9), ("native", 64)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_onednn_packed_linear_matches_a_float64_reference(M, bias, monkeypatch):
+def test_packed_linear_matches_a_float64_reference(gemm, M, bias, monkeypatch):
+    """200 outputs: four 48-wide panel tiles and one of 8 (a partial 16-output panel, masked stores)."""
     from engine.kernels import cpu_gemm
-    if not cpu_gemm.available():
-        pytest.skip("this torch has no oneDNN linear ops")
-    monkeypatch.setattr(cpu_gemm, "_choice", True)
+    if not cpu_gemm.backend_available(gemm):
+        pytest.skip(f"no {gemm} products on this machine")
+    monkeypatch.setattr(cpu_gemm, "_choice", gemm)
     torch.manual_seed(M)
     lin = Linear(96, 200, bias=bias)
     lin.weight.data.normal_()
     if bias:
         lin.bias.data.normal_()
     assert cpu_gemm.pack_model(lin) == 1
+    assert isinstance(lin.packed, cpu_gemm.Panels) == (gemm == "native")
     x = torch.randn(M, 96)
     ref = x.double() @ lin.weight.double().t() + (lin.bias.double() if bias else 0)
     for y in (lin(x), lin.forward_t(x).t(), lin.forward_wide(x)):
         assert y.shape == (M, 200)
         assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
-    few = torch.randn(3, 96)  # the native kernel's range keeps the plain weight
+    few = torch.randn(1 if gemm == "native" else 3, 96)  # the skinny kernel's range keeps the plain weight
     assert lin.packed_for(few) is None
 
 
@@ -201,24 +212,31 @@ def test_cpu_gemm_setting_is_validated(monkeypatch):
     from engine.kernels import cpu_gemm
     monkeypatch.setattr(cpu_gemm, "_choice", None)
     monkeypatch.setenv(cpu_gemm.ENV, "fast")
-    with pytest.raises(ValueError, match="RAYLM_CPU_GEMM='fast': allowed values are auto, onednn, mkl"):
-        cpu_gemm.use_onednn()
+    with pytest.raises(ValueError, match="RAYLM_CPU_GEMM='fast': allowed values are auto, native, onednn, mkl"):
+        cpu_gemm.backend()
     monkeypatch.setenv(cpu_gemm.ENV, "mkl")
-    assert cpu_gemm.use_onednn() is False
+    assert cpu_gemm.backend() == "mkl"
+    monkeypatch.setattr(cpu_gemm, "_choice", None)
+    monkeypatch.setattr(cpu_gemm, "native_available", lambda: False)
+    monkeypatch.setenv(cpu_gemm.ENV, "native")
+    with pytest.raises(ValueError, match="RAYLM_CPU_GEMM='native': that backend is not available"):
+        cpu_gemm.backend()
 
 
 def test_gemm_choice_weighs_each_weight_shape_by_how_many_layers_have_it(monkeypatch):
     """``auto`` is decided on the model's own products: every dense weight shape, timed once and counted as
-    often as the model has it (a shape MKL wins once must not outweigh one oneDNN wins in every layer)."""
+    often as the model has it (a shape MKL wins once must not outweigh one a packed backend wins in every
+    layer)."""
     from engine.kernels import cpu_gemm
-    if not cpu_gemm.available():
+    if not cpu_gemm.onednn_available():
         pytest.skip("this torch has no oneDNN linear ops")
+    monkeypatch.setattr(cpu_gemm, "native_available", lambda: False)  # MKL against oneDNN alone
     model, _ = _random_model(False, seed=3, heads=(6, 2, 8))  # hidden 48, intermediate 80, 2 layers, vocab 64
     # hand-counted [out, in] shapes: qkv (6 + 2 * 2) * 8 = 80 rows, o, gate_up 2 * 80, down, the LM head
     expected = {(80, 48): 2, (48, 48): 2, (160, 48): 2, (48, 80): 2, (64, 48): 1}
     packed_shapes, timed = [], []
     real_pack = cpu_gemm.pack
-    monkeypatch.setattr(cpu_gemm, "pack", lambda w: packed_shapes.append(tuple(w.shape)) or real_pack(w))
+    monkeypatch.setattr(cpu_gemm, "pack", lambda w, b=None: packed_shapes.append(tuple(w.shape)) or real_pack(w, b))
 
     def fake_medians(fns, reps=11):  # (MKL s, oneDNN s): the LM head favours MKL by 20 ms, layers oneDNN by 3
         timed.append(packed_shapes[-1])
@@ -228,6 +246,6 @@ def test_gemm_choice_weighs_each_weight_shape_by_how_many_layers_have_it(monkeyp
     monkeypatch.setattr(cpu_gemm, "_choice", None)
     assert cpu_gemm.pack_model(model) == 9  # weighted: MKL 8 * 4 = 32 ms against oneDNN 20 + 8 * 1 = 28 ms
     assert sorted(timed) == sorted(expected)  # each shape timed once
-    assert cpu_gemm._choice is True
+    assert cpu_gemm._choice == "onednn"
     monkeypatch.setattr(cpu_gemm, "_choice", None)
-    assert cpu_gemm.use_onednn([torch.randn(*s) for s in expected]) is False  # one of each: 16 ms against 24 ms
+    assert cpu_gemm.backend([torch.randn(*s) for s in expected]) == "mkl"  # one of each: 16 ms against 24 ms

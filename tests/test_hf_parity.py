@@ -111,29 +111,30 @@ def test_dynamic_ntk_beyond_context_matches_hf(tmp_path, smol_dir):
         assert rel_err(lg, hf_last_logits(hf, p)) < 1e-4
 
 
-@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
+@pytest.mark.parametrize("gemm", ["mkl", "onednn", "native"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_decode_batches_beyond_the_fused_size_match_hf(tmp_path, smol_dir, arch, gemm, monkeypatch):
-    """Twelve sequences decoding together take the phased native path under MKL (feature-major products)
-    or the token-major one under oneDNN, and every prefill step the token-major native path (qwen2 adds
-    the qkv bias): still token-identical to transformers."""
+    """Twelve sequences decoding together take the phased native path under MKL (feature-major products),
+    the token-major one under oneDNN, or whole native layers on the panel products, and every prefill step
+    the token-major native path (qwen2 adds the qkv bias): still token-identical to transformers."""
     from engine.kernels import cpu_gemm
     from engine.kernels.fused_decode import MAX_TOKENS
-    if gemm == "onednn" and not cpu_gemm.available():
-        pytest.skip("this torch has no oneDNN linear ops")
-    monkeypatch.setattr(cpu_gemm, "_choice", gemm == "onednn")
+    if gemm != "mkl" and not cpu_gemm.backend_available(gemm):
+        pytest.skip(f"no {gemm} products on this machine")
+    monkeypatch.setattr(cpu_gemm, "_choice", gemm)
     hf = make_hf_model(arch, smol_dir, tmp_path / "m", seed=5)
     engine = LLMEngine(model=str(tmp_path / "m"), block_size=8, max_prefill_tokens=256, num_cpu_blocks=128)
-    assert (engine.runner.model.lm_head.packed is not None) == (gemm == "onednn")
+    assert (engine.runner.model.lm_head.packed is not None) == (gemm != "mkl")
     fused = engine.runner.model.fused_decoder
     if fused is None:
         pytest.skip("native CPU kernels unavailable")
+    assert fused.panels == (gemm == "native")
     calls = []
-    for name in ("run_phased", "run_mixed"):
+    for name in ("run", "run_phased", "run_mixed"):
         fn = getattr(fused, name)
         setattr(fused, name, lambda x, meta, kv, fn=fn, name=name: (
             calls.append((name, x.shape[0], bool(meta.prefills))), fn(x, meta, kv))[1])
     check_model(engine, hf, random_prompts([3, 9, 14, 20, 5, 31, 7, 12, 26, 4, 17, 11], seed=5), n_new=10)
-    decode_path = "run_phased" if gemm == "mkl" else "run_mixed"
+    decode_path = {"mkl": "run_phased", "onednn": "run_mixed", "native": "run"}[gemm]
     assert max(n for name, n, pre in calls if name == decode_path and not pre) == 12 > MAX_TOKENS
     assert any(pre for name, _, pre in calls if name == "run_mixed")  # the prompts' prefill

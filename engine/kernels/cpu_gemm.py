@@ -1,11 +1,17 @@
-"""float32 matrix products on CPU through oneDNN with weights packed once at load.
+"""float32 matrix products on CPU, on weights packed once at load.
 
 torch's ``F.linear`` on CPU runs MKL's sgemm, which packs the weight on every call and, on AMD processors,
-takes its AVX2 code even where AVX-512 is there. oneDNN (bundled with torch as mkldnn) picks the widest
-instructions the processor has and takes a weight reordered once into its blocked layout. Measured on a
-2-core AMD EPYC with AVX-512: a 1536x576 product at 16 tokens 228 -> 72 us, SmolLM2's 49k-row LM head at 16
-tokens 9.2 -> 3.0 ms. On a machine where it does not pay, ``auto`` keeps MKL: the choice is measured once
-per process over the model's layer shapes. ``RAYLM_CPU_GEMM=onednn|mkl|auto`` overrides it.
+takes its AVX2 code even where AVX-512 is there. Two packed backends replace it:
+
+- ``native``: our panel products (``panel_linear`` in csrc/cpu_kernels.c, AVX-512 builds): 16-output panels,
+  8 x 48 register tiles, the next tile's weights prefetched behind the arithmetic. Measured on a 2-core AMD
+  EPYC with AVX-512 over SmolLM2's shapes with the weights cold: 1.1-1.5x oneDNN from 5 to 512 tokens
+  (3072x576 at 32 tokens 0.63 -> 0.57 ms, the 49k-row LM head 10.9 -> 9.5 ms).
+- ``onednn``: torch's bundled oneDNN (mkldnn) on its blocked layout (1536x576 at 16 tokens: MKL 228 us,
+  oneDNN 72 us on that machine).
+
+``auto`` measures the available ones once per process over the model's own layer shapes and keeps MKL
+unless a packed backend is at least MIN_GAIN faster. ``RAYLM_CPU_GEMM=auto|native|onednn|mkl`` overrides it.
 """
 from __future__ import annotations
 
@@ -17,32 +23,73 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import cpu_native
+
 logger = logging.getLogger(__name__)
 
 ENV = "RAYLM_CPU_GEMM"
-CHOICES = ("auto", "onednn", "mkl")
-MIN_GAIN = 1.1  # auto takes oneDNN only when it is at least this much faster
-_choice: Optional[bool] = None
+CHOICES = ("auto", "native", "onednn", "mkl")
+MIN_GAIN = 1.1  # auto takes a packed backend only when it is at least this much faster than MKL
+_choice: Optional[str] = None
 
 
-def available() -> bool:
+class Panels:
+    """A weight [N, K] packed for ``panel_linear``: [ceil(N/16), K, 16], zero outputs past N."""
+
+    __slots__ = ("data", "out_features", "in_features")
+
+    def __init__(self, weight: torch.Tensor):
+        n, k = weight.shape
+        w = weight.detach().float()
+        padded = -(-n // 16) * 16
+        if padded != n:
+            w = torch.cat([w, w.new_zeros(padded - n, k)])
+        self.data = w.reshape(padded // 16, 16, k).transpose(1, 2).contiguous()  # 64-byte aligned panels
+        self.out_features, self.in_features = n, k
+
+    @property
+    def shape(self):
+        return (self.out_features, self.in_features)
+
+
+def onednn_available() -> bool:
     ops = torch.ops.mkldnn
     return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
             and hasattr(ops, "_linear_pointwise"))
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """[out, in] float32 -> oneDNN's blocked copy (an opaque mkldnn tensor)."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+def native_available() -> bool:
+    return cpu_native.panels_available()
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def backend_available(name: str) -> bool:
+    return {"native": native_available, "onednn": onednn_available, "mkl": lambda: True}[name]()
+
+
+def pack(weight: torch.Tensor, backend: Optional[str] = None):
+    """[out, in] float32 -> the backend's packed copy (``Panels``, or an opaque mkldnn tensor)."""
+    backend = backend or _choice
+    if backend == "native":
+        return Panels(weight)
+    if backend == "onednn":
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous())
+    raise ValueError(f"pack: backend {backend!r} has no packed layout (native, onednn)")
+
+
+def linear(x: torch.Tensor, packed, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [M, in] contiguous float32 @ W^T (+ bias) -> [M, out] contiguous."""
+    if isinstance(packed, Panels):
+        m = x.shape[0]
+        y = torch.empty(m, packed.out_features, dtype=torch.float32)
+        cpu_native.lib().panel_linear(x.data_ptr(), packed.data.data_ptr(),
+                                      None if bias is None else bias.data_ptr(), y.data_ptr(), m,
+                                      packed.out_features, packed.in_features, torch.get_num_threads())
+        return y
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 def _interleaved_medians(fns, reps: int = 11) -> list:
-    """Median seconds of each fn, run in turns (a drifting machine slows both sides alike)."""
+    """Median seconds of each fn, run in turns (a drifting machine slows all of them alike)."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
@@ -54,13 +101,14 @@ def _interleaved_medians(fns, reps: int = 11) -> list:
     return [sorted(ts)[reps // 2] for ts in times]
 
 
-def use_onednn(weights: Sequence[torch.Tensor] = (), tokens: int = 16) -> bool:
-    """Whether float32 CPU products of more than a few tokens go through oneDNN (decided once per process).
+def backend(weights: Sequence[torch.Tensor] = (), tokens: int = 16) -> str:
+    """Which library runs float32 CPU products of more than a few tokens: native, onednn or mkl (decided once
+    per process).
 
-    ``auto`` times both libraries at ``tokens`` rows, the way the engine calls them, in turns, on one of
-    each shape among ``weights`` (a model passes all of its dense weights, so a shape counts as often as
-    layers have it), and takes oneDNN when the sum is at least MIN_GAIN faster: one small product timed
-    alone swung either way on a busy host.
+    ``auto`` times the available backends at ``tokens`` rows, in turns, on one of each shape among
+    ``weights`` (a model passes all of its dense weights, so a shape counts as often as layers have it), and
+    takes the fastest packed one when the sum is at least MIN_GAIN faster than MKL's: one small product
+    timed alone swung either way on a busy host.
     """
     global _choice
     if _choice is not None:
@@ -68,24 +116,32 @@ def use_onednn(weights: Sequence[torch.Tensor] = (), tokens: int = 16) -> bool:
     mode = os.environ.get(ENV, "auto").strip().lower()
     if mode not in CHOICES:
         raise ValueError(f"{ENV}={mode!r}: allowed values are {', '.join(CHOICES)}")
-    if mode == "mkl" or not available():
-        _choice = False
-    elif mode == "onednn":
-        _choice = True
-    else:
-        g = torch.Generator().manual_seed(0)
-        weights = list(weights) or [torch.randn(1536, 576, generator=g)]
-        counts = Counter(tuple(w.shape) for w in weights)
-        first = {tuple(w.shape): w for w in reversed(weights)}  # one weight of each shape, the model's own
-        t_mkl = t_dnn = 0.0
-        for shape, w in first.items():
-            x = torch.randn(tokens, w.shape[1], generator=g)
-            packed = pack(w)
-            m, d = _interleaved_medians([lambda: torch.mm(w, x.t()), lambda: linear(x, packed, None)])
-            t_mkl, t_dnn = t_mkl + counts[shape] * m, t_dnn + counts[shape] * d
-        _choice = t_mkl >= MIN_GAIN * t_dnn
-        logger.info("CPU float32 products at %d tokens, %d weights: MKL %.1f ms, oneDNN %.1f ms -> %s", tokens,
-                    len(weights), t_mkl * 1e3, t_dnn * 1e3, "oneDNN" if _choice else "MKL")
+    if mode != "auto":
+        if not backend_available(mode):
+            raise ValueError(f"{ENV}={mode!r}: that backend is not available on this machine "
+                             "(native needs an AVX-512 build of the native kernels, onednn torch's mkldnn)")
+        _choice = mode
+        return _choice
+    packed_backends = [b for b in ("native", "onednn") if backend_available(b)]
+    if not packed_backends:
+        _choice = "mkl"
+        return _choice
+    g = torch.Generator().manual_seed(0)
+    weights = list(weights) or [torch.randn(1536, 576, generator=g)]
+    counts = Counter(tuple(w.shape) for w in weights)
+    first = {tuple(w.shape): w for w in reversed(weights)}  # one weight of each shape, the model's own
+    totals = dict.fromkeys(["mkl", *packed_backends], 0.0)
+    for shape, w in first.items():
+        x = torch.randn(tokens, w.shape[1], generator=g)
+        fns = [lambda: torch.mm(w, x.t())]
+        for b in packed_backends:
+            fns.append((lambda p: lambda: linear(x, p, None))(pack(w, b)))
+        for name, t in zip(totals, _interleaved_medians(fns)):
+            totals[name] += counts[shape] * t
+    best = min(packed_backends, key=totals.get)
+    _choice = best if totals["mkl"] >= MIN_GAIN * totals[best] else "mkl"
+    logger.info("CPU float32 products at %d tokens, %d weights: %s -> %s", tokens, len(weights),
+                ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in totals.items()), _choice)
     return _choice
 
 
@@ -94,8 +150,11 @@ def pack_model(model: torch.nn.Module) -> int:
     from ..layers.linear import Linear
     dense = [m for m in model.modules() if isinstance(m, Linear) and getattr(m, "weight", None) is not None
              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    if not dense or not use_onednn([m.weight for m in dense]):
+    if not dense:
+        return 0
+    choice = backend([m.weight for m in dense])
+    if choice == "mkl":
         return 0
     for module in dense:
-        module.packed = pack(module.weight)
+        module.packed = pack(module.weight, choice)
     return len(dense)

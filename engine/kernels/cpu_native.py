@@ -108,8 +108,18 @@ def lib() -> Optional[ctypes.CDLL]:
         so.tm_silu_mul.restype = None
         so.tm_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _P, _I]
         so.tm_attention.restype = None
+        so.panel_linear.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
+        so.panel_linear.restype = None
+        so.panel_available.argtypes = []
+        so.panel_available.restype = _I
         _lib = so
         return _lib
+
+
+def panels_available() -> bool:
+    """Whether the panel products (panel_linear, AVX-512 builds only) are there."""
+    so = lib()
+    return so is not None and bool(so.panel_available())
 
 
 def _ok(t: torch.Tensor) -> bool:

@@ -1,9 +1,9 @@
 """Decoder layers in native code for CPU float32 steps (csrc/cpu_kernels.c).
 
-- ``run``: decode-only steps up to MAX_TOKENS tokens; a whole layer is one native call (its own skinny
-  products stream the weights).
-- ``run_mixed``: any larger step, decode tokens and prefill chunks together. The layers' products (oneDNN
-  on packed weights, else MKL) run token-major between three native phases (norm with the residual add;
+- ``run``: decode-only steps up to MAX_TOKENS tokens (MAX_PANEL_TOKENS on panel-packed weights); a whole
+  layer is one native call (its own skinny or panel products stream the weights).
+- ``run_mixed``: any larger step, decode tokens and prefill chunks together. The layers' products (panel or
+  oneDNN on packed weights, else MKL) run token-major between three native phases (norm with the residual add;
   rotary + cache write + causal paged attention; SiLU gate), replacing about twenty torch operations per
   layer and the per-sequence attention calls of prefill chunks.
 - ``run_phased``: decode-only steps up to MAX_PHASED_TOKENS when the products are MKL's, which runs
@@ -21,13 +21,14 @@ import torch
 from . import cpu_gemm, cpu_native
 
 MAX_TOKENS = 8  # decode batches up to this size take the fused path (the skinny-matmul regime)
+MAX_PANEL_TOKENS = 256  # with panel-packed weights, decode batches up to here take it: one call per layer
 MAX_PHASED_TOKENS = 256  # larger decode batches take the phased path up to here
 
 
 class _LayerWeights(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("in_norm", "post_norm", "w_qkv", "b_qkv", "w_o", "b_o",
                                                 "w_gu", "b_gu", "w_down", "b_down")] + \
-               [("eps", ctypes.c_float)] + [(n, ctypes.c_int) for n in ("H", "NH", "KVH", "D", "I")]
+               [("eps", ctypes.c_float)] + [(n, ctypes.c_int) for n in ("H", "NH", "KVH", "D", "I", "panels")]
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -40,14 +41,18 @@ class FusedDecoder:
     def __init__(self, model, so: ctypes.CDLL):
         a = model.args
         self.so, self.a, self.model = so, a, model
+        # the panel products' layout when the layers were packed for them (cpu_gemm's native backend)
+        self.panels = all(isinstance(lin.packed, cpu_gemm.Panels) for layer in model.layers
+                          for lin in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down))
+        w = (lambda lin: lin.packed.data.data_ptr()) if self.panels else (lambda lin: lin.weight.data_ptr())
         self.structs: List[_LayerWeights] = []
         for layer in model.layers:
             at, mlp = layer.attn, layer.mlp
             self.structs.append(_LayerWeights(
-                _ptr(layer.input_norm.weight), _ptr(layer.post_norm.weight), _ptr(at.qkv.weight), _ptr(at.qkv.bias),
-                _ptr(at.o.weight), _ptr(at.o.bias), _ptr(mlp.gate_up.weight), _ptr(mlp.gate_up.bias),
-                _ptr(mlp.down.weight), _ptr(mlp.down.bias), layer.input_norm.eps,
-                a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size))
+                _ptr(layer.input_norm.weight), _ptr(layer.post_norm.weight), w(at.qkv), _ptr(at.qkv.bias),
+                w(at.o), _ptr(at.o.bias), w(mlp.gate_up), _ptr(mlp.gate_up.bias),
+                w(mlp.down), _ptr(mlp.down.bias), layer.input_norm.eps,
+                a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size, int(self.panels)))
         self.scale = a.head_dim ** -0.5
         self.per_token = a.hidden_size + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + \
             a.num_heads * a.head_dim + 3 * a.intermediate_size
@@ -141,7 +146,7 @@ def _slots_and_rotary(meta):
 
 def _mm(linear, rhs: torch.Tensor, out: torch.Tensor) -> None:
     """out [N, M] = W @ rhs (+ b): the weight-major product MKL runs fastest for a few dozen tokens."""
-    if linear.packed is not None:  # oneDNN's product is token-major; the transposing copy is ~1% of it
+    if linear.packed is not None:  # packed products are token-major; the transposing copy is ~1% of it
         out.copy_(cpu_gemm.linear(rhs.t().contiguous(), linear.packed, linear.bias).t())
     elif linear.bias is None:
         torch.mm(linear.weight, rhs, out=out)

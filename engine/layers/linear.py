@@ -20,6 +20,9 @@ CPU_NATIVE_MAX_TOKENS = 8  # the native skinny kernel streams weights at ~2x MKL
 # beside oneDNN's packed products it wins only up to 4 tokens (30 SmolLM2 layers on the 2-core AVX-512 EPYC:
 # 10.0 vs 10.8 ms at 1 token, 11.3 vs 11.0 at 4, 18.2 vs 12.9 at 8)
 CPU_NATIVE_MAX_TOKENS_ONEDNN = 4
+# the panel products (cpu_gemm's native backend) match the skinny kernel's weight stream at 1 token and beat
+# it from 2 on (30 SmolLM2 layers' shapes on that machine: 3072x576 at 4 tokens 361 -> 216 us)
+CPU_NATIVE_MAX_TOKENS_PANELS = 1
 CPU_WIDE_CHUNK = 1024  # weight rows per slice for very wide layers (forward_wide)
 
 
@@ -35,14 +38,14 @@ class Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
-        self.packed = None  # oneDNN's copy of the weight (kernels/cpu_gemm.py), set after loading on CPU
+        self.packed = None  # a packed copy of the weight (kernels/cpu_gemm.py), set after loading on CPU
 
-    def packed_for(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+    def packed_for(self, x: torch.Tensor):
         """The packed weight when it serves x: CPU, 2-D, beyond the native skinny kernel's few tokens."""
-        if (self.packed is not None and x.dim() == 2 and x.shape[0] > CPU_NATIVE_MAX_TOKENS_ONEDNN
-                and x.device.type == "cpu"):
-            return self.packed
-        return None
+        if self.packed is None or x.dim() != 2 or x.device.type != "cpu":
+            return None
+        few = CPU_NATIVE_MAX_TOKENS_PANELS if isinstance(self.packed, cpu_gemm.Panels) else CPU_NATIVE_MAX_TOKENS_ONEDNN
+        return self.packed if x.shape[0] > few else None
 
     def load(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> None:
         _copy(getattr(self, name).data, tensor, name)

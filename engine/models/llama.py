@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.fused_decode import MAX_PHASED_TOKENS
+from ..kernels.fused_decode import MAX_PANEL_TOKENS, MAX_PHASED_TOKENS
 from ..layers.attention import Attention, AttentionMetadata, KVCache
 from ..layers.linear import CPU_NATIVE_MAX_TOKENS_ONEDNN, FusedLinear, Linear
 from ..layers.norm import RMSNorm
@@ -23,7 +23,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if getattr(self.gate_up, "packed", None) is not None and self.gate_up.packed_for(x) is not None:
-            # oneDNN: [T, 2 * inter] row-major
+            # packed products: [T, 2 * inter] row-major
             gu = self.gate_up(x)
             return self.down(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
         gu = self.gate_up.forward_t(x)  # [2 * inter, T]: gate rows then up rows, each slice contiguous
@@ -68,7 +68,9 @@ class LlamaModel(nn.Module):
         fd = self.fused_decoder
         if fd is None:
             return None
-        packed = self.layers[0].attn.qkv.packed is not None  # oneDNN's products
+        if fd.panels and self.fused_ok(meta, x.shape[0], MAX_PANEL_TOKENS):
+            return fd.run(x.contiguous(), meta, kv)  # whole layers in native code on the panel products
+        packed = self.layers[0].attn.qkv.packed is not None  # oneDNN's products (panels took the branch above)
         if self.fused_ok(meta, x.shape[0], CPU_NATIVE_MAX_TOKENS_ONEDNN if packed else 0):
             return fd.run(x.contiguous(), meta, kv)
         if self.fused_ok(meta, x.shape[0], MAX_PHASED_TOKENS) and not packed:

@@ -2,11 +2,13 @@
  *
  *   skinny_linear: y = x W^T (+ b) for a few token rows, W [N, K] row-major, y written feature-major
  *                  ([N, M]); weights stream once from memory, split over threads by output rows.
+ *   panel_linear:  y = x W^T (+ b) for any number of token rows on weights packed into 16-output panels
+ *                  (AVX-512): register tiles of 8 rows x 48 outputs, the next tile's weights prefetched.
  *   paged_decode:  one query token per sequence against its paged K/V context, two passes (scores then
  *                  values), reading each cached K and V row exactly once. Cache layout per layer:
  *                  [num_blocks, kv_heads, block_size, head_dim].
  *
- * Both are checked against torch references in tests/test_cpu_kernels.py.
+ * All are checked against torch references in tests/test_cpu_kernels.py.
  */
 #include <math.h>
 #include <stdint.h>
@@ -341,6 +343,102 @@ void paged_decode(const float *q, const float *k_cache, const float *v_cache, co
     }
 }
 
+/* ---- panel products ------------------------------------------------------------------------------
+ * y [M, N] (+)= x [M, K] W^T (+ b) on weights packed once into 16-output panels P [ceil(N/16)][K][16]
+ * (zero outputs past N; one panel row is one 64-byte cache line). A tile is three panels (48 outputs)
+ * against up to 8 token rows: 24 accumulators stay in registers over the whole of K, each weight vector
+ * feeds 8 FMAs and each x element is broadcast once per tile. While a tile's first rows run, the next
+ * tile's panel rows are prefetched line by line into L2, so the weights stream from memory behind the
+ * arithmetic instead of stalling it. Threads take contiguous ranges of tiles.
+ * Measured on the 2-core AVX-512 EPYC, SmolLM2's shapes, weights cold: 1.1-1.5x oneDNN's packed products
+ * from 5 to 512 tokens, and as fast as skinny_linear's weight stream at 1 token. */
+#if defined(HAVE_AVX512)
+#define PANEL_MR 8
+#define PANEL_NV 3
+static inline __attribute__((always_inline)) void panel_tile(const float *x, int K, const float *p, int64_t ps,
+                                                             float *y, int64_t ldy, const float *b, int ncols,
+                                                             int accumulate, const float *pf, int npf,
+                                                             const int MR, const int NV) {
+    __m512 acc[PANEL_MR][PANEL_NV];
+    for (int m = 0; m < MR; m++)
+        for (int v = 0; v < NV; v++) acc[m][v] = _mm512_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        __m512 w[PANEL_NV];
+        for (int v = 0; v < NV; v++) w[v] = _mm512_load_ps(p + v * ps + (int64_t)k * 16);
+        if (pf)
+            for (int v = 0; v < npf; v++) _mm_prefetch((const char *)(pf + v * ps + (int64_t)k * 16), _MM_HINT_T1);
+        for (int m = 0; m < MR; m++) {
+            const __m512 xb = _mm512_set1_ps(x[(int64_t)m * K + k]);
+            for (int v = 0; v < NV; v++) acc[m][v] = _mm512_fmadd_ps(xb, w[v], acc[m][v]);
+        }
+    }
+    for (int v = 0; v < NV; v++) {
+        const int left = ncols - 16 * v;
+        const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
+        const __m512 bv = b ? _mm512_maskz_loadu_ps(mk, b + 16 * v) : _mm512_setzero_ps();
+        for (int m = 0; m < MR; m++) {
+            float *yr = y + (int64_t)m * ldy + 16 * v;
+            __m512 r = _mm512_add_ps(acc[m][v], bv);
+            if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mk, yr));
+            _mm512_mask_storeu_ps(yr, mk, r);
+        }
+    }
+}
+
+#define PANEL_CASE(R, V) case (R) * 4 + (V): \
+    panel_tile(xm, K, pt, ps, ym, N, bt, ncols, accumulate, pfm, npf, R, V); break;
+#define PANEL_ROW(R) PANEL_CASE(R, 1) PANEL_CASE(R, 2) PANEL_CASE(R, 3)
+
+/* tiles [t0, t1) of one product; the caller splits tiles over threads */
+static void panel_tiles(const float *x, const float *p, const float *b, float *y, int M, int N, int K,
+                        int accumulate, int t0, int t1) {
+    const int64_t ps = (int64_t)K * 16;
+    for (int t = t0; t < t1; t++) {
+        const int n0 = t * 16 * PANEL_NV, ncols = N - n0 < 16 * PANEL_NV ? N - n0 : 16 * PANEL_NV;
+        const int nv = (ncols + 15) / 16;
+        const float *pt = p + (int64_t)(n0 / 16) * ps, *bt = b ? b + n0 : NULL;
+        const float *pf = NULL;
+        int npf = 0;
+        if (t + 1 < t1) {
+            const int rest = N - n0 - 16 * PANEL_NV;
+            npf = rest >= 16 * PANEL_NV ? PANEL_NV : (rest + 15) / 16;
+            pf = pt + PANEL_NV * ps;
+        }
+        for (int m0 = 0; m0 < M; m0 += PANEL_MR) {
+            const int mr = M - m0 < PANEL_MR ? M - m0 : PANEL_MR;
+            const float *xm = x + (int64_t)m0 * K, *pfm = m0 == 0 ? pf : NULL;
+            float *ym = y + (int64_t)m0 * N + n0;
+            switch (mr * 4 + nv) {
+                PANEL_ROW(1) PANEL_ROW(2) PANEL_ROW(3) PANEL_ROW(4)
+                PANEL_ROW(5) PANEL_ROW(6) PANEL_ROW(7) PANEL_ROW(8)
+            }
+        }
+    }
+}
+
+/* this thread's contiguous share of the tiles, inside the caller's parallel region; ends at a barrier */
+static void panel_rows(const float *x, const float *p, const float *b, float *y, int M, int N, int K,
+                       int accumulate) {
+    const int ntile = (N + 16 * PANEL_NV - 1) / (16 * PANEL_NV);
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    panel_tiles(x, p, b, y, M, N, K, accumulate, (int)((int64_t)ntile * t / nt), (int)((int64_t)ntile * (t + 1) / nt));
+    #pragma omp barrier
+}
+
+int panel_available(void) { return 1; }
+
+void panel_linear(const float *x, const float *p, const float *b, float *y, int M, int N, int K, int nthreads) {
+    #pragma omp parallel num_threads(nthreads)
+    panel_rows(x, p, b, y, M, N, K, 0);
+}
+#else
+int panel_available(void) { return 0; }
+
+void panel_linear(const float *x, const float *p, const float *b, float *y, int M, int N, int K, int nthreads) {
+    (void)x; (void)p; (void)b; (void)y; (void)M; (void)N; (void)K; (void)nthreads;
+}
+#endif
+
 /* ---- fused decode layer ------------------------------------------------------------------------
  * One Llama-family decoder layer for a few decode tokens (one per sequence), in one parallel region:
  * RMSNorm -> qkv -> RoPE (rotate-half) -> K/V cache write -> paged attention -> o -> residual ->
@@ -351,6 +449,7 @@ typedef struct {
     const float *in_norm, *post_norm, *w_qkv, *b_qkv, *w_o, *b_o, *w_gu, *b_gu, *w_down, *b_down;
     float eps;
     int H, NH, KVH, D, I;
+    int panels; /* the w_* are panel-packed (panel_linear's layout), not row-major */
 } layer_weights;
 
 /* One row: x += add (when given; its elements add_step apart), then h = rmsnorm(x) * w. */
@@ -436,6 +535,18 @@ static void rotate_write_attend(float *qkv, const float *cos, const float *sin, 
     }
 }
 
+/* one of a layer's products inside its parallel region, in the layout its weights were given in */
+static void layer_product(const layer_weights *L, const float *x, const float *w, const float *b, float *y,
+                          int M, int N, int K, int accumulate) {
+#if defined(HAVE_AVX512)
+    if (L->panels) {
+        panel_rows(x, w, b, y, M, N, K, accumulate);
+        return;
+    }
+#endif
+    gemv_rows(x, w, b, y, M, N, K, accumulate);
+}
+
 void decode_layer(float *x, const layer_weights *L, const float *cos, const float *sin,
                   float *k_cache, float *v_cache, const int32_t *slot_blocks, const int32_t *slot_offsets,
                   const int32_t *block_tables, const int32_t *ctx_lens, int max_blocks, int M, int BS,
@@ -451,19 +562,19 @@ void decode_layer(float *x, const layer_weights *L, const float *cos, const floa
     {
         #pragma omp single
         rmsnorm_rows(x, L->in_norm, h, M, H, L->eps);
-        gemv_rows(h, L->w_qkv, L->b_qkv, qkv, M, QKV, H, 0);
+        layer_product(L, h, L->w_qkv, L->b_qkv, qkv, M, QKV, H, 0);
         rotate_write_attend(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, block_tables, ctx_lens,
                             max_blocks, M, NH, KVH, D, BS, scale, att);
-        gemv_rows(att, L->w_o, L->b_o, x, M, H, NH * D, 1);  /* x += o(att) */
+        layer_product(L, att, L->w_o, L->b_o, x, M, H, NH * D, 1);  /* x += o(att) */
         #pragma omp single
         rmsnorm_rows(x, L->post_norm, h, M, H, L->eps);
-        gemv_rows(h, L->w_gu, L->b_gu, gu, M, 2 * I, H, 0);
+        layer_product(L, h, L->w_gu, L->b_gu, gu, M, 2 * I, H, 0);
         #pragma omp for schedule(static)
         for (int t = 0; t < M * ((I + 255) / 256); t++) {  /* (row, 256-wide slice) */
             int m = t / ((I + 255) / 256), i = t % ((I + 255) / 256) * 256, n = I - i < 256 ? I - i : 256;
             silu_mul_f32(gu + (int64_t)m * 2 * I + i, gu + (int64_t)m * 2 * I + I + i, act + (int64_t)m * I + i, n);
         }
-        gemv_rows(act, L->w_down, L->b_down, x, M, H, I, 1);  /* x += down(act) */
+        layer_product(L, act, L->w_down, L->b_down, x, M, H, I, 1);  /* x += down(act) */
     }
 }
 
