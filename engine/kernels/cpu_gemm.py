@@ -4,9 +4,9 @@ torch's ``F.linear`` on CPU runs MKL's sgemm, which packs the weight on every ca
 takes its AVX2 code even where AVX-512 is there. Two packed backends replace it:
 
 - ``native``: our panel products (``panel_linear`` in csrc/cpu_kernels.c, AVX-512 builds): 16-output panels,
-  8 x 48 register tiles, the next tile's weights prefetched behind the arithmetic. Measured on a 2-core AMD
-  EPYC with AVX-512 over SmolLM2's shapes with the weights cold: 1.1-1.5x oneDNN from 5 to 512 tokens
-  (3072x576 at 32 tokens 0.63 -> 0.57 ms, the 49k-row LM head 10.9 -> 9.5 ms).
+  8 x 48 register tiles, the next tile's weights prefetched behind the arithmetic. bench/cpu_gemm.py on a
+  2-core AMD EPYC with AVX-512, SmolLM2's shapes, weights cold: 1.06-2.2x oneDNN from 1 to 512 tokens
+  (3072x576 at 32 tokens 1.22 -> 1.10 ms, the 49k-row LM head 12.2 -> 10.4 ms).
 - ``onednn``: torch's bundled oneDNN (mkldnn) on its blocked layout (1536x576 at 16 tokens: MKL 228 us,
   oneDNN 72 us on that machine).
 
