@@ -47,10 +47,6 @@ class Panels:
         self.data = w.reshape(padded // 16, 16, k).transpose(1, 2).contiguous()  # 64-byte aligned panels
         self.out_features, self.in_features = n, k
 
-    @property
-    def shape(self):
-        return (self.out_features, self.in_features)
-
 
 def onednn_available() -> bool:
     ops = torch.ops.mkldnn
@@ -66,9 +62,8 @@ def backend_available(name: str) -> bool:
     return {"native": native_available, "onednn": onednn_available, "mkl": lambda: True}[name]()
 
 
-def pack(weight: torch.Tensor, backend: Optional[str] = None):
+def pack(weight: torch.Tensor, backend: str):
     """[out, in] float32 -> the backend's packed copy (``Panels``, or an opaque mkldnn tensor)."""
-    backend = backend or _choice
     if backend == "native":
         return Panels(weight)
     if backend == "onednn":

@@ -350,8 +350,8 @@ void paged_decode(const float *q, const float *k_cache, const float *v_cache, co
  * feeds 8 FMAs and each x element is broadcast once per tile. While a tile's first rows run, the next
  * tile's panel rows are prefetched line by line into L2, so the weights stream from memory behind the
  * arithmetic instead of stalling it. Threads take contiguous ranges of tiles.
- * Measured on the 2-core AVX-512 EPYC, SmolLM2's shapes, weights cold: 1.1-1.5x oneDNN's packed products
- * from 5 to 512 tokens, and as fast as skinny_linear's weight stream at 1 token. */
+ * bench/cpu_gemm.py on the 2-core AVX-512 EPYC, SmolLM2's shapes, weights cold: 1.06-2.2x oneDNN's packed
+ * products from 1 to 512 tokens; at 1 token about as fast as skinny_linear's weight stream. */
 #if defined(HAVE_AVX512)
 #define PANEL_MR 8
 #define PANEL_NV 3
