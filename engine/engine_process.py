@@ -128,6 +128,7 @@ class ProcessEngine(RequestStreams):
         self._info = info
         self._stats = info.pop("stats")
         self._stopped = False
+        self._pipe_closed = False
         self._tokenizer = None
         self._outbox: "queue.Queue" = queue.Queue()  # sends happen off the event loop (a full pipe blocks)
         self._reader = threading.Thread(target=self._read, name="engine-reader", daemon=True)
@@ -151,6 +152,7 @@ class ProcessEngine(RequestStreams):
             try:
                 msg = self._conn.recv()
             except (EOFError, OSError):
+                self._pipe_closed = True  # before anyone hears of it: is_alive() is False from here on
                 break
             kind = msg[0]
             if kind == "out":
@@ -160,7 +162,11 @@ class ProcessEngine(RequestStreams):
             elif kind == "stats":
                 self._stats = msg[1]
         if not self._stopped:
-            logger.error("engine process exited (code %s)", self._proc.poll())
+            try:  # the pipe closes a moment before the kernel lets us reap the process
+                code = self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                code = None
+            logger.error("engine process exited (code %s)", code)
         for rid in list(self._queues):  # nobody waits forever on a dead engine
             self._deliver_error(rid, RuntimeError("the engine process exited"))
 
@@ -203,7 +209,8 @@ class ProcessEngine(RequestStreams):
         return {"session_len": self._info["session_len"], "device": self._info["device"]}
 
     def is_alive(self) -> bool:
-        return not self._stopped and self._proc.poll() is None and self._reader.is_alive()
+        return (not self._stopped and not self._pipe_closed and self._proc.poll() is None
+                and self._reader.is_alive())
 
     def check_health(self) -> None:
         if not self.is_alive():
