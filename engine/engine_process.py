@@ -161,14 +161,14 @@ class ProcessEngine(RequestStreams):
                 self._deliver_error(msg[1], ValueError(msg[2]))
             elif kind == "stats":
                 self._stats = msg[1]
+        for rid in list(self._queues):  # nobody waits forever on a dead engine
+            self._deliver_error(rid, RuntimeError("the engine process exited"))
         if not self._stopped:
             try:  # the pipe closes a moment before the kernel lets us reap the process
                 code = self._proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 code = None
             logger.error("engine process exited (code %s)", code)
-        for rid in list(self._queues):  # nobody waits forever on a dead engine
-            self._deliver_error(rid, RuntimeError("the engine process exited"))
 
     def _write(self) -> None:
         while True:
