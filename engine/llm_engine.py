@@ -21,6 +21,7 @@ from .models.loader import load_model
 from .outputs import RequestOutput
 from .prompts import Prompt, encode_prompt
 from .request_state import RequestState
+from .step_trace import StepTrace
 
 logger = logging.getLogger(__name__)
 _ids = itertools.count()
@@ -111,6 +112,7 @@ class LLMEngine:
                     cfg.quant_policy, f", over {cfg.tp} ranks" if cfg.tp > 1 else "", session_len)
         self.requests: Dict[str, RequestState] = {}
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self.trace = StepTrace.from_env()  # RAYLM_STEP_TRACE: one line per step
 
     def _tp_plan(self, cfg: EngineConfig):
         """Model folder, full and per-rank (largest) ModelArgs; the partition errors out before any work."""
@@ -179,7 +181,10 @@ class LLMEngine:
             if sched.finished_ids:
                 self.runner.execute(sched)  # lets the runner drop state
             return []
+        t0, c0 = time.time(), time.perf_counter()
         result = self.runner.execute(sched)
+        if self.trace is not None:
+            self.trace.record(t0, time.perf_counter() - c0, sched)
         grew = self.scheduler.update(sched, result)
         self.stats["steps"] += 1
         outputs = []

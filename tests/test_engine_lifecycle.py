@@ -215,3 +215,21 @@ def test_engine_process_start_failure_and_death(tiny, tmp_path):
             eng.check_health()
     finally:
         eng.shutdown()
+
+
+def test_step_trace_lines_match_the_steps(tiny, tmp_path, monkeypatch):
+    """RAYLM_STEP_TRACE: one line per model step, whose token counts add up to the work by hand: every
+    prompt token once, then one decode per generated token but the last (it is never fed back)."""
+    import json
+    path = tmp_path / "steps.jsonl"
+    monkeypatch.setenv("RAYLM_STEP_TRACE", str(path))
+    lengths, new = [70, 5, 33], 6
+    eng = LLMEngine(model=str(tiny[0]), max_prefill_tokens=48, block_size=16, num_cpu_blocks=64)
+    Pipeline(eng)(prompts(lengths, 3), G(max_new_tokens=new, ignore_eos=True, temperature=0))
+    eng.trace.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == eng.stats["steps"]
+    assert sum(r["tokens"] for r in rows) == sum(lengths) + len(lengths) * (new - 1)
+    assert sum(r["decodes"] for r in rows) == len(lengths) * (new - 1)
+    assert all(r["tokens"] <= 48 and r["ms"] > 0 and r["seqs"] >= 1 for r in rows)
+    assert [r["t"] for r in rows] == sorted(r["t"] for r in rows)

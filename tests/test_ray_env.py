@@ -8,7 +8,7 @@ from pathlib import Path
 
 import ray
 
-from engine.serve.ray_env import QUIET_RAY_ENV, apply_quiet_ray_env, shell_exports
+from engine.serve.ray_env import PYTHON_READ, QUIET_RAY_ENV, apply_quiet_ray_env, shell_exports
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,20 +38,21 @@ def _clean_env():
     return {k: v for k, v in os.environ.items() if k not in QUIET_RAY_ENV and k != "RAYLM_QUIET_RAY"}
 
 
-def test_serve_reads_the_control_loop_interval():
+def test_rays_python_modules_read_theirs():
     env = _clean_env()
     apply_quiet_ray_env(env)
-    code = "from ray.serve._private.constants import CONTROL_LOOP_INTERVAL_S as v; print(v)"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert float(out.stdout.strip()) == float(QUIET_RAY_ENV["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"])
+    code = ("import importlib, json; from engine.serve.ray_env import PYTHON_READ; "
+            "print(json.dumps({k: getattr(importlib.import_module(m), a) for k, (m, a) in PYTHON_READ.items()}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    read = json.loads(out.stdout.strip().splitlines()[-1])
+    assert read and all(float(read[k]) == float(QUIET_RAY_ENV[k]) for k in read)
 
 
 def test_core_flags_are_names_rays_binaries_know():
     """RAY_<name> overrides the C++ RayConfig entry <name>: each name must be one the binaries carry."""
     so = (Path(ray.__file__).parent / "_raylet.so").read_bytes()
-    for key in QUIET_RAY_ENV:
-        if key.startswith("RAY_SERVE_"):
-            continue
+    for key in set(QUIET_RAY_ENV) - set(PYTHON_READ):
         assert key[len("RAY_"):].encode() in so, key
 
 
