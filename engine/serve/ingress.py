@@ -19,7 +19,7 @@ from . import responses as R
 from .config import AppConfig
 from .errors import OpenAIError, from_validation, from_value_error
 from .metrics import ServeMetrics
-from .metrics_hub import hub_handle
+from .metrics_hub import snapshot
 from .protocol import ChatCompletionRequest, CompletionRequest
 
 app = FastAPI(title="raylm: OpenAI-compatible API")
@@ -153,7 +153,7 @@ class OpenAIIngress:
 
     async def _snapshot(self) -> dict:
         try:
-            return await asyncio.wait_for(hub_handle(self.hub_name).snapshot.remote(), timeout=5)
+            return await asyncio.wait_for(asyncio.to_thread(snapshot, self.hub_name), timeout=5)
         except Exception:
             return {}
 
