@@ -72,6 +72,9 @@ def serve_url():
     """A real local Ray cluster with Serve's HTTP proxy on a free port; yields the base URL."""
     import ray
     from ray import serve
+
+    from engine.serve.ray_env import apply_quiet_ray_env
+    apply_quiet_ray_env()  # the Ray settings `serve run serve_app:...` starts with, before Ray starts
     port = free_port()
     # the dashboard serves Ray's state API (list_actors, list_placement_groups) that lifecycle tests query
     ctx = ray.init(address="local", num_cpus=8, include_dashboard=True, dashboard_port=free_port(),

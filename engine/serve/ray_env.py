@@ -41,6 +41,11 @@ QUIET_RAY_ENV: Dict[str, str] = {
     # lines are still forwarded within 0.1 s; a new worker's log file is found within 2 s.
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
     "LOG_NAME_UPDATE_INTERVAL_S": "2",
+    # Serve's own gRPC channel between the proxy, the ingress and the engine replicas instead of Ray actor
+    # calls with object-ref streaming generators (part of Serve's throughput-optimized mode). Streaming a
+    # 128-request load at concurrency 16 on the 2-core EPYC, the proxy, ingress and engine replica took
+    # 7.1-7.5% of the engine's CPU time in all, against 9.1-10.8% over actor calls.
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
 }
 # Settings read by Ray's Python modules (module, attribute), not by its C++ binaries.
 PYTHON_READ = {
@@ -48,6 +53,7 @@ PYTHON_READ = {
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": ("ray.serve._private.constants", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"),
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": ("ray._private.log_monitor", "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"),
     "LOG_NAME_UPDATE_INTERVAL_S": ("ray._private.log_monitor", "LOG_NAME_UPDATE_INTERVAL_S"),
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": ("ray.serve._private.constants", "RAY_SERVE_USE_GRPC_BY_DEFAULT"),
 }
 
 
