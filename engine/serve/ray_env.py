@@ -7,8 +7,9 @@ Ray's defaults and 2.1-2.2 with the first four (the Serve controller 0.74 -> 0.2
 and the throughput difference was inside the host's noise. The Serve metrics flush and log-monitor settings
 took an idle app from 2.73 to 2.17 CPU-s per 20 s (log monitor 0.23 -> 0.08, each replica about -0.08).
 An idle app beside an offline run slowed its batch-16 decode steps from 41.3 to 44.5 ms on the 2-core
-EPYC, so on a small host this background is paid out of the engine's steps. These settings slow the bookkeeping loops down;
-none of them changes what a request gets. They only take effect in processes started after they are set,
+EPYC, so on a small host this background is paid out of the engine's steps. All but the last slow Ray's
+bookkeeping loops down; the last moves Serve's traffic between its processes onto Serve's gRPC channel.
+None of them changes what a request gets. They only take effect in processes started after they are set,
 so they go into the environment before Ray starts: ``serve_app`` sets them on import (``serve run serve_app:...``
 imports the app before it starts Ray) and ``scripts/run.sh`` exports them, for config files too. On a
 cluster started with ``ray start`` they need to be in that command's environment (many-core GPU hosts
