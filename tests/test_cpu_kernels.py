@@ -57,10 +57,12 @@ def test_skinny_linear_refuses_what_it_cannot_take():
 
 @pytest.mark.parametrize("D,BS,ctx_lens,H,KVH", [(64, 16, [1, 17, 40, 64], 6, 2), (40, 4, [5, 12, 1], 6, 2),
                                                   (8, 64, [130, 3], 6, 2), (64, 64, [200, 3, 64], 9, 1),
-                                                  (128, 16, [1, 33, 70], 6, 2)])
+                                                  (128, 16, [1, 33, 70], 6, 2),
+                                                  (64, 16, [(7 * i) % 50 + 1 for i in range(24)], 9, 3)])
 def test_native_paged_decode_matches_dense_and_torch_path(D, BS, ctx_lens, H, KVH):
     """Head sizes 64 and 128 take the 512-bit kernel where the CPU has it (query heads in register groups
-    of 4 or 2 per KV head, and the rest one by one); others the generic one."""
+    of 4 or 2 per KV head, and the rest one by one); others the generic one. The 24-sequence case hands
+    the tasks out in chunks of several, each read behind one read-ahead cursor."""
     q, k, v, bt, ctx = paged_inputs(len(ctx_lens), H, KVH, D, BS, ctx_lens, seed=D)
     kc, vc = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()  # [blocks, KVH, BS, D]
     out = cpu_native.paged_decode(q, kc, vc, bt.to(torch.int32), ctx.to(torch.int32), 0.125)

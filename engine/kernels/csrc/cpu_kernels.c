@@ -5,8 +5,8 @@
  *   panel_linear:  y = x W^T (+ b) for any number of token rows on weights packed into 16-output panels
  *                  (AVX-512): register tiles of 8 rows x 48 outputs, the next tile's weights prefetched.
  *   paged_decode:  one query token per sequence against its paged K/V context, two passes (scores then
- *                  values), reading each cached K and V row exactly once. Cache layout per layer:
- *                  [num_blocks, kv_heads, block_size, head_dim].
+ *                  values), reading each cached K and V row exactly once, behind a read-ahead cursor.
+ *                  Cache layout per layer: [num_blocks, kv_heads, block_size, head_dim].
  *
  * All are checked against torch references in tests/test_cpu_kernels.py.
  */
@@ -50,6 +50,67 @@ static inline void axpy_f32(float *y, float p, const float *v, int n) {
         _mm256_storeu_ps(y + k, _mm256_fmadd_ps(pp, _mm256_loadu_ps(v + k), _mm256_loadu_ps(y + k)));
 #endif
     for (; k < n; k++) y[k] += p * v[k];
+}
+
+/* ---- read-ahead over decode attention's K/V rows -------------------------------------------------
+ * A decode step reads every sequence's cached K and V once, from DRAM (the cache is far larger than L3).
+ * A thread's tasks (sequence, KV head) read their rows in a known order: per task its K rows block by block,
+ * then its V rows. The cursor walks the same rows in the same order, KV_AHEAD cache lines ahead of the
+ * reads, and issues one prefetch per line read, so a steady number of misses is in flight instead of a
+ * burst at each block's start. */
+#ifndef KV_AHEAD
+#define KV_AHEAD 512
+#endif
+#ifndef KV_HINT
+#define KV_HINT 2
+#endif
+typedef struct {
+    const float *k, *v;
+    const int32_t *bt, *ctx;     /* block tables [B, max_blocks] and context lengths of the step's sequences */
+    int64_t block_stride, head_stride;
+    int max_blocks, KVH, D, BS;
+    int task, task_end, which, b;  /* the next range: task (b * KVH + kh), K (0) or V (1), block */
+    const char *p;                 /* the next line to prefetch, and how many lines its range has left */
+    int left, done;
+} kv_cursor;
+
+static void kvc_init(kv_cursor *c, const float *k, const float *v, const int32_t *bt, const int32_t *ctx,
+                     int max_blocks, int KVH, int D, int BS, int task0, int task1) {
+    c->k = k; c->v = v; c->bt = bt; c->ctx = ctx; c->max_blocks = max_blocks; c->KVH = KVH; c->D = D; c->BS = BS;
+    c->head_stride = (int64_t)BS * D; c->block_stride = (int64_t)KVH * BS * D;
+    c->task = task0; c->task_end = task1; c->which = c->b = 0; c->p = NULL; c->left = 0; c->done = 0;
+}
+
+static __attribute__((noinline)) void kvc_next_range(kv_cursor *c) {
+    while (c->task < c->task_end) {
+        const int m = c->task / c->KVH, kh = c->task % c->KVH, ctx = c->ctx[m];
+        if (c->b * c->BS >= ctx) {
+            if (c->which == 0) c->which = 1;
+            else { c->task++; c->which = 0; }
+            c->b = 0;
+            continue;
+        }
+        const int nk = ctx - c->b * c->BS < c->BS ? ctx - c->b * c->BS : c->BS;
+        c->p = (const char *)((c->which ? c->v : c->k) + c->bt[(int64_t)m * c->max_blocks + c->b] * c->block_stride
+                              + kh * c->head_stride);
+        c->left = (int)(((int64_t)nk * c->D * (int64_t)sizeof(float) + 63) / 64);
+        c->b++;
+        return;
+    }
+    c->done = 1;
+}
+
+/* prefetch the cursor's next n lines */
+static inline void kvc_ahead(kv_cursor *c, int n) {
+    for (; n > 0 && !c->done; n--) {
+        if (c->left == 0) {
+            kvc_next_range(c);
+            if (c->done) return;
+        }
+        __builtin_prefetch(c->p, 0, KV_HINT);
+        c->p += 64;
+        c->left--;
+    }
 }
 
 /* ---- vector exp: exp(x) = 2^n * p(r), r = x - n ln2, a degree-6 polynomial (Cephes' expf); inputs
@@ -185,7 +246,8 @@ void skinny_linear(const float *x, const float *w, const float *b, float *y, int
  * NV and GN are constants after inlining, so the register arrays stay in registers. */
 static inline __attribute__((always_inline)) void pv512(const float *sc, float *oh, const float *v_cache,
                                                         const int32_t *bt, int ctx, int kh, int BS, int64_t block_stride,
-                                                        int64_t head_stride, const float *inv, const int NV, const int GN) {
+                                                        int64_t head_stride, const float *inv, kv_cursor *cur,
+                                                        const int NV, const int GN) {
     const int D = 16 * NV;
     __m512 acc[16];
     for (int a = 0; a < GN * NV; a++) acc[a] = _mm512_setzero_ps();
@@ -195,7 +257,8 @@ static inline __attribute__((always_inline)) void pv512(const float *sc, float *
         const float *vn = b0 + BS < ctx ? v_cache + bt[b + 1] * block_stride + kh * head_stride : NULL;
         for (int j = 0; j < nk; j++) {
             const float *vr = vb + (int64_t)j * D;
-            if (vn)
+            if (cur) kvc_ahead(cur, NV);
+            else if (vn)
                 for (int i = 0; i < NV; i++) _mm_prefetch((const char *)(vn + (int64_t)j * D + 16 * i), _MM_HINT_T0);
             __m512 v[8];
             for (int i = 0; i < NV; i++) v[i] = _mm512_loadu_ps(vr + 16 * i);
@@ -235,7 +298,7 @@ static inline __attribute__((always_inline)) __m512 scores16(const __m512 *q, co
 static inline __attribute__((always_inline)) void attend512(const float *qh, float *oh, const float *k_cache,
                                                             const float *v_cache, const int32_t *bt, int ctx, int kh,
                                                             int G, int BS, int64_t block_stride, int64_t head_stride,
-                                                            float scale, float *sc, const int NV) {
+                                                            float scale, float *sc, kv_cursor *cur, const int NV) {
     const int D = 16 * NV;
     float inv[64];
     for (int b0 = 0, b = 0; b0 < ctx; b0 += BS, b++) {
@@ -245,19 +308,23 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
         /* while this block is scored: the next block's keys, and this block's values for the second pass
          * (one cache line per 16 floats; a task's K and V stream from memory side by side) */
         const float *vb = v_cache + bt[b] * block_stride + kh * head_stride;
-        for (int j = 0; j < nk; j++)
-            for (int i = 0; i < NV; i++) {
-                if (kn) _mm_prefetch((const char *)(kn + (int64_t)j * D + 16 * i), _MM_HINT_T0);
-                _mm_prefetch((const char *)(vb + (int64_t)j * D + 16 * i), _MM_HINT_T1);
-            }
+        if (!cur)
+            for (int j = 0; j < nk; j++)
+                for (int i = 0; i < NV; i++) {
+                    if (kn) _mm_prefetch((const char *)(kn + (int64_t)j * D + 16 * i), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(vb + (int64_t)j * D + 16 * i), _MM_HINT_T1);
+                }
         for (int g = 0; g < G; g++) {
             __m512 q[8];
             for (int i = 0; i < NV; i++) q[i] = _mm512_mul_ps(_mm512_loadu_ps(qh + (int64_t)g * D + 16 * i), _mm512_set1_ps(scale));
             float *s = sc + (int64_t)g * ctx + b0;
             int j = 0;
-            for (; j + 16 <= nk; j += 16)  /* 16 keys' scores in one vector: no horizontal sum per key */
+            for (; j + 16 <= nk; j += 16) {  /* 16 keys' scores in one vector: no horizontal sum per key */
+                if (cur && g == 0) kvc_ahead(cur, 16 * NV);  /* the first head reads the keys from memory */
                 _mm512_storeu_ps(s + j, scores16(q, kb + (int64_t)j * D, NV));
+            }
             for (; j < nk; j++) {
+                if (cur && g == 0) kvc_ahead(cur, NV);
                 const float *kr = kb + (int64_t)j * D;
                 __m512 acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
                 for (int i = 1; i < NV; i++) acc = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(kr + 16 * i), acc);
@@ -281,10 +348,11 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
         const float *sg = sc + (int64_t)g * ctx;
         float *og = oh + (int64_t)g * D;
         /* GN and NV must be constants in each call for the accumulators to stay in registers */
-        if (NV == 4 && gn == 4) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, 4, 4);
-        else if (NV == 4 && gn == 3) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, 4, 3);
-        else if (gn == 2) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, NV, 2);
-        else pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, NV, 1);
+        kv_cursor *c = g == 0 ? cur : NULL;  /* the first pass reads the values from memory */
+        if (NV == 4 && gn == 4) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, c, 4, 4);
+        else if (NV == 4 && gn == 3) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, c, 4, 3);
+        else if (gn == 2) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, c, NV, 2);
+        else pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, c, NV, 1);
     }
 }
 #endif
@@ -292,18 +360,19 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
 /* One (sequence, KV head): G query heads against ctx cached positions; writes G output rows. */
 static void attend_kv_head(const float *qh, float *oh, const float *k_cache, const float *v_cache,
                            const int32_t *bt, int ctx, int kh, int G, int D, int BS, int64_t block_stride,
-                           int64_t head_stride, float scale) {
+                           int64_t head_stride, float scale, kv_cursor *cur) {
     float *scores = (float *)malloc(sizeof(float) * (size_t)G * (ctx > 0 ? ctx : 1));
 #if defined(HAVE_AVX512)
     if (ctx > 0 && (D == 64 || D == 128)) {
         if (D == 64)
-            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, 4);
+            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, cur, 4);
         else
-            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, 8);
+            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, cur, 8);
         free(scores);
         return;
     }
 #endif
+    (void)cur;
     float mx[64], sum[64];  /* G <= 64 is checked by the caller */
     for (int g = 0; g < G; g++) mx[g] = -INFINITY;
     for (int t = 0; t < ctx; t++) {
@@ -329,18 +398,36 @@ static void attend_kv_head(const float *qh, float *oh, const float *k_cache, con
     free(scores);
 }
 
+/* Decode attention of B sequences, one query row each (q rows q_stride apart, output rows out_stride apart),
+ * as an orphaned omp-for: the (sequence, KV head) tasks go out in chunks, dynamically (a descheduled thread's
+ * chunks move to the other), and each chunk reads its K/V rows behind a read-ahead cursor. */
+static void attend_decode_tasks(const float *q, int64_t q_stride, float *out, int64_t out_stride, const float *k_cache,
+                                const float *v_cache, const int32_t *block_tables, const int32_t *ctx_lens,
+                                int max_blocks, int B, int KVH, int G, int D, int BS, float scale) {
+    const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
+    const int ntask = B * KVH, per = ntask / (4 * omp_get_num_threads()), chunk = per > 1 ? per : 1;
+    const int nchunk = (ntask + chunk - 1) / chunk;
+    #pragma omp for schedule(dynamic, 1)
+    for (int c = 0; c < nchunk; c++) {
+        const int t0 = c * chunk, t1 = t0 + chunk < ntask ? t0 + chunk : ntask;
+        kv_cursor cur;
+        kvc_init(&cur, k_cache, v_cache, block_tables, ctx_lens, max_blocks, KVH, D, BS, t0, t1);
+        kvc_ahead(&cur, KV_AHEAD);
+        for (int task = t0; task < t1; task++) {
+            const int b = task / KVH, kh = task % KVH;
+            attend_kv_head(q + b * q_stride + (int64_t)kh * G * D, out + b * out_stride + (int64_t)kh * G * D,
+                           k_cache, v_cache, block_tables + (int64_t)b * max_blocks, ctx_lens[b], kh, G, D, BS,
+                           block_stride, head_stride, scale, &cur);
+        }
+    }
+}
+
 void paged_decode(const float *q, const float *k_cache, const float *v_cache, const int32_t *block_tables,
                   const int32_t *ctx_lens, float *out, int B, int H, int KVH, int D, int BS, int max_blocks,
                   float scale, int nthreads) {
-    const int G = H / KVH;
-    const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
-    #pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
-    for (int task = 0; task < B * KVH; task++) {
-        const int b = task / KVH, kh = task % KVH;
-        attend_kv_head(q + ((int64_t)b * H + (int64_t)kh * G) * D, out + ((int64_t)b * H + (int64_t)kh * G) * D,
-                       k_cache, v_cache, block_tables + (int64_t)b * max_blocks, ctx_lens[b], kh, G, D, BS,
-                       block_stride, head_stride, scale);
-    }
+    #pragma omp parallel num_threads(nthreads)
+    attend_decode_tasks(q, (int64_t)H * D, out, (int64_t)H * D, k_cache, v_cache, block_tables, ctx_lens, max_blocks,
+                        B, KVH, H / KVH, D, BS, scale);
 }
 
 /* ---- panel products ------------------------------------------------------------------------------
@@ -524,15 +611,9 @@ static void rotate_write_attend(float *qkv, const float *cos, const float *sin, 
                                 const int32_t *ctx_lens, int max_blocks, int M, int NH, int KVH, int D, int BS,
                                 float scale, float *att) {
     const int G = NH / KVH, QKV = (NH + 2 * KVH) * D;
-    const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
     rotate_write(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, M, NH, KVH, D, BS);
-    #pragma omp for schedule(dynamic, 1)
-    for (int task = 0; task < M * KVH; task++) {
-        int m = task / KVH, kh = task % KVH;
-        attend_kv_head(qkv + (int64_t)m * QKV + (int64_t)kh * G * D, att + (int64_t)m * NH * D + (int64_t)kh * G * D,
-                       k_cache, v_cache, block_tables + (int64_t)m * max_blocks, ctx_lens[m], kh, G, D, BS,
-                       block_stride, head_stride, scale);
-    }
+    attend_decode_tasks(qkv, QKV, att, (int64_t)NH * D, k_cache, v_cache, block_tables, ctx_lens, max_blocks, M, KVH,
+                        G, D, BS, scale);
 }
 
 /* one of a layer's products inside its parallel region, in the layout its weights were given in */
@@ -830,7 +911,8 @@ void tm_attention(float *qkv, const float *cos, const float *sin, float *k_cache
             float *q = qkv + (int64_t)row * QKV + (int64_t)kh * G * D;
             float *o = att + (int64_t)row * NH * D + (int64_t)kh * G * D;
             if (R == 1)
-                attend_kv_head(q, o, k_cache, v_cache, bt, pos0 + r0 + 1, kh, G, D, BS, block_stride, head_stride, scale);
+                attend_kv_head(q, o, k_cache, v_cache, bt, pos0 + r0 + 1, kh, G, D, BS, block_stride, head_stride, scale,
+                               NULL);
             else
                 attend_tile(q, QKV, o, (int64_t)NH * D, k_cache, v_cache, bt, pos0 + r0, R, kh, G, D, BS,
                             block_stride, head_stride, scale);
