@@ -104,12 +104,9 @@ def main() -> int:
         json.dump(prompts, fh)
     for b in [int(c) for c in a.hf_batches.split(",")]:
         n = a.small_prompts if b == 1 else min(a.num_prompts, max(b, a.hf_prompts))
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as ph:
-            json.dump(prompts[:n], ph)
         res = run_peer(sys.executable, Path(__file__).parent / "peers" / "hf_offline.py",
-                       [str(_model_dir()), ph.name, str(a.new_tokens), str(b), str(a.repeats if b > 1 else 1)],
+                       [str(_model_dir()), fh.name, str(n), str(a.new_tokens), str(b), str(a.repeats if b > 1 else 1)],
                        {"OMP_NUM_THREADS": str(torch.get_num_threads())}, timeout=3000)
-        os.unlink(ph.name)
         r = statistics.median(res["tokens_per_s"])
         rows.append({"system": "hf", "batch": b, "prompts": n, "tokens_per_s": r})
         print(f"HF     bs  {b:>2}: {r:7.1f} tok/s ({n} prompts, own process)", flush=True)

@@ -1,8 +1,9 @@
 """Hugging Face ``generate`` throughput on a prompt set of token ids, in an interpreter of its own (so that
 nothing our engine set up in the benchmark's process, such as its malloc settings, touches the baseline).
 
-Usage: python hf_offline.py MODEL_DIR PROMPTS_JSON NEW_TOKENS BATCH REPEATS -> prints {"tokens_per_s": [...]}.
-Prompts are of equal length, so batches need no padding.
+Usage: python hf_offline.py MODEL_DIR PROMPTS_JSON NUM_PROMPTS NEW_TOKENS BATCH REPEATS
+-> prints {"tokens_per_s": [...]}. Runs the first NUM_PROMPTS prompts; they are of equal length, so batches
+need no padding.
 """
 import json
 import sys
@@ -14,8 +15,8 @@ from transformers import AutoModelForCausalLM
 
 def main():
     model_dir, prompts_file = sys.argv[1], sys.argv[2]
-    new_tokens, batch, repeats = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-    prompts = json.load(open(prompts_file))
+    num_prompts, new_tokens, batch, repeats = (int(v) for v in sys.argv[3:7])
+    prompts = json.load(open(prompts_file))[:num_prompts]
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     rates = []
     for _ in range(repeats):

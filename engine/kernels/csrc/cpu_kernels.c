@@ -58,18 +58,14 @@ static inline void axpy_f32(float *y, float p, const float *v, int n) {
  * then its V rows. The cursor walks the same rows in the same order, KV_AHEAD cache lines ahead of the
  * reads, and issues one prefetch per line read, so a steady number of misses is in flight instead of a
  * burst at each block's start. */
-#ifndef KV_AHEAD
 #define KV_AHEAD 512
-#endif
-#ifndef KV_HINT
 #define KV_HINT 2  /* into L2; into L1 (3), 96 lines ahead, it was slower than no cursor: 17.4 vs 15.8 ms (B32 ctx 192) */
-#endif
 typedef struct {
     const float *k, *v;
     const int32_t *bt, *ctx;     /* block tables [B, max_blocks] and context lengths of the step's sequences */
     int64_t block_stride, head_stride;
     int max_blocks, KVH, D, BS;
-    int task, task_end, which, b;  /* the next range: task (b * KVH + kh), K (0) or V (1), block */
+    int task, task_end, which, b;  /* the next range: task (sequence * KVH + KV head), K (0) or V (1), block */
     const char *p;                 /* the next line to prefetch, and how many lines its range has left */
     int left, done;
 } kv_cursor;
