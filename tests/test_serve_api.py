@@ -2,6 +2,7 @@
 
 Oracle: Hugging Face transformers greedy generation and log-softmax on the same model.
 """
+import os
 import time
 
 import httpx
@@ -58,6 +59,31 @@ MESSAGES = [{"role": "system", "content": "You are a concise assistant."},
 def test_models_and_health(api, client):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(api + "/health").status_code == 200  # open without a key
+
+
+def _processes() -> dict:
+    """pid -> (command line, parent pid) of every process this user can read."""
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline").read().replace("\0", " ").strip()
+            ppid = int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        out[int(pid)] = (cmd, ppid)
+    return out
+
+
+def test_engine_runs_at_the_ingress_niceness(api):
+    """Raised above Serve's proxy and ingress, the engine starved them on a small host: requests reached it
+    late while it stepped a few sequences. Oracle: the niceness Ray gave the ingress replica's process."""
+    procs = _processes()
+    ingress = [p for p, (c, _) in procs.items() if c.startswith("ray::ServeReplica:api:OpenAIIngress")]
+    replica = [p for p, (c, _) in procs.items() if c.startswith("ray::ServeReplica:api:LLMEngine")]
+    assert len(ingress) == 1 and len(replica) == 1, (ingress, replica)
+    engine = [p for p, (c, parent) in procs.items() if "engine.engine_process" in c and parent == replica[0]]
+    assert len(engine) == 1, "the replica steps its engine in one child process"
+    assert os.getpriority(os.PRIO_PROCESS, engine[0]) == os.getpriority(os.PRIO_PROCESS, ingress[0])
 
 
 def test_chat_greedy_matches_hf(client, smol_hf, smol_tok):
