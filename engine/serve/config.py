@@ -75,9 +75,9 @@ class AppConfig(BaseModel):
         0.0, ge=0, le=5, description="Each stream sends at most one message per interval after its first token, "
                                      "carrying every token since the last; 0 = one per engine step (s)")
     stream_messages_per_s: float = Field(
-        50.0, ge=0, description="Stream messages per second one replica aims at in all: with N open streams each "
+        20.0, ge=0, description="Stream messages per second one replica aims at in all: with N open streams each "
                                 "waits at least N / this between messages (bounds the per-token cost of the "
-                                "HTTP path under load; at concurrency 1 every token goes out); 0 = no bound")
+                                "HTTP path under load; at concurrency 1 a message every 50 ms); 0 = no bound")
 
     @property
     def engine_in_process_child(self) -> bool:
