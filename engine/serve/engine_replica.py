@@ -12,8 +12,6 @@ from ..generation import GenerationConfig
 from ..outputs import RequestOutput, TokenLogprob
 from .metrics_hub import Reporter
 
-log = logging.getLogger(__name__)
-
 
 def _engine_logging() -> None:
     """Engine logs (KV-cache size, rates) go to the replica's stderr, which `serve run` shows."""
