@@ -71,9 +71,10 @@ typedef struct {
 } kv_cursor;
 
 static void kvc_init(kv_cursor *c, const float *k, const float *v, const int32_t *bt, const int32_t *ctx,
-                     int max_blocks, int KVH, int D, int BS, int task0, int task1) {
+                     int max_blocks, int KVH, int D, int BS, int64_t block_stride, int64_t head_stride,
+                     int task0, int task1) {
     c->k = k; c->v = v; c->bt = bt; c->ctx = ctx; c->max_blocks = max_blocks; c->KVH = KVH; c->D = D; c->BS = BS;
-    c->head_stride = (int64_t)BS * D; c->block_stride = (int64_t)KVH * BS * D;
+    c->block_stride = block_stride; c->head_stride = head_stride;
     c->task = task0; c->task_end = task1; c->which = c->b = 0; c->p = NULL; c->left = 0; c->done = 0;
 }
 
@@ -250,7 +251,7 @@ static inline __attribute__((always_inline)) void pv512(const float *sc, float *
     for (int b0 = 0, b = 0; b0 < ctx; b0 += BS, b++) {
         const int nk = ctx - b0 < BS ? ctx - b0 : BS;
         const float *vb = v_cache + bt[b] * block_stride + kh * head_stride;
-        const float *vn = b0 + BS < ctx ? v_cache + bt[b + 1] * block_stride + kh * head_stride : NULL;
+        const float *vn = !cur && b0 + BS < ctx ? v_cache + bt[b + 1] * block_stride + kh * head_stride : NULL;
         for (int j = 0; j < nk; j++) {
             const float *vr = vb + (int64_t)j * D;
             if (cur) kvc_ahead(cur, NV);
@@ -300,16 +301,17 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
     for (int b0 = 0, b = 0; b0 < ctx; b0 += BS, b++) {
         const int nk = ctx - b0 < BS ? ctx - b0 : BS;
         const float *kb = k_cache + bt[b] * block_stride + kh * head_stride;
-        const float *kn = b0 + BS < ctx ? k_cache + bt[b + 1] * block_stride + kh * head_stride : NULL;
         /* without a cursor (prefill steps' decode rows): while this block is scored, prefetch the next
          * block's keys and this block's values for the second pass (one cache line per 16 floats) */
-        const float *vb = v_cache + bt[b] * block_stride + kh * head_stride;
-        if (!cur)
+        if (!cur) {
+            const float *kn = b0 + BS < ctx ? k_cache + bt[b + 1] * block_stride + kh * head_stride : NULL;
+            const float *vb = v_cache + bt[b] * block_stride + kh * head_stride;
             for (int j = 0; j < nk; j++)
                 for (int i = 0; i < NV; i++) {
                     if (kn) _mm_prefetch((const char *)(kn + (int64_t)j * D + 16 * i), _MM_HINT_T0);
                     _mm_prefetch((const char *)(vb + (int64_t)j * D + 16 * i), _MM_HINT_T1);
                 }
+        }
         for (int g = 0; g < G; g++) {
             __m512 q[8];
             for (int i = 0; i < NV; i++) q[i] = _mm512_mul_ps(_mm512_loadu_ps(qh + (int64_t)g * D + 16 * i), _mm512_set1_ps(scale));
@@ -407,7 +409,8 @@ static void attend_decode_tasks(const float *q, int64_t q_stride, float *out, in
     for (int c = 0; c < nchunk; c++) {
         const int t0 = c * chunk, t1 = t0 + chunk < ntask ? t0 + chunk : ntask;
         kv_cursor cur;
-        kvc_init(&cur, k_cache, v_cache, block_tables, ctx_lens, max_blocks, KVH, D, BS, t0, t1);
+        kvc_init(&cur, k_cache, v_cache, block_tables, ctx_lens, max_blocks, KVH, D, BS, block_stride, head_stride,
+                 t0, t1);
         kvc_ahead(&cur, KV_AHEAD);
         for (int task = t0; task < t1; task++) {
             const int b = task / KVH, kh = task % KVH;
