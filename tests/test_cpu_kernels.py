@@ -97,12 +97,14 @@ def _random_model(bias: bool, seed: int, heads=(6, 2, 8)):
     return model, RotaryEmbedding(a.head_dim, a.rope_theta, a.max_position_embeddings, {})
 
 
-@pytest.mark.parametrize("path", ["run", "run_phased", "run_panels"])
+@pytest.mark.parametrize("path,rows", [("run", 11), ("run_phased", 11), ("run_panels", 11), ("run_panels", 2),
+                                       ("run_panels", 1)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_decode_layers_match_the_torch_layers(bias, path, monkeypatch):
+def test_fused_decode_layers_match_the_torch_layers(bias, path, rows, monkeypatch):
     """A decode step of 11 sequences through every layer: the whole-layer native path (on row-major or
-    panel-packed weights: 8 + 3 token rows, 48-, 32- and 16-wide output tiles) and the phased path (MKL
-    products between native phases) against the module path, same KV cache."""
+    panel-packed weights: 8 + 3 token rows, 48-, 32- and 16-wide output tiles; one and two rows take the
+    panel-by-panel stream) and the phased path (MKL products between native phases) against the module
+    path, same KV cache."""
     from engine.kernels import cpu_gemm
     from engine.kernels.fused_decode import fused_decoder_for
     from engine.layers.attention import KVCache
@@ -117,7 +119,7 @@ def test_fused_decode_layers_match_the_torch_layers(bias, path, monkeypatch):
     fused = fused_decoder_for(model, torch.float32)
     assert fused is not None and fused.panels == (path == "run_panels")
     path = "run" if path == "run_panels" else path
-    bs, ctx_lens = 4, [5, 13, 1, 0, 9, 15, 2, 7, 11, 3, 6]  # tokens already cached per sequence
+    bs, ctx_lens = 4, [5, 13, 1, 0, 9, 15, 2, 7, 11, 3, 6][:rows]  # tokens already cached per sequence
     B = len(ctx_lens)
     caches = [KVCache(a.num_layers, 4 * B, bs, a.num_kv_heads, a.head_dim, torch.float32, "cpu") for _ in range(2)]
     caches[0].data.normal_()
@@ -208,6 +210,22 @@ def test_packed_linear_matches_a_float64_reference(gemm, M, bias, monkeypatch):
         assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
     few = torch.randn(1 if gemm == "native" else 3, 96)  # the skinny kernel's range keeps the plain weight
     assert lin.packed_for(few) is None
+
+
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_panel_stream_for_one_or_two_rows_matches_a_float64_reference(M, bias):
+    """One and two token rows take the panel-by-panel stream: 37 inputs (not a multiple of its four FMA
+    chains) and 200 outputs (a partial last panel, masked stores)."""
+    from engine.kernels import cpu_gemm
+    if not cpu_gemm.backend_available("native"):
+        pytest.skip("no panel products (AVX-512 native kernels) on this machine")
+    torch.manual_seed(M)
+    w, b, x = torch.randn(200, 37), torch.randn(200), torch.randn(M, 37)
+    y = cpu_gemm.linear(x, cpu_gemm.pack(w, "native"), b if bias else None)
+    ref = x.double() @ w.double().t() + (b.double() if bias else 0)
+    assert y.shape == (M, 200)
+    assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
 def test_cpu_gemm_setting_is_validated(monkeypatch):

@@ -435,9 +435,10 @@ void paged_decode(const float *q, const float *k_cache, const float *v_cache, co
  * against up to 8 token rows: 24 accumulators stay in registers over the whole of K, each weight vector
  * feeds 8 FMAs and each x element is broadcast once per tile. While a tile's first rows run, the next
  * tile's panel rows are prefetched line by line into L2, so the weights stream from memory behind the
- * arithmetic instead of stalling it. Threads take contiguous ranges of tiles.
+ * arithmetic instead of stalling it. Threads take contiguous ranges of tiles. One or two token rows read the
+ * same tiles panel by panel instead (panel_seq).
  * bench/cpu_gemm.py on the 2-core AVX-512 EPYC, SmolLM2's shapes, weights cold: 1.06-2.2x oneDNN's packed
- * products from 1 to 512 tokens; at 1 token about as fast as skinny_linear's weight stream. */
+ * products from 1 to 512 tokens. */
 #if defined(HAVE_AVX512)
 #define PANEL_MR 8
 #define PANEL_NV 3
@@ -471,6 +472,40 @@ static inline __attribute__((always_inline)) void panel_tile(const float *x, int
     }
 }
 
+/* One panel against one or two token rows, its K rows read in order: a single sequential stream, which the
+ * hardware prefetchers follow better than a tile's three. Four FMA chains (k split over them) hide the
+ * FMA latency that one or two rows alone would expose. */
+#define PANEL_SEQ_MAX 2
+static inline __attribute__((always_inline)) void panel_seq(const float *x, int K, const float *p, float *y,
+                                                            int64_t ldy, const float *b, int ncols, int accumulate,
+                                                            const int MR) {
+    const int KS = 4 / MR;
+    __m512 acc[PANEL_SEQ_MAX][4];
+    for (int m = 0; m < MR; m++)
+        for (int j = 0; j < KS; j++) acc[m][j] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 4 <= K; k += 4)
+        for (int j = 0; j < 4; j++) {
+            const __m512 w = _mm512_load_ps(p + (int64_t)(k + j) * 16);
+            for (int m = 0; m < MR; m++)
+                acc[m][j % KS] = _mm512_fmadd_ps(_mm512_set1_ps(x[(int64_t)m * K + k + j]), w, acc[m][j % KS]);
+        }
+    for (; k < K; k++) {
+        const __m512 w = _mm512_load_ps(p + (int64_t)k * 16);
+        for (int m = 0; m < MR; m++) acc[m][0] = _mm512_fmadd_ps(_mm512_set1_ps(x[(int64_t)m * K + k]), w, acc[m][0]);
+    }
+    const __mmask16 mk = ncols >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << ncols) - 1);
+    const __m512 bv = b ? _mm512_maskz_loadu_ps(mk, b) : _mm512_setzero_ps();
+    for (int m = 0; m < MR; m++) {
+        __m512 r = acc[m][0];
+        for (int j = 1; j < KS; j++) r = _mm512_add_ps(r, acc[m][j]);
+        float *yr = y + (int64_t)m * ldy;
+        r = _mm512_add_ps(r, bv);
+        if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mk, yr));
+        _mm512_mask_storeu_ps(yr, mk, r);
+    }
+}
+
 #define PANEL_CASE(R, V) case (R) * 4 + (V): \
     panel_tile(xm, K, pt, ps, ym, N, bt, ncols, accumulate, pfm, npf, R, V); break;
 #define PANEL_ROW(R) PANEL_CASE(R, 1) PANEL_CASE(R, 2) PANEL_CASE(R, 3)
@@ -479,6 +514,16 @@ static inline __attribute__((always_inline)) void panel_tile(const float *x, int
 static void panel_tiles(const float *x, const float *p, const float *b, float *y, int M, int N, int K,
                         int accumulate, int t0, int t1) {
     const int64_t ps = (int64_t)K * 16;
+    if (M <= PANEL_SEQ_MAX) {  /* a token or two: panel after panel, each one sequential stream */
+        const int np = (N + 15) / 16, p1 = t1 * PANEL_NV < np ? t1 * PANEL_NV : np;
+        for (int i = t0 * PANEL_NV; i < p1; i++) {
+            const int n0 = i * 16, ncols = N - n0 < 16 ? N - n0 : 16;
+            const float *bt = b ? b + n0 : NULL;
+            if (M == 1) panel_seq(x, K, p + (int64_t)i * ps, y + n0, N, bt, ncols, accumulate, 1);
+            else panel_seq(x, K, p + (int64_t)i * ps, y + n0, N, bt, ncols, accumulate, 2);
+        }
+        return;
+    }
     for (int t = t0; t < t1; t++) {
         const int n0 = t * 16 * PANEL_NV, ncols = N - n0 < 16 * PANEL_NV ? N - n0 : 16 * PANEL_NV;
         const int nv = (ncols + 15) / 16;
