@@ -33,8 +33,9 @@ class ModelRunner:
         elif quant_policy:  # quantized blocks on CPU: the torch path dequantizes gathered blocks
             logger.info("paged decode: torch path over int%d KV blocks", quant_policy)
         if device == "cpu":
-            from .host_memory import keep_freed_memory
+            from .host_memory import keep_freed_memory, params_to_huge_pages
             keep_freed_memory()  # a prefill step's large buffers come back from the heap, not fresh pages
+            params_to_huge_pages(model)  # before anything keeps pointers to them (the fused decoder)
         if device == "cpu" and dtype == torch.float32:  # before the fused decoder, which takes the packed layout
             from .kernels import cpu_gemm
             packed = cpu_gemm.pack_model(model)

@@ -1,7 +1,9 @@
-"""engine.host_memory: a prefill step's large buffers come back from the heap instead of fresh pages.
+"""engine.host_memory: a prefill step's large buffers come back from the heap instead of fresh pages, and the
+large long-lived ones sit on huge pages.
 
-The oracle is the kernel's own count of minor page faults (getrusage) for the same allocation pattern run
-in two fresh interpreters, with malloc's defaults and with the engine's settings."""
+The oracles are the kernel's own figures: its count of minor page faults (getrusage) for the same allocation
+pattern run in two fresh interpreters, with malloc's defaults and with the engine's settings, and the huge
+pages it reports under a buffer (/proc/self/smaps)."""
 import json
 import os
 import subprocess
@@ -43,3 +45,44 @@ def test_freed_buffers_are_reused_without_page_faults():
     pages = 10 * 2 * sum(SIZES) * 4 // 4096  # touched per pass
     assert default["faults"] > pages // 4  # malloc's defaults hand these blocks back and fault them in again
     assert kept["faults"] < default["faults"] // 5
+
+
+def _thp_mode() -> str:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return "none"
+    return text[text.index("[") + 1:text.index("]")]
+
+
+def _anon_huge_kib(addr: int) -> int:
+    """AnonHugePages of the mapping that holds addr (the kernel's /proc/self/smaps)."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("AnonHugePages:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {addr:#x}")
+
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="no transparent huge pages on this kernel")
+def test_large_buffers_sit_on_huge_pages(monkeypatch):
+    """A 64 MiB huge_empty buffer starts on a 2 MiB boundary and, once written, the kernel reports huge
+    pages under it; with RAYLM_HUGE_PAGES=0 it is an ordinary buffer. Small requests stay plain."""
+    import torch
+
+    from engine.host_memory import HUGE_PAGE, huge_empty
+    monkeypatch.setenv("RAYLM_HUGE_PAGES", "1")
+    x = huge_empty(16 << 20)
+    assert x.numel() == 16 << 20 and x.data_ptr() % HUGE_PAGE == 0
+    x.fill_(1.0)
+    assert float(x.sum()) == 16 << 20
+    assert _anon_huge_kib(x.data_ptr()) > 0
+    assert huge_empty(1000).numel() == 1000
+    monkeypatch.setenv("RAYLM_HUGE_PAGES", "0")
+    if _thp_mode() == "madvise":
+        y = huge_empty(16 << 20).fill_(1.0)
+        assert _anon_huge_kib(y.data_ptr()) == 0

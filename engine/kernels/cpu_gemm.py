@@ -38,14 +38,27 @@ class Panels:
 
     __slots__ = ("data", "out_features", "in_features")
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, out: Optional[torch.Tensor] = None):
+        """``out``: where to write them (a flat float32 slice of ``Panels.size(weight)`` elements starting on a
+        64-byte boundary, e.g. a model's huge-page arena); a fresh tensor without it."""
         n, k = weight.shape
         w = weight.detach().float()
         padded = -(-n // 16) * 16
         if padded != n:
             w = torch.cat([w, w.new_zeros(padded - n, k)])
-        self.data = w.reshape(padded // 16, 16, k).transpose(1, 2).contiguous()  # 64-byte aligned panels
+        panels = w.reshape(padded // 16, 16, k).transpose(1, 2)
+        if out is None:
+            self.data = panels.contiguous()  # 64-byte aligned panels
+        else:
+            self.data = out.view(padded // 16, k, 16)
+            self.data.copy_(panels)
         self.out_features, self.in_features = n, k
+
+    @staticmethod
+    def size(weight: torch.Tensor) -> int:
+        """Elements the packed copy of ``weight`` takes."""
+        n, k = weight.shape
+        return -(-n // 16) * 16 * k
 
 
 def onednn_available() -> bool:
@@ -150,6 +163,13 @@ def pack_model(model: torch.nn.Module) -> int:
     choice = backend([m.weight for m in dense])
     if choice == "mkl":
         return 0
+    if choice == "native":  # one arena for all the panels, on huge pages: decode streams all of it every step
+        from ..host_memory import huge_empty
+        arena, at = huge_empty(sum(Panels.size(m.weight) for m in dense)), 0
+        for module in dense:
+            n = Panels.size(module.weight)
+            module.packed, at = Panels(module.weight, arena[at:at + n]), at + n
+        return len(dense)
     for module in dense:
         module.packed = pack(module.weight, choice)
     return len(dense)

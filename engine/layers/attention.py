@@ -1,6 +1,7 @@
 """Attention over the paged KV cache for a flat batch of tokens (decode tokens first, then prefill chunks)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Tuple
 
@@ -51,15 +52,12 @@ class KVCache:
                  dtype: torch.dtype, device: str, quant_policy: int = 0):
         self.num_blocks, self.block_size, self.quant_policy = num_blocks, block_size, quant_policy
         self.dtype, self.head_dim = dtype, head_dim
+        shape = (num_layers, 2, num_blocks, kv_heads, block_size)
         if quant_policy:
-            width = packed_dim(head_dim, quant_policy)
-            self.data = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, width, dtype=torch.uint8,
-                                    device=device)
-            self.params = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, 2,
-                                      dtype=kv_params_dtype(dtype), device=device)
+            self.data = _zeros(shape + (packed_dim(head_dim, quant_policy),), torch.uint8, device)
+            self.params = _zeros(shape + (2,), kv_params_dtype(dtype), device)
         else:
-            self.data = torch.zeros(num_layers, 2, num_blocks, kv_heads, block_size, head_dim, dtype=dtype,
-                                    device=device)
+            self.data = _zeros(shape + (head_dim,), dtype, device)
             self.params = None
 
     def layer(self, i: int) -> Tuple:
@@ -75,6 +73,14 @@ class KVCache:
         if quant_policy:
             return vectors * (packed_dim(head_dim, quant_policy) + 2 * _itemsize(kv_params_dtype(dtype)))
         return vectors * head_dim * _itemsize(dtype)
+
+
+def _zeros(shape: Tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """torch.zeros; on CPU in huge pages (host_memory.huge_empty), as attention reads blocks all over it."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    from ..host_memory import huge_empty
+    return huge_empty(math.prod(shape), dtype).view(shape).zero_()
 
 
 def _itemsize(dtype: torch.dtype) -> int:
