@@ -45,23 +45,27 @@ def median_of(fn: Callable[[], float], repeats: int) -> float:
 
 def memory_bandwidth_gbs(repeats: int = 9) -> float:
     """Read bandwidth over 1 GiB of float32: the best of ``repeats`` passes of each of torch's sum and the
-    native skinny product at one token (a weight stream, what batch-1 decoding does). A bound is what the
-    machine can do: the best pass, not the median (this host's bandwidth drifts by 2x over minutes)."""
+    native skinny product at one token (a weight stream, what batch-1 decoding does), each over ordinary
+    pages and over huge pages (engine.host_memory.huge_empty, which the engine's weights use). A bound is
+    what the machine can do: the best pass, not the median (this host's bandwidth drifts by 2x over minutes)."""
     import torch
 
+    from engine.host_memory import huge_empty
     from engine.kernels import cpu_native
-    x = torch.ones(2**28)
-    readers = [lambda: x.sum()]
-    w, v = x.view(2**15, 2**13), torch.ones(1, 2**13)
-    if cpu_native.lib() is not None:
-        readers.append(lambda: cpu_native.skinny_linear_t(v, w, None))
     best = 0.0
-    for read in readers:
-        read()
-        for _ in range(repeats):
-            t = time.perf_counter()
+    for make in (lambda: torch.ones(2**28), lambda: huge_empty(2**28).fill_(1.0)):
+        x = make()
+        readers = [lambda: x.sum()]
+        w, v = x.view(2**15, 2**13), torch.ones(1, 2**13)
+        if cpu_native.lib() is not None:
+            readers.append(lambda: cpu_native.skinny_linear_t(v, w, None))
+        for read in readers:
             read()
-            best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+            for _ in range(repeats):
+                t = time.perf_counter()
+                read()
+                best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+        del x, w, readers  # one GiB at a time
     return best
 
 

@@ -24,8 +24,9 @@ from bench.common import (machine_description, matmul_gflops, memory_bandwidth_g
                           token_prompts, write_section)
 
 
-def ours(engine, prompts, new_tokens, cap, repeats):
-    """Output tokens/s per run, and the rate of the decode-only steps within it (tokens / their time)."""
+def ours(engine, prompts, new_tokens, cap, repeats, probe=None):
+    """Output tokens/s per run, and the rate of the decode-only steps within it (tokens / their time); with
+    ``probe``, also its value before each run and after the last (repeats + 1 values)."""
     from engine.generation import GenerationConfig
     from engine.offline import Pipeline
     engine.scheduler.cfg = type(engine.scheduler.cfg)(**{**engine.scheduler.cfg.__dict__, "max_batch_size": cap})
@@ -43,17 +44,21 @@ def ours(engine, prompts, new_tokens, cap, repeats):
         return out
 
     engine.runner.execute = timed
-    rates, decode_rates = [], []
+    rates, decode_rates, probes = [], [], []
     try:
         for _ in range(repeats):
+            if probe:
+                probes.append(probe())
             acc[:] = [0.0, 0]
             t = time.perf_counter()
             outs = pipe(prompts, g)
             rates.append(sum(o.completion_tokens for o in outs) / (time.perf_counter() - t))
             decode_rates.append(acc[1] / acc[0] if acc[0] else 0.0)
+        if probe:
+            probes.append(probe())
     finally:
         engine.runner.execute = execute
-    return rates, decode_rates
+    return rates, decode_rates, probes
 
 
 def main() -> int:
@@ -91,13 +96,23 @@ def main() -> int:
     rows = []
     for cap in [int(c) for c in a.caps.split(",")]:
         ps = prompts[:a.small_prompts] if cap == 1 else prompts
-        rates, decode_rates = ours(engine, ps, a.new_tokens, cap, a.repeats)
+        # batch 1 is bandwidth-bound and the host's bandwidth drifts by 2x over minutes: measure it beside
+        # each run too, and compare each run with the better of the figures just before and just after it
+        probe = (lambda: memory_bandwidth_gbs(3)) if cap == 1 else None
+        rates, decode_rates, bws = ours(engine, ps, a.new_tokens, cap, a.repeats, probe)
         r, d = statistics.median(rates), statistics.median(decode_rates)
-        rows.append({"system": "ours", "batch": cap, "prompts": len(ps), "tokens_per_s": r, "decode_tokens_per_s": d})
-        print(f"ours   cap {cap:>2}: {r:7.1f} tok/s ({len(ps)} prompts); decode-only steps {d:7.1f} tok/s", flush=True)
+        row = {"system": "ours", "batch": cap, "prompts": len(ps), "tokens_per_s": r, "decode_tokens_per_s": d}
+        if bws:
+            bounds = [max(b0, b1) * 1e9 / weight_bytes for b0, b1 in zip(bws, bws[1:])]
+            row.update(adjacent_gbs=bws, adjacent_bounds=bounds,
+                       adjacent_share=statistics.median(x / b for x, b in zip(rates, bounds)),
+                       adjacent_decode_share=statistics.median(x / b for x, b in zip(decode_rates, bounds)))
+        rows.append(row)
+        print(f"ours   cap {cap:>2}: {r:7.1f} tok/s ({len(ps)} prompts); decode-only steps {d:7.1f} tok/s"
+              + (f"; bound beside each run {', '.join(f'{b:.1f}' for b in bounds)} tok/s" if bws else ""), flush=True)
     del engine
     # the bandwidth again after our runs (it drifts over minutes); the bound takes the better figure
-    bw = max(bw, memory_bandwidth_gbs())
+    bw = max([bw, memory_bandwidth_gbs()] + [g for r in rows for g in r.get("adjacent_gbs", [])])
     bound_b1 = bw * 1e9 / weight_bytes
     print(f"memory read, best of before and after: {bw:.1f} GB/s -> batch-1 bound {bound_b1:.1f} tok/s", flush=True)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
@@ -141,7 +156,8 @@ def render(res) -> str:
         "## Offline throughput, SmolLM2-135M-Instruct float32 (`bench/offline_throughput.py`)",
         "",
         f"Machine: {res['machine']}. Measured in the same run: memory read {res['memory_gbs']:.1f} GB/s (best pass "
-        "of torch's sum and a one-token weight stream over 1 GiB, before and after our runs) "
+        "of torch's sum and a one-token weight stream over 1 GiB, on ordinary and on huge pages, before and after "
+        "our runs) "
         f"(batch-1 bound {res['bound_batch1']:.1f} tokens/s = bandwidth / weight bytes), float32 matmul "
         f"{res['matmul_gflops']:.1f} GFLOP/s (compute bound {res['bound_compute']:.0f} tokens/s = rate / model FLOPs per token).",
         f"Prompts of {res['args']['prompt_len']} tokens, {res['args']['new_tokens']} new tokens each, greedy, "
@@ -159,9 +175,20 @@ def render(res) -> str:
         lines.append(f"| {b} | {r['tokens_per_s']:.1f} | {r['prompts']} | "
                      f"{h['tokens_per_s']:.1f} | {h['prompts']} | {r['tokens_per_s'] / h['tokens_per_s']:.2f}x | "
                      if h else f"| {b} | {r['tokens_per_s']:.1f} | {r['prompts']} | – | – | – | ")
-        lines[-1] += f"{100 * r['tokens_per_s'] / bound:.0f}% | {_flop_use(res, r)} |"
         d = r.get("decode_tokens_per_s")
-        lines[-1] += f" {d:.1f} | {100 * d / bound:.0f}% |" if d else " – | – |"
+        share, dshare = r["tokens_per_s"] / bound, (d / bound if d else None)
+        if "adjacent_share" in r:  # batch 1: against the bandwidth measured beside each run
+            share, dshare = r["adjacent_share"], r["adjacent_decode_share"]
+        lines[-1] += f"{100 * share:.0f}% | {_flop_use(res, r)} |"
+        lines[-1] += f" {d:.1f} | {100 * dshare:.0f}% |" if d else " – | – |"
+    b1 = by.get(("ours", 1))
+    if b1 and "adjacent_share" in b1:
+        lines += ["", "Batch 1 against the memory bound measured beside each of its runs (the better of the "
+                      "figures just before and just after it: "
+                      f"{', '.join(f'{b:.1f}' for b in b1['adjacent_bounds'])} tokens/s), median over the runs. "
+                      f"Against the best figure of the whole run ({res['bound_batch1']:.1f} tokens/s): "
+                      f"{100 * b1['tokens_per_s'] / res['bound_batch1']:.0f}% and, decode-only steps, "
+                      f"{100 * b1['decode_tokens_per_s'] / res['bound_batch1']:.0f}%."]
     v = by.get(("vllm", 64))
     if v:
         o = by.get(("ours", 64))
