@@ -62,13 +62,12 @@ class FusedDecoder:
         blocks, offsets, cos, sin = _slots_and_rotary(meta)
         bt, ctx = _i32(meta.decode_block_tables), _i32(meta.decode_ctx_lens)
         scratch = torch.empty(M * self.per_token, dtype=torch.float32)
-        threads = torch.get_num_threads()
-        for i, w in enumerate(self.structs):
-            k_cache, v_cache = kv.layer(i)
-            self.so.decode_layer(x.data_ptr(), ctypes.byref(w), cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
-                                 v_cache.data_ptr(), blocks.data_ptr(), offsets.data_ptr(), bt.data_ptr(),
-                                 ctx.data_ptr(), bt.shape[1], M, kv.block_size, self.scale, scratch.data_ptr(),
-                                 threads)
+        rotary = (cos.data_ptr(), sin.data_ptr())
+        step = (blocks.data_ptr(), offsets.data_ptr(), bt.data_ptr(), ctx.data_ptr(), bt.shape[1], M, kv.block_size,
+                self.scale, scratch.data_ptr(), torch.get_num_threads())
+        xp, layer = x.data_ptr(), self.so.decode_layer
+        for w, (k, v) in zip(self.structs, kv.pointers):
+            layer(xp, ctypes.byref(w), *rotary, k, v, *step)
         return x
 
 

@@ -59,12 +59,20 @@ class KVCache:
         else:
             self.data = _zeros(shape + (head_dim,), dtype, device)
             self.params = None
+        # each layer's (K, V) views, made once: a batch-1 decode step asks for all of them (60 views for
+        # SmolLM2 took about 0.4 ms of a 21 ms step)
+        self._layers = [self._views(i) for i in range(num_layers)]
+        # and their addresses, for the native decode layers (dense caches only)
+        self.pointers = [] if quant_policy else [(k.data_ptr(), v.data_ptr()) for k, v in self._layers]
 
-    def layer(self, i: int) -> Tuple:
+    def _views(self, i: int) -> Tuple:
         if self.quant_policy:
             return tuple(QuantKV(self.data[i, j], self.params[i, j], self.quant_policy, self.head_dim, self.dtype)
                          for j in (0, 1))
         return self.data[i, 0], self.data[i, 1]
+
+    def layer(self, i: int) -> Tuple:
+        return self._layers[i]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
