@@ -24,41 +24,67 @@ from bench.common import (machine_description, matmul_gflops, memory_bandwidth_g
                           token_prompts, write_section)
 
 
+PROBE_EVERY = 16  # decode-only steps between bandwidth readings at batch 1
+
+
 def ours(engine, prompts, new_tokens, cap, repeats, probe=None):
-    """Output tokens/s per run, and the rate of the decode-only steps within it (tokens / their time); with
-    ``probe``, also its value before each run and after the last (repeats + 1 values)."""
+    """Output tokens/s per run and the rate of its decode-only steps (tokens / their time). With ``probe`` (a
+    quick read-bandwidth reading, GB/s), also read it at the start of each run and after every PROBE_EVERY
+    decode-only steps, outside the timed time, and return each run's windows: (tokens, seconds, GB/s before
+    them, GB/s after them)."""
     from engine.generation import GenerationConfig
     from engine.offline import Pipeline
     engine.scheduler.cfg = type(engine.scheduler.cfg)(**{**engine.scheduler.cfg.__dict__, "max_batch_size": cap})
     pipe = Pipeline(engine)
     g = GenerationConfig(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     pipe(prompts[:2], GenerationConfig(max_new_tokens=2, ignore_eos=True))  # warm-up
-    execute, acc = engine.runner.execute, [0.0, 0]
+    execute, acc = engine.runner.execute, {}
 
     def timed(sched, *args, **kw):  # time the steps that only decode (no prompt tokens in them)
         t = time.perf_counter()
         out = execute(sched, *args, **kw)
+        dt = time.perf_counter() - t
         if sched.seqs and all(len(s.token_ids) == 1 for s in sched.seqs):
-            acc[0] += time.perf_counter() - t
-            acc[1] += len(sched.seqs)
+            acc["time"] += dt
+            acc["tokens"] += len(sched.seqs)
+            if probe:
+                w = acc["window"]
+                w[0], w[1], w[2] = w[0] + len(sched.seqs), w[1] + dt, w[2] + 1
+                if w[2] == PROBE_EVERY:
+                    t = time.perf_counter()
+                    gbs = probe()
+                    acc["probe_s"] += time.perf_counter() - t
+                    acc["windows"].append((w[0], w[1], acc["last"], gbs))
+                    acc.update(last=gbs, window=[0, 0.0, 0])
         return out
 
     engine.runner.execute = timed
-    rates, decode_rates, probes = [], [], []
+    rates, decode_rates, windows = [], [], []
     try:
         for _ in range(repeats):
-            if probe:
-                probes.append(probe())
-            acc[:] = [0.0, 0]
+            acc.update(time=0.0, tokens=0, probe_s=0.0, windows=[], window=[0, 0.0, 0],
+                       last=probe() if probe else None)
             t = time.perf_counter()
             outs = pipe(prompts, g)
-            rates.append(sum(o.completion_tokens for o in outs) / (time.perf_counter() - t))
-            decode_rates.append(acc[1] / acc[0] if acc[0] else 0.0)
-        if probe:
-            probes.append(probe())
+            elapsed = time.perf_counter() - t - acc["probe_s"]
+            rates.append(sum(o.completion_tokens for o in outs) / elapsed)
+            decode_rates.append(acc["tokens"] / acc["time"] if acc["time"] else 0.0)
+            windows.append(acc["windows"])
     finally:
         engine.runner.execute = execute
-    return rates, decode_rates, probes
+    return rates, decode_rates, windows
+
+
+def _against_nearby_bandwidth(rates, windows, weight_bytes) -> dict:
+    """Batch 1 against the memory bound read beside it: each window of decode-only steps against the better
+    of the readings just before and just after it; each run against the median of its windows' bounds."""
+    bound = lambda w: max(w[2], w[3]) * 1e9 / weight_bytes  # noqa: E731
+    every = [w for run in windows for w in run]
+    run_bounds = [statistics.median(map(bound, run)) for run in windows]
+    return {"windows": len(every), "window_bounds": [bound(w) for w in every],
+            "adjacent_gbs": [w[3] for w in every],
+            "adjacent_share": statistics.median(r / b for r, b in zip(rates, run_bounds)),
+            "adjacent_decode_share": statistics.median(w[0] / w[1] / bound(w) for w in every)}
 
 
 def main() -> int:
@@ -96,20 +122,22 @@ def main() -> int:
     rows = []
     for cap in [int(c) for c in a.caps.split(",")]:
         ps = prompts[:a.small_prompts] if cap == 1 else prompts
-        # batch 1 is bandwidth-bound and the host's bandwidth drifts by 2x over minutes: measure it beside
-        # each run too, and compare each run with the better of the figures just before and just after it
-        probe = (lambda: memory_bandwidth_gbs(3)) if cap == 1 else None
-        rates, decode_rates, bws = ours(engine, ps, a.new_tokens, cap, a.repeats, probe)
+        # batch 1 is bandwidth-bound, and this host's bandwidth swings between about 32 and 60 GB/s from one
+        # second to the next: read it beside the steps too (a 512 MiB buffer on huge pages, best of 2 passes)
+        probe = _quick_bandwidth() if cap == 1 else None
+        rates, decode_rates, windows = ours(engine, ps, a.new_tokens, cap, a.repeats, probe)
         r, d = statistics.median(rates), statistics.median(decode_rates)
-        row = {"system": "ours", "batch": cap, "prompts": len(ps), "tokens_per_s": r, "decode_tokens_per_s": d}
-        if bws:
-            bounds = [max(b0, b1) * 1e9 / weight_bytes for b0, b1 in zip(bws, bws[1:])]
-            row.update(adjacent_gbs=bws, adjacent_bounds=bounds,
-                       adjacent_share=statistics.median(x / b for x, b in zip(rates, bounds)),
-                       adjacent_decode_share=statistics.median(x / b for x, b in zip(decode_rates, bounds)))
+        row = {"system": "ours", "batch": cap, "prompts": len(ps), "tokens_per_s": r, "decode_tokens_per_s": d,
+               "runs": rates}
+        if probe:
+            row.update(_against_nearby_bandwidth(rates, windows, weight_bytes))
+            del probe
         rows.append(row)
         print(f"ours   cap {cap:>2}: {r:7.1f} tok/s ({len(ps)} prompts); decode-only steps {d:7.1f} tok/s"
-              + (f"; bound beside each run {', '.join(f'{b:.1f}' for b in bounds)} tok/s" if bws else ""), flush=True)
+              + (f"; against the bound read beside them {100 * row['adjacent_share']:.0f}% and "
+                 f"{100 * row['adjacent_decode_share']:.0f}% ({row['windows']} windows, bounds "
+                 f"{min(row['window_bounds']):.0f}-{max(row['window_bounds']):.0f} tok/s)" if cap == 1 else ""),
+              flush=True)
     del engine
     # the bandwidth again after our runs (it drifts over minutes); the bound takes the better figure
     bw = max([bw, memory_bandwidth_gbs()] + [g for r in rows for g in r.get("adjacent_gbs", [])])
@@ -143,6 +171,21 @@ def main() -> int:
         write_section("offline-throughput", table)
         plot(result)
     return 0
+
+
+def _quick_bandwidth():
+    """A read-bandwidth reading of about 30 ms: torch's sum over 512 MiB on huge pages, best of 2 passes."""
+    from engine.host_memory import huge_empty
+    buf = huge_empty(2**27).fill_(1.0)
+
+    def read() -> float:
+        best = 0.0
+        for _ in range(2):
+            t = time.perf_counter()
+            buf.sum()
+            best = max(best, buf.numel() * 4 / (time.perf_counter() - t) / 1e9)
+        return best
+    return read
 
 
 def _model_dir():
@@ -183,10 +226,14 @@ def render(res) -> str:
         lines[-1] += f" {d:.1f} | {100 * dshare:.0f}% |" if d else " – | – |"
     b1 = by.get(("ours", 1))
     if b1 and "adjacent_share" in b1:
-        lines += ["", "Batch 1 against the memory bound measured beside each of its runs (the better of the "
-                      "figures just before and just after it: "
-                      f"{', '.join(f'{b:.1f}' for b in b1['adjacent_bounds'])} tokens/s), median over the runs. "
-                      f"Against the best figure of the whole run ({res['bound_batch1']:.1f} tokens/s): "
+        lines += ["", f"Batch 1 against the memory bound read beside its steps: a quick reading (torch's sum over 512 "
+                      f"MiB on huge pages) at the start of each run and after every {PROBE_EVERY} decode-only steps, "
+                      "outside the timed time, as this host's read bandwidth swings between about 32 and 60 GB/s "
+                      "from one second to the next. Each window of decode-only steps against the better of the "
+                      "readings just before and after it, median over the windows "
+                      f"({b1['windows']}; bounds {min(b1['window_bounds']):.0f}-{max(b1['window_bounds']):.0f} "
+                      "tokens/s); each run's whole rate against the median of its windows' bounds, median over runs. "
+                      f"Against the best figure of the whole run ({res['bound_batch1']:.1f} tokens/s) instead: "
                       f"{100 * b1['tokens_per_s'] / res['bound_batch1']:.0f}% and, decode-only steps, "
                       f"{100 * b1['decode_tokens_per_s'] / res['bound_batch1']:.0f}%."]
     v = by.get(("vllm", 64))
