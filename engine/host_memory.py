@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import os
 import sys
 
@@ -26,7 +27,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-MADV_HUGEPAGE = 14  # madvise advice (asm-generic/mman-common.h)
 HUGE_PAGE = 2 << 20
 MMAP_THRESHOLD = 32 << 20  # glibc's largest accepted value on 64-bit (HEAP_MAX_SIZE / 2)
 TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim the heap top only past 2 GiB free
@@ -54,31 +54,26 @@ def keep_freed_memory() -> bool:
     return ok
 
 
-def _madvise_huge(addr: int, length: int) -> bool:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return False
-    libc.madvise.argtypes, libc.madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return libc.madvise(addr, length, MADV_HUGEPAGE) == 0
-
-
 def huge_empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """An uninitialised 1-D CPU tensor starting on a 2 MiB boundary, its pages advised as huge pages before
-    anything touches them. Below 32 MiB (what malloc may serve from its heap) or with ``RAYLM_HUGE_PAGES=0``,
-    or off Linux: a plain ``torch.empty``."""
+    """An uninitialised 1-D CPU tensor starting on a 2 MiB boundary, in an anonymous mapping of its own whose
+    pages are advised as huge pages before anything touches them (not from malloc, which may hand back heap
+    memory already faulted in as 4 KiB pages). Below 32 MiB, with ``RAYLM_HUGE_PAGES=0``, or where the
+    platform has no ``MADV_HUGEPAGE``: a plain ``torch.empty``."""
     item = torch.empty((), dtype=dtype).element_size()
     nbytes = numel * item
     if (nbytes < MMAP_THRESHOLD or os.environ.get("RAYLM_HUGE_PAGES", "1") == "0"
-            or not sys.platform.startswith("linux")):
+            or not hasattr(mmap, "MADV_HUGEPAGE")):
         return torch.empty(numel, dtype=dtype)
-    # fresh mmap pages, none touched yet; room to start on a boundary and to end the last huge page inside it
-    raw = torch.empty(numel + 2 * HUGE_PAGE // item, dtype=dtype)
-    start = (raw.data_ptr() + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE
-    if not _madvise_huge(start, (nbytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE):
+    # room to start on a boundary and to end the last huge page inside the mapping
+    # (private: an anonymous shared mapping is shmem, whose huge pages are a separate, usually disabled switch)
+    m = mmap.mmap(-1, (nbytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:
         logger.debug("madvise(MADV_HUGEPAGE) refused: ordinary pages")
-    off = (start - raw.data_ptr()) // item
-    return raw[off:off + numel]
+    raw = torch.frombuffer(m, dtype=torch.uint8)  # the tensor keeps the mapping alive
+    off = -raw.data_ptr() % HUGE_PAGE
+    return raw[off:off + nbytes].view(dtype)
 
 
 def params_to_huge_pages(model: torch.nn.Module) -> int:
