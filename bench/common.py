@@ -59,13 +59,20 @@ def memory_bandwidth_gbs(repeats: int = 9) -> float:
         w, v = x.view(2**15, 2**13), torch.ones(1, 2**13)
         if cpu_native.lib() is not None:
             readers.append(lambda: cpu_native.skinny_linear_t(v, w, None))
-        for read in readers:
-            read()
-            for _ in range(repeats):
-                t = time.perf_counter()
-                read()
-                best = max(best, x.numel() * 4 / (time.perf_counter() - t) / 1e9)
+        best = max([best] + [best_read_gbs(read, x.numel() * 4, repeats) for read in readers])
         del x, w, readers  # one GiB at a time
+    return best
+
+
+def best_read_gbs(read: Callable[[], object], nbytes: int, passes: int, warm: bool = True) -> float:
+    """GB/s of the fastest of ``passes`` calls of ``read`` over ``nbytes`` (after one untimed call when warm)."""
+    if warm:
+        read()
+    best = 0.0
+    for _ in range(passes):
+        t = time.perf_counter()
+        read()
+        best = max(best, nbytes / (time.perf_counter() - t) / 1e9)
     return best
 
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (machine_description, matmul_gflops, memory_bandwidth_gbs, run_peer, save_json,  # noqa: E402
-                          token_prompts, write_section)
+from bench.common import (best_read_gbs, machine_description, matmul_gflops, memory_bandwidth_gbs,  # noqa: E402
+                          run_peer, save_json, token_prompts, write_section)
 
 
 PROBE_EVERY = 16  # decode-only steps between bandwidth readings at batch 1
@@ -177,15 +177,7 @@ def _quick_bandwidth():
     """A read-bandwidth reading of about 30 ms: torch's sum over 512 MiB on huge pages, best of 2 passes."""
     from engine.host_memory import huge_empty
     buf = huge_empty(2**27).fill_(1.0)
-
-    def read() -> float:
-        best = 0.0
-        for _ in range(2):
-            t = time.perf_counter()
-            buf.sum()
-            best = max(best, buf.numel() * 4 / (time.perf_counter() - t) / 1e9)
-        return best
-    return read
+    return lambda: best_read_gbs(buf.sum, buf.numel() * 4, 2, warm=False)
 
 
 def _model_dir():

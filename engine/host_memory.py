@@ -54,15 +54,17 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+def huge_pages_enabled() -> bool:
+    return os.environ.get("RAYLM_HUGE_PAGES", "1") != "0" and hasattr(mmap, "MADV_HUGEPAGE")
+
+
 def huge_empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """An uninitialised 1-D CPU tensor starting on a 2 MiB boundary, in an anonymous mapping of its own whose
     pages are advised as huge pages before anything touches them (not from malloc, which may hand back heap
     memory already faulted in as 4 KiB pages). Below 32 MiB, with ``RAYLM_HUGE_PAGES=0``, or where the
     platform has no ``MADV_HUGEPAGE``: a plain ``torch.empty``."""
-    item = torch.empty((), dtype=dtype).element_size()
-    nbytes = numel * item
-    if (nbytes < MMAP_THRESHOLD or os.environ.get("RAYLM_HUGE_PAGES", "1") == "0"
-            or not hasattr(mmap, "MADV_HUGEPAGE")):
+    nbytes = numel * dtype.itemsize
+    if nbytes < MMAP_THRESHOLD or not huge_pages_enabled():
         return torch.empty(numel, dtype=dtype)
     # room to start on a boundary and to end the last huge page inside the mapping
     # (private: an anonymous shared mapping is shmem, whose huge pages are a separate, usually disabled switch)
@@ -79,7 +81,7 @@ def huge_empty(numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 def params_to_huge_pages(model: torch.nn.Module) -> int:
     """Copy each CPU parameter of 32 MiB or more (an embedding, an LM head) into ``huge_empty`` memory;
     returns how many moved. Tied parameters are one object and move once."""
-    if os.environ.get("RAYLM_HUGE_PAGES", "1") == "0":
+    if not huge_pages_enabled():
         return 0
     moved = 0
     for p in model.parameters():
