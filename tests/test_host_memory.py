@@ -14,37 +14,43 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = [2048 * 3072, 2048 * 1536, 2048 * 960, 2048 * 576]  # one prefill layer's outputs (floats)
+LIVE = 3  # buffers of one size alive at once (a layer's gate, up and their product)
 SCRIPT = r"""
 import json, resource, sys, torch
 from engine.host_memory import keep_freed_memory
 applied = keep_freed_memory()
-sizes = json.loads(sys.argv[1])
-for _ in range(2):
-    bufs = [torch.ones(n) for n in sizes]
-    del bufs
+sizes, live = json.loads(sys.argv[1]), int(sys.argv[2])
+def one_pass():
+    for n in sizes:
+        bufs = [torch.ones(n) for _ in range(live)]
+        del bufs
+for _ in range(2):  # warm up to the pattern's own high-water mark
+    one_pass()
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
-    for n in sizes:
-        a, b = torch.ones(n), torch.ones(n)
-        del a, b
+    one_pass()
 print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}))
 """
 
 
 def _run(keep: str) -> dict:
     env = {**os.environ, "RAYLM_KEEP_FREED_MEMORY": keep, "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(SIZES)], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(SIZES), str(LIVE)], env=env, capture_output=True, text=True,
                          timeout=120, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_freed_buffers_are_reused_without_page_faults():
+    """With malloc's defaults the first free of a 25 MiB mmapped block raises the mmap threshold to 25 MiB
+    and the trim threshold to twice that, so three such buffers freed together leave more than the trim
+    threshold free at the heap top and it is handed back every pass. (Two at once sit at that edge, and
+    whether they fault then depends on the heap's layout: the test used two and was flaky.)"""
     default, kept = _run("0"), _run("1")
     assert default["applied"] is False and kept["applied"] is True
-    pages = 10 * 2 * sum(SIZES) * 4 // 4096  # touched per pass
+    pages = 10 * LIVE * sum(SIZES) * 4 // 4096  # touched in the ten measured passes
     assert default["faults"] > pages // 4  # malloc's defaults hand these blocks back and fault them in again
-    assert kept["faults"] < default["faults"] // 5
+    assert kept["faults"] < pages // 100 and kept["faults"] < default["faults"] // 5
 
 
 def _thp_mode() -> str:
