@@ -135,6 +135,42 @@ def save_json(name: str, data) -> Path:
     return out
 
 
+class PeerSession:
+    """A peer's script kept running in its own interpreter and asked for one measurement at a time, so that
+    its runs can alternate with ours (this host drifts over minutes). The script prints a JSON line when
+    ready and one JSON line per request line it reads; it ends at end of input."""
+
+    def __init__(self, python: str, script: Path, args: List[str], env: dict):
+        self.name = script.name
+        self.log = tempfile.TemporaryFile("w+")  # its stderr (a pipe nobody reads could fill and block it)
+        self.proc = subprocess.Popen([python, str(script), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, env={**os.environ, **env})
+        self._reply()
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("{"):
+                return json.loads(line)
+        self.proc.wait()
+        self.log.seek(0)
+        err = self.log.read()
+        raise RuntimeError(f"{self.name} exited with code {self.proc.returncode}:\n{err[-3000:]}")
+
+    def ask(self, request: str) -> dict:
+        self.proc.stdin.write(request + "\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
 def run_peer(python: str, script: Path, args: List[str], env: dict, timeout: int) -> dict:
     """Run a peer's script in its own interpreter; it prints one JSON line last."""
     p = subprocess.run([python, str(script), *args], capture_output=True, text=True, env={**os.environ, **env},

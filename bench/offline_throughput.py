@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (best_read_gbs, machine_description, matmul_gflops, memory_bandwidth_gbs,  # noqa: E402
-                          run_peer, save_json, token_prompts, write_section)
+from bench.common import (PeerSession, best_read_gbs, machine_description, matmul_gflops,  # noqa: E402
+                          memory_bandwidth_gbs, run_peer, save_json, token_prompts, write_section)
 
 
 PROBE_EVERY = 16  # decode-only steps between bandwidth readings at batch 1
@@ -119,13 +119,27 @@ def main() -> int:
     print(f"machine: {machine}\nmemory read {bw:.1f} GB/s; "
           f"matmul {gflops:.1f} GFLOP/s -> compute bound {bound_compute:.0f} tok/s", flush=True)
 
-    rows = []
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
+        json.dump(prompts, fh)
+    hf_batches = [int(b) for b in a.hf_batches.split(",")] if a.hf_batches else []
+    # HF stays loaded in its own interpreter; at the batch sizes both run, its runs alternate with ours, run by
+    # run, so that the host's drift over minutes falls on both sides of the ratio
+    hf = PeerSession(sys.executable, Path(__file__).parent / "peers" / "hf_offline.py",
+                     [str(_model_dir()), fh.name, str(a.new_tokens)],
+                     {"OMP_NUM_THREADS": str(torch.get_num_threads())}) if hf_batches else None
+    hf_prompts = lambda b: a.small_prompts if b == 1 else min(a.num_prompts, max(b, a.hf_prompts))  # noqa: E731
+    rows, hf_rows = [], []
     for cap in [int(c) for c in a.caps.split(",")]:
         ps = prompts[:a.small_prompts] if cap == 1 else prompts
         # batch 1 is bandwidth-bound, and this host's bandwidth swings between about 32 and 60 GB/s from one
         # second to the next: read it beside the steps too (a 512 MiB buffer on huge pages, best of 2 passes)
         probe = _quick_bandwidth() if cap == 1 else None
-        rates, decode_rates, windows = ours(engine, ps, a.new_tokens, cap, a.repeats, probe)
+        rates, decode_rates, windows, peer = [], [], [], []
+        for _ in range(a.repeats):
+            r1, d1, w1 = ours(engine, ps, a.new_tokens, cap, 1, probe)
+            rates, decode_rates, windows = rates + r1, decode_rates + d1, windows + w1
+            if cap in hf_batches:
+                peer.append(hf.ask(f"{hf_prompts(cap)} {cap}")["tokens_per_s"])
         r, d = statistics.median(rates), statistics.median(decode_rates)
         row = {"system": "ours", "batch": cap, "prompts": len(ps), "tokens_per_s": r, "decode_tokens_per_s": d,
                "runs": rates}
@@ -138,21 +152,19 @@ def main() -> int:
                  f"{100 * row['adjacent_decode_share']:.0f}% ({row['windows']} windows, bounds "
                  f"{min(row['window_bounds']):.0f}-{max(row['window_bounds']):.0f} tok/s)" if cap == 1 else ""),
               flush=True)
+        if peer:
+            hf_rows.append(_hf_row(cap, hf_prompts(cap), peer))
+    for b in (b for b in hf_batches if b not in {row["batch"] for row in rows}):  # HF sizes we did not run
+        hf_rows.append(_hf_row(b, hf_prompts(b), [hf.ask(f"{hf_prompts(b)} {b}")["tokens_per_s"]
+                                                  for _ in range(a.repeats)]))
+    if hf:
+        hf.close()
+    rows += hf_rows
     del engine
     # the bandwidth again after our runs (it drifts over minutes); the bound takes the better figure
     bw = max([bw, memory_bandwidth_gbs()] + [g for r in rows for g in r.get("adjacent_gbs", [])])
     bound_b1 = bw * 1e9 / weight_bytes
     print(f"memory read, best of before and after: {bw:.1f} GB/s -> batch-1 bound {bound_b1:.1f} tok/s", flush=True)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
-        json.dump(prompts, fh)
-    for b in [int(c) for c in a.hf_batches.split(",")]:
-        n = a.small_prompts if b == 1 else min(a.num_prompts, max(b, a.hf_prompts))
-        res = run_peer(sys.executable, Path(__file__).parent / "peers" / "hf_offline.py",
-                       [str(_model_dir()), fh.name, str(n), str(a.new_tokens), str(b), str(a.repeats if b > 1 else 1)],
-                       {"OMP_NUM_THREADS": str(torch.get_num_threads())}, timeout=3000)
-        r = statistics.median(res["tokens_per_s"])
-        rows.append({"system": "hf", "batch": b, "prompts": n, "tokens_per_s": r})
-        print(f"HF     bs  {b:>2}: {r:7.1f} tok/s ({n} prompts, own process)", flush=True)
     if a.vllm_python:
         env = {"VLLM_CPU_OMP_THREADS_BIND": "0-1", "VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CACHE_ROOT": "/tmp/vllm-cache"}
         res = run_peer(a.vllm_python, Path(__file__).parent / "peers" / "vllm_offline.py",
@@ -171,6 +183,12 @@ def main() -> int:
         write_section("offline-throughput", table)
         plot(result)
     return 0
+
+
+def _hf_row(batch: int, prompts: int, runs: list) -> dict:
+    r = statistics.median(runs)
+    print(f"HF     bs  {batch:>2}: {r:7.1f} tok/s ({prompts} prompts, own process)", flush=True)
+    return {"system": "hf", "batch": batch, "prompts": prompts, "tokens_per_s": r, "runs": runs}
 
 
 def _quick_bandwidth():
@@ -197,7 +215,8 @@ def render(res) -> str:
         f"{res['matmul_gflops']:.1f} GFLOP/s (compute bound {res['bound_compute']:.0f} tokens/s = rate / model FLOPs per token).",
         f"Prompts of {res['args']['prompt_len']} tokens, {res['args']['new_tokens']} new tokens each, greedy, "
         f"medians over {res['args']['repeats']} runs. Output tokens per second. HF `generate` runs in an interpreter "
-        "of its own, with the library's defaults.",
+        "of its own, with the library's defaults, its model loaded once; at each batch size its runs alternate "
+        "with ours, run by run.",
         "",
         "| batch cap | ours | prompts | HF generate | prompts | ours / HF | ours / bound | model FLOP use | "
         "ours, decode-only steps | those / bound |",

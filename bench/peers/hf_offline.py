@@ -1,9 +1,11 @@
 """Hugging Face ``generate`` throughput on a prompt set of token ids, in an interpreter of its own (so that
 nothing our engine set up in the benchmark's process, such as its malloc settings, touches the baseline).
 
-Usage: python hf_offline.py MODEL_DIR PROMPTS_JSON NUM_PROMPTS NEW_TOKENS BATCH REPEATS
--> prints {"tokens_per_s": [...]}. Runs the first NUM_PROMPTS prompts; they are of equal length, so batches
-need no padding.
+Usage: python hf_offline.py MODEL_DIR PROMPTS_JSON NEW_TOKENS
+then one request per line on stdin, ``NUM_PROMPTS BATCH``: each runs the first NUM_PROMPTS prompts in
+batches of BATCH and answers with one line, {"tokens_per_s": rate}. The model stays loaded between requests,
+so the benchmark can alternate these runs with its own; the process ends at end of input. The prompts are of
+equal length, so batches need no padding.
 """
 import json
 import sys
@@ -13,23 +15,27 @@ import torch
 from transformers import AutoModelForCausalLM
 
 
+def rate(model, prompts, new_tokens: int, batch: int) -> float:
+    t = time.perf_counter()
+    n = 0
+    for i in range(0, len(prompts), batch):
+        x = torch.tensor(prompts[i:i + batch])
+        with torch.no_grad():
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+        n += (out.shape[1] - x.shape[1]) * x.shape[0]
+    return n / (time.perf_counter() - t)
+
+
 def main():
-    model_dir, prompts_file = sys.argv[1], sys.argv[2]
-    num_prompts, new_tokens, batch, repeats = (int(v) for v in sys.argv[3:7])
-    prompts = json.load(open(prompts_file))[:num_prompts]
+    model_dir, prompts_file, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    prompts = json.load(open(prompts_file))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        n = 0
-        for i in range(0, len(prompts), batch):
-            x = torch.tensor(prompts[i:i + batch])
-            with torch.no_grad():
-                out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
-                                     min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
-            n += (out.shape[1] - x.shape[1]) * x.shape[0]
-        rates.append(n / (time.perf_counter() - t))
-    print(json.dumps({"tokens_per_s": rates}))
+    rate(model, prompts[:1], 2, 1)  # warm-up
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        num_prompts, batch = (int(v) for v in line.split())
+        print(json.dumps({"tokens_per_s": rate(model, prompts[:num_prompts], new_tokens, batch)}), flush=True)
 
 
 if __name__ == "__main__":
