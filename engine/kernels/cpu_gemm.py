@@ -43,7 +43,7 @@ class Panels:
         64-byte boundary, e.g. a model's huge-page arena); a fresh tensor without it."""
         n, k = weight.shape
         w = weight.detach().float()
-        padded = -(-n // 16) * 16
+        padded = _padded(n)
         if padded != n:
             w = torch.cat([w, w.new_zeros(padded - n, k)])
         panels = w.reshape(padded // 16, 16, k).transpose(1, 2)
@@ -58,7 +58,12 @@ class Panels:
     def size(weight: torch.Tensor) -> int:
         """Elements the packed copy of ``weight`` takes."""
         n, k = weight.shape
-        return -(-n // 16) * 16 * k
+        return _padded(n) * k
+
+
+def _padded(n: int) -> int:
+    """Output features rounded up to whole 16-wide panels."""
+    return -(-n // 16) * 16
 
 
 def onednn_available() -> bool:

@@ -79,8 +79,8 @@ class KVCache:
                         quant_policy: int = 0) -> int:
         vectors = num_layers * 2 * block_size * kv_heads
         if quant_policy:
-            return vectors * (packed_dim(head_dim, quant_policy) + 2 * _itemsize(kv_params_dtype(dtype)))
-        return vectors * head_dim * _itemsize(dtype)
+            return vectors * (packed_dim(head_dim, quant_policy) + 2 * kv_params_dtype(dtype).itemsize)
+        return vectors * head_dim * dtype.itemsize
 
 
 def _zeros(shape: Tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
@@ -89,10 +89,6 @@ def _zeros(shape: Tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Ten
         return torch.zeros(shape, dtype=dtype, device=device)
     from ..host_memory import huge_empty
     return huge_empty(math.prod(shape), dtype).view(shape).zero_()
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.tensor([], dtype=dtype).element_size()
 
 
 def kv_params_dtype(dtype: torch.dtype) -> torch.dtype:
