@@ -221,3 +221,4 @@ def test_disconnect_mid_stream_frees_blocks(api):
     else:
         pytest.fail("blocks were not freed after the client left: " + "\n".join(l for l in text.splitlines() if l.startswith(("raylm_kv", "raylm_requests_r", "raylm_generation"))))
     assert metric(text, "raylm_time_to_first_token_seconds_count") > 0
+    assert 'finish_reason="abort"' in text  # the request the client left is counted as aborted

@@ -139,7 +139,7 @@ class OpenAIIngress:
         prompt = sum(x["prompt_tokens"] for x in lasts)
         completion = sum(x["completion_tokens"] for x in lasts)
         self.metrics.observe_request((t_first or now) - t0, now - t0, prompt, completion,
-                                     [x["finish_reason"] for x in lasts])
+                                     [x["finish_reason"] if x.get("finished", True) else "abort" for x in lasts])
 
     # ---- routes ---------------------------------------------------------------------------
     async def health(self):
@@ -236,18 +236,20 @@ class OpenAIIngress:
     async def _stream(self, kind: str, rid: str, req, choices: List[_Choice], t0: float, make_choice):
         base = R.base(kind, rid, self.model)
         lasts, t_first = {}, None
-        async for c, item in self._merged(choices):
-            if "error" in item:
-                yield sse({"error": {"message": item["error"], "type": "internal_server_error",
-                                     "param": None, "code": "engine_failed"}})
-                continue
-            t_first = t_first or time.perf_counter()
-            lasts[c.index] = item
-            if item["text"] or item.get("logprobs") or item["finished"]:
-                yield sse({**base, "choices": [make_choice(c.index, item)]})
-        done = list(lasts.values())
-        if done:
-            self._observe(t0, t_first, done)
+        try:
+            async for c, item in self._merged(choices):
+                if "error" in item:
+                    yield sse({"error": {"message": item["error"], "type": "internal_server_error",
+                                         "param": None, "code": "engine_failed"}})
+                    continue
+                t_first = t_first or time.perf_counter()
+                lasts[c.index] = item
+                if item["text"] or item.get("logprobs") or item["finished"]:
+                    yield sse({**base, "choices": [make_choice(c.index, item)]})
+        finally:  # a client that left mid-stream still counts: its tokens were generated ("abort")
+            done = list(lasts.values())
+            if done:
+                self._observe(t0, t_first, done)
         if req.include_usage:
             yield sse({**base, "choices": [], "usage": _usage(done, per_prompt=req.n)})
         yield "data: [DONE]\n\n"
