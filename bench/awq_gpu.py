@@ -1,15 +1,22 @@
-"""GPU: the W4A16 Triton kernel against float16 torch.matmul, and batch-1 decode of a Llama-2-7B-shaped model
-(random weights) with W4A16 against float16, beside the memory-bandwidth bound measured in the same run.
+"""GPU: the W4A16 Triton kernel against float16 torch.matmul, and decode of a Llama-2-7B-shaped model (random
+weights) in float16 and W4A16, eager and from CUDA graphs, at batch 1 and 32, beside the memory-bandwidth
+bound measured in the same run.
 
-    python bench/awq_gpu.py                 # on a CUDA machine
-    TRITON_INTERPRET=1 python bench/awq_gpu.py --smoke --no-doc    # tiny shapes on CPU, checks the script runs
+    python bench/awq_gpu.py --json-out /tmp/awq_gpu.json --no-doc   # on a CUDA machine
+    python bench/awq_gpu.py --render bench/results/awq_gpu.json      # table into docs/benchmarks.md
+    TRITON_INTERPRET=1 python bench/awq_gpu.py --smoke --no-doc      # tiny shapes on CPU: the script runs
+
+Kernel times are GPU times: 20 calls captured in a CUDA graph, replayed, median over 7 replays (launch
+overhead from Python is not in them, for either side).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -19,26 +26,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import save_json, write_section  # noqa: E402
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds per call."""
+def gpu_time(fn, device: str, calls: int = 20, replays: int = 7) -> float:
+    """Median seconds per call of fn."""
     fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
+    if device != "cuda":
         t = time.perf_counter()
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
+        return time.perf_counter() - t
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / calls)
     return statistics.median(times)
 
 
-def bandwidth_gbs(device: str, repeats: int) -> float:
-    x = torch.empty(2 ** 28 if device == "cuda" else 2 ** 20, dtype=torch.float16, device=device)
+def bandwidth(device: str) -> dict:
+    n = 2 ** 30 if device == "cuda" else 2 ** 20  # 2 GiB of float16
+    x = torch.ones(n, dtype=torch.float16, device=device)
     y = torch.empty_like(x)
-    s = timed(lambda: y.copy_(x), repeats, device)
-    return 2 * x.numel() * 2 / s / 1e9  # read + write
+    copy = gpu_time(lambda: y.copy_(x), device, calls=5)
+    read = gpu_time(lambda: x.sum(dtype=torch.float32), device, calls=5)
+    return {"copy_GBs": 4 * n / copy / 1e9, "read_GBs": 2 * n / read / 1e9}
 
 
 def random_awq(K: int, N: int, G: int, device: str):
@@ -48,24 +71,62 @@ def random_awq(K: int, N: int, G: int, device: str):
     return qw, qz, s
 
 
-def kernel_table(shapes, ms, device, repeats):
+def gemv_sweep(shapes, device, tiles):
+    """One-row W4A16 products (decode) over GEMV tiles (BP, BK, warps), split-K as the engine picks it;
+    -> (rows, the tile with the least total time over the shapes)."""
+    from engine.kernels.awq_torch import dequantize_awq
+    from engine.kernels.awq_triton import awq_gemv, pick_gemv_config, _sm_count
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    rows, totals = [], {}
+    for K, N in shapes:
+        G = 128 if K % 128 == 0 else 32
+        qw, qz, s = random_awq(K, N, G, device)
+        x = torch.randn(1, K, device=device, dtype=dtype)
+        for tile in tiles:
+            bp, bk, warps = tile
+            if G % bk:
+                continue
+            split = pick_gemv_config(N, K, G, _sm_count(x.device), tile)[2]
+            try:
+                t = gpu_time(lambda: awq_gemv(x, qw, qz, s, split_k=split, block_p=bp, block_k=bk, num_warps=warps),
+                             device)
+                err = (awq_gemv(x, qw, qz, s, split_k=split, block_p=bp, block_k=bk, num_warps=warps).float()
+                       - x.float() @ dequantize_awq(qw, qz, s, torch.float32)).abs().max()
+            except Exception as e:  # a tile the compiler refuses: note it, go on
+                print(f"gemv tile {tile}: {type(e).__name__}: {e}", flush=True)
+                totals[tile] = float("inf")
+                continue
+            rows.append({"K": K, "N": N, "BP": bp, "BK": bk, "warps": warps, "split": split,
+                         "us": t * 1e6, "max_abs_err": float(err)})
+            totals[tile] = totals.get(tile, 0.0) + t
+            print(json.dumps(rows[-1]), flush=True)
+    best = min(totals, key=totals.get) if totals else None
+    return rows, best
+
+
+def kernel_table(shapes, ms, device):
     from engine.kernels.awq_triton import awq_matmul
+    from engine.kernels.awq_torch import awq_matmul_reference
     rows = []
     dtype = torch.float16 if device == "cuda" else torch.float32
     for K, N in shapes:
-        qw, qz, s = random_awq(K, N, 128 if K % 128 == 0 else 32, device)
+        G = 128 if K % 128 == 0 else 32
+        qw, qz, s = random_awq(K, N, G, device)
         w = torch.randn(K, N, device=device, dtype=dtype)
         for m in ms:
             x = torch.randn(m, K, device=device, dtype=dtype)
-            t_q = timed(lambda: awq_matmul(x, qw, qz, s), repeats, device)
-            t_f = timed(lambda: x @ w, repeats, device)
-            rows.append({"K": K, "N": N, "M": m, "w4a16_us": t_q * 1e6, "fp16_us": t_f * 1e6, "speedup": t_f / t_q})
-            print(rows[-1], flush=True)
+            err = (awq_matmul(x, qw, qz, s).float() - awq_matmul_reference(x.float(), qw, qz, s.float())).abs().max()
+            t_q = gpu_time(lambda: awq_matmul(x, qw, qz, s), device)
+            t_f = gpu_time(lambda: x @ w, device)
+            row = {"K": K, "N": N, "M": m, "w4a16_us": t_q * 1e6, "fp16_us": t_f * 1e6, "speedup": t_f / t_q,
+                   "max_abs_err": float(err), "w4a16_GBs": (K * N / 2 + K // G * N * 6) / t_q / 1e9}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
-def decode_rate(args_kw, quant, device, steps, context) -> dict:
-    """Batch-1 decode through the engine's model and runner, random weights, context tokens cached."""
+def decode_rate(args_kw, quant, device, steps, context, batch, graphs) -> dict:
+    """Decode through the engine's model and runner, random weights, ``context`` tokens cached per sequence."""
     from engine.core.messages import ScheduledSeq, SchedulerOutput
     from engine.model_runner import ModelRunner
     from engine.models.args import ModelArgs
@@ -81,15 +142,19 @@ def decode_rate(args_kw, quant, device, steps, context) -> dict:
                 t.uniform_(0, 0.002)
             else:
                 t.normal_(0, 0.02)
-    nbytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values()
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
     bs = 64
-    blocks = -(-(context + steps + 1) // bs)
-    runner = ModelRunner(model, blocks, bs, device, dtype, [0])
-    ids = list(range(blocks))
+    per_seq = -(-(context + steps + 1) // bs)
+    t0 = time.perf_counter()
+    runner = ModelRunner(model, per_seq * batch, bs, device, dtype, [0], cuda_graph_max_batch=batch if graphs else 0,
+                         max_blocks_per_seq=per_seq)
+    setup_s = time.perf_counter() - t0
+    tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
 
     def step(pos):
-        msg = ScheduledSeq("r", [7], pos, ids, sample=False)
-        runner.logits_for(SchedulerOutput(seqs=[msg]))
+        runner.logits_for(SchedulerOutput(seqs=[ScheduledSeq(f"r{i}", [7], pos, tables[i], True)
+                                                for i in range(batch)]))
     step(context)
     if device == "cuda":
         torch.cuda.synchronize()
@@ -99,7 +164,15 @@ def decode_rate(args_kw, quant, device, steps, context) -> dict:
     if device == "cuda":
         torch.cuda.synchronize()
     secs = (time.perf_counter() - t) / steps
-    return {"tok_s": 1 / secs, "weight_GB": nbytes / 1e9}
+    embed = model.embed.weight
+    head_tied = model.lm_head.weight is embed
+    read = nbytes - (0 if head_tied else embed.numel() * embed.element_size())  # the embedding: B rows only
+    kv_read = batch * (context + steps // 2) * a.num_layers * 2 * a.num_kv_heads * a.head_dim * 2
+    del runner, model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return {"batch": batch, "graphs": graphs, "quant": bool(quant), "tok_s": batch / secs, "step_ms": secs * 1e3,
+            "weight_GB": nbytes / 1e9, "bytes_per_step_GB": (read + kv_read) / 1e9, "setup_s": setup_s}
 
 
 LLAMA7B = dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -107,36 +180,112 @@ LLAMA7B = dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=40
                max_position_embeddings=4096, rope_theta=10000.0)
 SMOKE = dict(LLAMA7B, vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
              num_kv_heads=2, head_dim=64)
+GEMV_TILES = [(8, 128, 4), (16, 32, 4), (8, 64, 2), (16, 64, 4), (32, 32, 4), (32, 128, 8), (8, 32, 2)]
+
+
+def render(res: dict) -> str:
+    bw = max(res["bandwidth"]["copy_GBs"], res["bandwidth"]["read_GBs"])
+    lines = ["## W4A16 and decode on GPU (`bench/awq_gpu.py`)", "",
+             f"Device: {res['device']}, torch {res.get('torch', '?')}, Triton {res.get('triton', '?')}. Memory "
+             f"bandwidth measured in the same run: copy {res['bandwidth']['copy_GBs']:.0f} GB/s (bytes read and "
+             f"written), read {res['bandwidth']['read_GBs']:.0f} GB/s (a float16 sum); bounds below use the "
+             f"higher, {bw:.0f} GB/s.", "",
+             "W4A16 kernel (group size 128, AutoAWQ layout) against float16 `torch.matmul` (cuBLAS), GPU time per "
+             "call (CUDA graph of 20 calls, median of 7 replays):", "",
+             "| K x N | M | W4A16 (us) | weight GB/s | fp16 matmul (us) | speedup |",
+             "|---|---|---|---|---|---|"]
+    for r in res.get("kernel", []):
+        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['w4a16_us']:.1f} | {r['w4a16_GBs']:.0f} | "
+                     f"{r['fp16_us']:.1f} | {r['speedup']:.2f}x |")
+    if res.get("gemv_tile"):
+        tried = sorted({(r["BP"], r["BK"], r["warps"], r.get("variant", 1)) for r in res.get("gemv_sweep", [])})
+        lines += ["", f"M = 1 runs the one-row kernel (`awq_gemv`) with the tile (packed columns, BK, warps[, variant]) = "
+                  f"{tuple(res['gemv_tile'])}, the fastest over the three shapes of the {len(tried)} tried in this "
+                  "run (times in the results JSON); larger M run the tiled kernel (`tl.dot`)."]
+    dec = res.get("decode", [])
+    if dec:
+        ctx = res.get("context", 128)
+        lines += ["", f"Decode, Llama-2-7B shape (32 layers, hidden 4096, MLP 11008, 32 heads), random weights, "
+                  f"{ctx} tokens cached per sequence, block size 64; bound = batch x bandwidth / (weights read "
+                  "per step + the KV cache read):", "",
+                  "| weights | batch | CUDA graphs | tok/s | step (ms) | bound tok/s | of bound |", "|---|---|---|---|---|---|---|"]
+        for d in dec:
+            bound = d["batch"] * bw / d["bytes_per_step_GB"]
+            lines.append(f"| {'W4A16' if d['quant'] else 'float16'} ({d['weight_GB']:.2f} GB) | {d['batch']} | "
+                         f"{'yes' if d['graphs'] else 'no'} | {d['tok_s']:.1f} | {d['step_ms']:.2f} | {bound:.0f} | "
+                         f"{d['tok_s'] / bound:.0%} |")
+        fp = {(d["batch"], d["graphs"]): d for d in dec if not d["quant"]}
+        q = {(d["batch"], d["graphs"]): d for d in dec if d["quant"]}
+        if (1, True) in fp and (1, True) in q:
+            lines += ["", f"Batch 1 from CUDA graphs: W4A16 / float16 = "
+                      f"{q[(1, True)]['tok_s'] / fp[(1, True)]['tok_s']:.2f}x."]
+    return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU / interpreter) to check the script")
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--json-out", help="also write the results here")
+    ap.add_argument("--render", help="write the docs section from a results JSON and exit")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: kernel, sweep, decode")
     a = ap.parse_args()
+    if a.render:
+        table = render(json.loads(Path(a.render).read_text()))
+        print(table)
+        write_section("awq_gpu", table)
+        return 0
+    skip = set(filter(None, a.skip.split(",")))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.smoke:
-        shapes, ms, repeats, cfg, steps, ctx = [(128, 64)], [1, 4], 2, SMOKE, 3, 16
+        shapes, ms, cfg, steps, ctx, batches = [(128, 64)], [1, 4], SMOKE, 3, 16, [1, 2]
+        tiles = [(8, 32, 4), (16, 32, 4)]
     else:
-        shapes, ms, repeats, cfg, steps, ctx = [(4096, 4096), (4096, 11008), (11008, 4096)], [1, 4, 16, 64], 50, \
-            LLAMA7B, 64, 128
-    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)"
-    bw = bandwidth_gbs(device, repeats)
-    kern = kernel_table(shapes, ms, device, repeats)
-    fp = decode_rate(cfg, None, device, steps, ctx)
-    q = decode_rate(cfg, {"group_size": 128 if not a.smoke else 32}, device, steps, ctx)
-    res = {"device": name, "bandwidth_GBs": bw, "kernel": kern, "decode_fp16": fp, "decode_w4a16": q}
-    save_json("awq_gpu", res)
-    lines = [f"## W4A16 on GPU (`bench/awq_gpu.py`)", "", f"Device: {name}; copy bandwidth measured here "
-             f"{bw:.0f} GB/s.", "", "| K x N | M | W4A16 (us) | fp16 matmul (us) | speedup |", "|---|---|---|---|---|"]
-    lines += [f"| {r['K']}x{r['N']} | {r['M']} | {r['w4a16_us']:.1f} | {r['fp16_us']:.1f} | {r['speedup']:.2f}x |"
-              for r in kern]
-    bound = bw * 1e9 / (q["weight_GB"] * 1e9)
-    lines += ["", f"Batch-1 decode, Llama-2-7B shape, random weights, {ctx}-token context: fp16 "
-              f"{fp['tok_s']:.1f} tok/s, W4A16 {q['tok_s']:.1f} tok/s ({q['tok_s'] / fp['tok_s']:.2f}x); the "
-              f"W4A16 weights ({q['weight_GB']:.2f} GB) bound decode at {bound:.0f} tok/s, so W4A16 reaches "
-              f"{q['tok_s'] / bound:.0%} of it."]
-    table = "\n".join(lines)
+        shapes, ms, cfg, steps, ctx, batches = [(4096, 4096), (4096, 11008), (11008, 4096)], [1, 4, 16, 64], \
+            LLAMA7B, 64, 128, [1, 32]
+        tiles = GEMV_TILES
+    import triton
+    res = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)",
+           "torch": torch.__version__, "triton": triton.__version__, "context": ctx}
+    res["bandwidth"] = bandwidth(device)
+    print(json.dumps(res), flush=True)
+
+    def dump():
+        if a.json_out:
+            Path(a.json_out).write_text(json.dumps(res, indent=2))
+    if "sweep" not in skip:  # the decode tile first: the table and the decode runs below use the best
+        try:
+            from engine.kernels import awq_triton
+            res["gemv_sweep"], best = gemv_sweep(shapes, device, tiles)
+            if best:
+                awq_triton.GEMV_TILE = best
+                res["gemv_tile"] = list(best)
+        except Exception:
+            traceback.print_exc()
+        dump()
+    if "kernel" not in skip:
+        try:
+            res["kernel"] = kernel_table(shapes, ms, device)
+        except Exception:
+            traceback.print_exc()
+        dump()
+    if "decode" not in skip:
+        res["decode"] = []
+        for quant in (None, {"group_size": 128 if not a.smoke else 32}):
+            for batch in batches:
+                for graphs in ((False, True) if batch == 1 else (True,)):
+                    if graphs and device != "cuda":
+                        continue
+                    try:
+                        d = decode_rate(cfg, quant, device, steps, ctx, batch, graphs)
+                    except Exception:
+                        traceback.print_exc()
+                        continue
+                    print(json.dumps(d), flush=True)
+                    res["decode"].append(d)
+                    dump()
+    save_json("awq_gpu" if device == "cuda" else "awq_gpu_smoke", res)
+    table = render(res)
     print(table)
     if not a.no_doc:
         write_section("awq_gpu", table)

@@ -43,6 +43,9 @@ class EngineConfig(BaseModel):
         0.0, ge=0.0, description="Dynamic NTK RoPE scaling factor for contexts beyond max_position_embeddings; 0 = off")
     num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads of the stepping thread; default: every core this process may run on")
     seed: int = Field(0, description="Seed for requests that give none")
+    eager_mode: bool = Field(
+        False, description="GPU: run every step eagerly; by default decode steps of up to max_batch_size sequences "
+                           "replay CUDA graphs captured at start (LMDeploy's eager_mode)")
 
     @field_validator("cache_max_entry_count")
     @classmethod

@@ -104,7 +104,9 @@ class LLMEngine:
             self.runner.allocate(num_blocks)
         else:
             self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.device, self.dtype,
-                                      self.eos_token_ids, cfg.rope_scaling_factor, cfg.seed, cfg.quant_policy)
+                                      self.eos_token_ids, cfg.rope_scaling_factor, cfg.seed, cfg.quant_policy,
+                                      cuda_graph_max_batch=0 if cfg.eager_mode else cfg.max_batch_size,
+                                      max_blocks_per_seq=-(-session_len // cfg.block_size))
         self.kv_bytes = self.runner.kv_bytes()
         kind = {0: str(self.dtype).replace("torch.", ""), 8: "int8", 4: "int4"}[cfg.quant_policy]
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s %s, quant_policy %d%s); session_len %d",

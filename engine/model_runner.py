@@ -18,18 +18,25 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device: str, dtype: torch.dtype,
                  eos_token_ids: List[int], rope_scaling_factor: float = 0.0, default_seed: int = 0,
-                 quant_policy: int = 0):
+                 quant_policy: int = 0, cuda_graph_max_batch: int = 0, max_blocks_per_seq: int = 0):
+        """``cuda_graph_max_batch`` > 0 (CUDA only): decode steps of up to that many sequences, each of up to
+        ``max_blocks_per_seq`` blocks, replay CUDA graphs (engine/cuda_graphs.py); the cache then holds one
+        scratch block beyond ``num_blocks`` for the graphs' padding rows."""
         a = model.args
         self.model, self.device, self.dtype, self.block_size = model, device, dtype, block_size
-        self.kv = KVCache(a.num_layers, num_blocks, block_size, a.num_kv_heads, a.head_dim, dtype, device,
-                          quant_policy)
+        self._usable_blocks = num_blocks
+        graphs = cuda_graph_max_batch > 0 and device == "cuda"
+        self.kv = KVCache(a.num_layers, num_blocks + int(graphs), block_size, a.num_kv_heads, a.head_dim, dtype,
+                          device, quant_policy)
         self.rope = RotaryEmbedding(a.head_dim, a.rope_theta, a.max_position_embeddings, a.rope_scaling,
                                     dynamic_factor=rope_scaling_factor, device=device)
         self.eos_token_ids = list(eos_token_ids)
         self.states: Dict[str, SamplingState] = {}
         self._seed_base = default_seed
+        self.graphs = None
         if device == "cuda":
             self._use_triton_decode(quant_policy)
+            self._use_gpu_fused(quant_policy)
         elif quant_policy:  # quantized blocks on CPU: the torch path dequantizes gathered blocks
             logger.info("paged decode: torch path over int%d KV blocks", quant_policy)
         if device == "cpu":
@@ -43,6 +50,18 @@ class ModelRunner:
                 logger.info("CPU float32 products: %s over %d packed weights", cpu_gemm.backend(), packed)
         if device == "cpu" and not quant_policy and dtype == torch.float32:
             self._use_native_decode()
+        if graphs and not self.rope.dynamic_factor:  # dynamic NTK needs each step's lengths on the host
+            from .cuda_graphs import DecodeGraphs
+            max_blocks = max_blocks_per_seq or -(-a.max_position_embeddings // block_size)
+            self.graphs = DecodeGraphs(model, self.kv, self.rope, device, cuda_graph_max_batch,
+                                       min(max_blocks, num_blocks), scratch_block=num_blocks)
+
+    def _use_gpu_fused(self, quant_policy: int) -> None:
+        from .kernels.gpu_fused import HAVE_TRITON, rope_ok
+        if HAVE_TRITON and all(layer.reduce is None for layer in self.model.layers):
+            self.model.use_gpu_fused(rope_in_kernel=not quant_policy and rope_ok(self.model.args.head_dim))
+            logger.info("GPU layers: fused Triton RMSNorm, SiLU-mul%s", " and RoPE + KV write"
+                        if self.model.layers[0].attn.fused_rope else "")
 
     def _use_triton_decode(self, quant_policy: int) -> None:
         from .kernels.paged_attention_quant_triton import triton_quant_decode
@@ -136,6 +155,15 @@ class ModelRunner:
         out = RunnerOutput()
         if not sched.seqs:
             return out
+        if sample_tokens and self._graph_step(sched):
+            decodes = [m for m in sched.seqs if m.sample]
+            logits = self.graphs.run(sched.seqs)
+            if len(decodes) < len(sched.seqs):
+                logits = logits[[i for i, m in enumerate(sched.seqs) if m.sample]]
+            sample_ids = [m.request_id for m in decodes]
+            if not sample_ids:
+                return out
+            return self._sample(out, logits, sample_ids)
         input_ids, meta, sample_idx, sample_ids = self.prepare(sched)
         if not sample_tokens:
             self.model(input_ids, meta, self.kv, sample_idx[:0])
@@ -143,6 +171,13 @@ class ModelRunner:
         logits = self.model(input_ids, meta, self.kv, sample_idx)
         if not sample_ids:
             return out
+        return self._sample(out, logits, sample_ids)
+
+    def _graph_step(self, sched: SchedulerOutput) -> bool:
+        return (self.graphs is not None and all(len(m.token_ids) == 1 for m in sched.seqs)
+                and self.graphs.fits(sched.seqs))
+
+    def _sample(self, out: RunnerOutput, logits: torch.Tensor, sample_ids: List[str]) -> RunnerOutput:
         states = [self.states[r] for r in sample_ids]
         tokens, raw = sample(logits, states)
         tok_list = tokens.tolist()
@@ -157,7 +192,10 @@ class ModelRunner:
     @torch.inference_mode()
     def logits_for(self, sched: SchedulerOutput, all_rows: bool = False) -> torch.Tensor:
         """Run a step and return the logits of the sampling rows (or of every token) without sampling
-        (tests, perplexity)."""
+        (tests, perplexity, benchmarks). A decode-only step that fits the CUDA graphs replays them and returns
+        every row's logits."""
+        if not all_rows and self._graph_step(sched):
+            return self.graphs.run(sched.seqs).clone()  # the graph's output buffer is the next step's too
         input_ids, meta, sample_idx, _ = self.prepare(sched)
         if all_rows:
             sample_idx = torch.arange(len(input_ids), device=input_ids.device)
@@ -165,7 +203,7 @@ class ModelRunner:
 
     @property
     def num_blocks(self) -> int:
-        return self.kv.num_blocks
+        return self._usable_blocks
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.kv.data, self.kv.params) if t is not None)

@@ -42,6 +42,24 @@ def test_triton_w4a16_kernel_matches_reference(M, K, N, G, split):
     assert torch.allclose(out, awq_matmul_reference(x, qw, qz, s.float()), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("K,N,G,split,tile", [(1024, 128, 128, 4, (16, 64, 4)), (640, 192, 64, 8, (8, 32, 4)),
+                                              (256, 128, 32, 1, (16, 32, 4)), (352, 64, 32, 4, (8, 32, 2)),
+                                              (512, 96, 128, 0, None)])
+def test_one_row_w4a16_kernel_matches_reference(K, N, G, split, tile):
+    """The decode kernel (packed-domain dequantization, split-K met in the self-cleaning workspace), run twice
+    so the second call finds the workspace left zeroed."""
+    from engine.kernels.awq_triton import HAVE_TRITON, awq_gemv
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    _, _, s, qw, qz = random_awq(K, N, G, seed=K)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(2))
+    bp, bk, warps = tile or (0, 0, 0)
+    ref = awq_matmul_reference(x, qw, qz, s.float())
+    for _ in range(2):
+        out = awq_gemv(x, qw, qz, s, split_k=split, block_p=bp, block_k=bk, num_warps=warps)
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("M", [1, 4, 16, 64])

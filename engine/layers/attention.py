@@ -135,10 +135,17 @@ class Attention(nn.Module):
                                         ("v", num_kv_heads * head_dim)], bias=qkv_bias)
         self.o = Linear(num_heads * head_dim, hidden, bias=o_bias)
         self.decode_fn: DecodeFn = torch_decode
+        self.fused_rope = False  # decode steps: kernels/gpu_fused.rope_write (set by LlamaModel.use_gpu_fused)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
+        if self.fused_rope and not meta.prefills and not isinstance(k_cache, QuantKV):
+            from ..kernels.gpu_fused import rope_write
+            q = rope_write(self.qkv(x), meta.cos, meta.sin, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets,
+                           self.num_heads, self.num_kv_heads)
+            out = self.decode_fn(q, k_cache, v_cache, meta, self.scale)
+            return self.o(out.reshape(T, self.num_heads * self.head_dim))
         q, k, v = self.qkv.split(self.qkv(x))
         q = apply_rotary(q.reshape(T, self.num_heads, self.head_dim), meta.cos, meta.sin)
         k = apply_rotary(k.reshape(T, self.num_kv_heads, self.head_dim), meta.cos, meta.sin)

@@ -20,8 +20,12 @@ class MLP(nn.Module):
         self.gate_up = FusedLinear(hidden, [("gate", inter), ("up", inter)], bias=bias)
         self.down = Linear(inter, hidden, bias=bias)
         self.inter = inter
+        self.fused = False  # GPU: one Triton kernel for SiLU(gate) * up (kernels/gpu_fused.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from ..kernels.gpu_fused import silu_mul
+            return self.down(silu_mul(self.gate_up(x)))
         if getattr(self.gate_up, "packed", None) is not None and self.gate_up.packed_for(x) is not None:
             # packed products: [T, 2 * inter] row-major
             gu = self.gate_up(x)
@@ -46,6 +50,19 @@ class DecoderLayer(nn.Module):
         m = self.mlp(self.post_norm(x))
         return x + (m if self.reduce is None else self.reduce(m))
 
+    def forward_fused(self, x, residual, meta, k_cache, v_cache):
+        """GPU path (kernels/gpu_fused.py): the residual stream travels beside x and each residual add is
+        fused into the next RMSNorm; returns (this layer's MLP output, the residual stream before it)."""
+        from ..kernels.gpu_fused import add_rmsnorm, rmsnorm
+        n = self.input_norm
+        if residual is None:
+            h, residual = rmsnorm(x, n.weight, n.eps), x
+        else:
+            h, residual = add_rmsnorm(x, residual, n.weight, n.eps)
+        a = self.attn(h, meta, k_cache, v_cache)
+        h, residual = add_rmsnorm(a, residual, self.post_norm.weight, self.post_norm.eps)
+        return self.mlp(h), residual
+
 
 class LlamaModel(nn.Module):
     def __init__(self, a: ModelArgs):
@@ -57,6 +74,15 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.lm_head = Linear(a.hidden_size, a.vocab_size)
         self.fused_decoder = None  # set by the runner on CPU when the native library is built
+        self.gpu_fused = False  # set by use_gpu_fused (GPU, Triton, no tensor parallel)
+
+    def use_gpu_fused(self, rope_in_kernel: bool) -> None:
+        """Route layers through the fused Triton kernels; ``rope_in_kernel``: decode steps rotate q/k and
+        write the cache in one kernel (dense caches, power-of-two head_dim halves)."""
+        self.gpu_fused = True
+        for layer in self.layers:
+            layer.mlp.fused = True
+            layer.attn.fused_rope = rope_in_kernel
 
     def fused_ok(self, meta: AttentionMetadata, num_tokens: int, limit: int = 0) -> bool:
         from ..kernels.fused_decode import MAX_TOKENS
@@ -87,6 +113,13 @@ class LlamaModel(nn.Module):
                 sample_idx: torch.Tensor) -> torch.Tensor:
         """input_ids: [T] -> logits [len(sample_idx), vocab] (float32)."""
         x = self.embed(input_ids)
+        if self.gpu_fused:
+            from ..kernels.gpu_fused import add_rmsnorm
+            residual = None
+            for i, layer in enumerate(self.layers):
+                x, residual = layer.forward_fused(x, residual, meta, *kv.layer(i))
+            x, _ = add_rmsnorm(x, residual, self.norm.weight, self.norm.eps)
+            return self.lm_head(x[sample_idx]).float()
         native = self._native_step(x, meta, kv)
         if native is not None:
             x = native

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU checks in one go (for a lent GPU machine whose image has torch, triton and transformers but none of
+# our other dependencies): the GPU tests, then bench/awq_gpu.py. Logs and the results JSON go to $OUT
+# (default ./gpu_out). Wheels for pydantic and its dependencies, when the image lacks them, in ./.whl.
+set -u
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+if ! python3 -c "import pydantic" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused.py \
+    "tests/test_kernels.py" "tests/test_kv_quant.py" "tests/test_awq_engine.py" -m "gpu or not gpu" \
+    -k "gpu or fused or static" 2>&1 | tee "$OUT/tests.log" | tail -40
+timeout "${BENCH_TIMEOUT:-330}" python3 bench/awq_gpu.py --no-doc --json-out "$OUT/awq_gpu.json" ${BENCH_ARGS:-} \
+    2>&1 | tee "$OUT/bench.log" | grep -v '^{"K"' | tail -60
+if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then
+    timeout 120 ncu --clock-control none -k regex:gemv --metrics \
+        gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__throughput.avg.pct_of_peak_sustained_elapsed,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__inst_executed.sum,launch__grid_size \
+        python3 bench/ncu_gemv.py 2>&1 | tee "$OUT/ncu.txt" | grep -E "gemv|duration|throughput|registers|warps_active|inst_executed|grid_size" | head -40
+fi

@@ -1,0 +1,122 @@
+"""Decode steps replayed from CUDA graphs: one graph per padded batch size, captured at start.
+
+A decode step of a 7B model launches hundreds of kernels; launched one by one from Python it takes longer
+than the GPU needs to read the weights. A graph replays the whole step in one call. Its inputs live in
+static buffers (token ids, positions, KV slots, block tables, context lengths) that each step fills by one
+copy from pinned host memory; a batch is padded to the next captured size, and the padding rows write
+their K/V into a scratch block that no sequence owns, with a context of one token.
+
+``DecodeGraphs(..., capture=False)`` runs the same padded static-buffer step without graphs (the CPU tests
+check it against the ordinary step; a GPU test checks the replay against it).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Sequence
+
+import torch
+
+from .layers.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def graph_sizes(max_batch: int) -> List[int]:
+    """1, 2, 4, 8, then every multiple of 16 up to max_batch (as vLLM pads), max_batch itself last."""
+    sizes = [b for b in (1, 2, 4, 8) if b < max_batch] + list(range(16, max_batch, 16))
+    return sizes + [max_batch]
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv, rope, device: str, max_batch: int, max_blocks: int, scratch_block: int,
+                 capture: bool = True):
+        self.model, self.kv, self.rope, self.device = model, kv, rope, device
+        self.max_batch, self.max_blocks, self.scratch = max_batch, max_blocks, scratch_block
+        self.sizes = graph_sizes(max_batch)
+        pin = device == "cuda"
+        # rows: token ids, positions, slot blocks, slot offsets; then block tables and context lengths
+        self.host_ints = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pin)
+        # context lengths, then block tables (row prefixes of both stay contiguous for the kernels)
+        self.host_tables = torch.zeros(max_batch * (max_blocks + 1), dtype=torch.int32, pin_memory=pin)
+        self.ints = torch.zeros(4, max_batch, dtype=torch.long, device=device)
+        self.tables = torch.zeros(max_batch * (max_blocks + 1), dtype=torch.int32, device=device)
+        self.ctx_lens = self.tables[:max_batch]
+        self.block_tables = self.tables[max_batch:].view(max_batch, max_blocks)
+        self.sample_idx = torch.arange(max_batch, device=device)
+        self.copied = torch.cuda.Event() if device == "cuda" else None
+        self.graphs: Dict[int, "torch.cuda.CUDAGraph"] = {}
+        self.outputs: Dict[int, torch.Tensor] = {}
+        self.capture = capture
+        if capture:
+            self._capture_all()
+
+    def _step(self, B: int) -> torch.Tensor:
+        """The model on the first B rows of the static buffers -> logits [B, vocab]."""
+        ids, pos, blocks, offsets = self.ints[:, :B]
+        meta = AttentionMetadata(positions=pos, slot_blocks=blocks, slot_offsets=offsets, num_decode=B,
+                                 decode_block_tables=self.block_tables[:B], decode_ctx_lens=self.ctx_lens[:B])
+        meta.cos, meta.sin = self.rope.cos_sin(pos)
+        return self.model(ids, meta, self.kv, self.sample_idx[:B])
+
+    @torch.inference_mode()
+    def _capture_all(self) -> None:
+        self._fill([])  # every row padding: capture writes only to the scratch block
+        self.ints.copy_(self.host_ints)
+        self.tables.copy_(self.host_tables)
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for B in reversed(self.sizes):  # largest first, so the smaller graphs reuse its pool
+                self._step(B)  # compiles the Triton kernels for this size outside the capture
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g, pool=pool, stream=stream):
+                    self.outputs[B] = self._step(B)
+                self.graphs[B] = g
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        logger.info("CUDA graphs: decode steps captured for batch sizes %s (max %d blocks per sequence)",
+                    self.sizes, self.max_blocks)
+
+    def fits(self, seqs: Sequence) -> bool:
+        return len(seqs) <= self.max_batch and all(len(m.block_ids) <= self.max_blocks for m in seqs)
+
+    def _fill(self, seqs: Sequence) -> None:
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous step's copy has left the pinned buffers
+        hi, nb = self.host_ints, self.max_blocks
+        ctx = self.host_tables[:self.max_batch]
+        ht = self.host_tables[self.max_batch:].view(self.max_batch, nb)
+        n = len(seqs)
+        rows = [[], [], [], []]
+        for m in seqs:
+            p = m.start_pos
+            rows[0].append(m.token_ids[0])
+            rows[1].append(p)
+            rows[2].append(m.block_ids[p // self.kv.block_size])
+            rows[3].append(p % self.kv.block_size)
+        pad = self.max_batch - n
+        hi[0] = torch.tensor(rows[0] + [0] * pad)
+        hi[1] = torch.tensor(rows[1] + [0] * pad)
+        hi[2] = torch.tensor(rows[2] + [self.scratch] * pad)
+        hi[3] = torch.tensor(rows[3] + [0] * pad)
+        if n:
+            ht[:n] = torch.tensor([m.block_ids + [self.scratch] * (nb - len(m.block_ids)) for m in seqs],
+                                  dtype=torch.int32)
+        ht[n:] = self.scratch
+        ctx[:] = torch.tensor(rows[1] + [0] * pad, dtype=torch.int32) + 1
+
+    def run(self, seqs: Sequence) -> torch.Tensor:
+        """Decode-only step for ``seqs`` (each one new token) -> logits [len(seqs), vocab] (float32): a view of
+        the graph's output buffer, valid until the next step."""
+        n = len(seqs)
+        B = next(b for b in self.sizes if b >= n)
+        self._fill(seqs)
+        self.ints.copy_(self.host_ints, non_blocking=True)
+        self.tables.copy_(self.host_tables, non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+        if not self.capture:
+            return self._step(B)[:n]
+        self.graphs[B].replay()
+        return self.outputs[B][:n]
