@@ -198,9 +198,9 @@ def render(res: dict) -> str:
         lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['w4a16_us']:.1f} | {r['w4a16_GBs']:.0f} | "
                      f"{r['fp16_us']:.1f} | {r['speedup']:.2f}x |")
     if res.get("gemv_tile"):
-        tried = sorted({(r["BP"], r["BK"], r["warps"], r.get("variant", 1)) for r in res.get("gemv_sweep", [])})
-        lines += ["", f"M = 1 runs the one-row kernel (`awq_gemv`) with the tile (packed columns, BK, warps[, variant]) = "
-                  f"{tuple(res['gemv_tile'])}, the fastest over the three shapes of the {len(tried)} tried in this "
+        tried = {(r["BP"], r["BK"], r["warps"], r.get("variant", 1)) for r in res.get("gemv_sweep", [])}
+        lines += ["", f"M = 1 runs the one-row kernel (`awq_gemv`) with the tile (packed columns, BK, warps) = "
+                  f"{tuple(res['gemv_tile'][:3])}, the fastest over the three shapes of the {len(tried)} tried in this "
                   "run (times in the results JSON); larger M run the tiled kernel (`tl.dot`)."]
     dec = res.get("decode", [])
     if dec:
