@@ -72,61 +72,77 @@ def random_awq(K: int, N: int, G: int, device: str):
 
 
 def gemv_sweep(shapes, device, tiles):
-    """One-row W4A16 products (decode) over GEMV tiles (BP, BK, warps), split-K as the engine picks it;
-    -> (rows, the tile with the least total time over the shapes)."""
-    from engine.kernels.awq_torch import dequantize_awq
-    from engine.kernels.awq_triton import awq_gemv, pick_gemv_config, _sm_count
+    """One-row W4A16 products (decode) over tiles per layout: ("awq", packed columns, K rows, warps) and
+    ("kpack", columns, K rows, warps); -> (rows, {layout: the tile with the least total time over the shapes})."""
+    from engine.kernels.awq_torch import dequantize_awq, repack_kpack
+    from engine.kernels.awq_triton import awq_gemv, kpack_gemv
     dtype = torch.float16 if device == "cuda" else torch.float32
     rows, totals = [], {}
     for K, N in shapes:
         G = 128 if K % 128 == 0 else 32
         qw, qz, s = random_awq(K, N, G, device)
+        qk, zk = repack_kpack(qw, qz)
         x = torch.randn(1, K, device=device, dtype=dtype)
+        ref = x.float() @ dequantize_awq(qw, qz, s, torch.float32)
         for tile in tiles:
-            bp, bk, warps = tile
-            if G % bk:
+            layout, b, bk, warps = tile
+            if bk % G:
                 continue
-            split = pick_gemv_config(N, K, G, _sm_count(x.device), tile)[2]
+            if layout == "awq":
+                fn = lambda: awq_gemv(x, qw, qz, s, block_p=b, block_k=bk, num_warps=warps)  # noqa: E731
+            else:
+                fn = lambda: kpack_gemv(x, qk, zk, s, block_n=b, block_k=bk, num_warps=warps)  # noqa: E731
             try:
-                t = gpu_time(lambda: awq_gemv(x, qw, qz, s, split_k=split, block_p=bp, block_k=bk, num_warps=warps),
-                             device)
-                err = (awq_gemv(x, qw, qz, s, split_k=split, block_p=bp, block_k=bk, num_warps=warps).float()
-                       - x.float() @ dequantize_awq(qw, qz, s, torch.float32)).abs().max()
+                t = gpu_time(fn, device)
+                err = (fn().float() - ref).abs().max()
             except Exception as e:  # a tile the compiler refuses: note it, go on
                 print(f"gemv tile {tile}: {type(e).__name__}: {e}", flush=True)
                 totals[tile] = float("inf")
                 continue
-            rows.append({"K": K, "N": N, "BP": bp, "BK": bk, "warps": warps, "split": split,
-                         "us": t * 1e6, "max_abs_err": float(err)})
+            rows.append({"K": K, "N": N, "layout": layout, "block": b, "BK": bk, "warps": warps, "us": t * 1e6,
+                         "max_abs_err": float(err)})
             totals[tile] = totals.get(tile, 0.0) + t
             print(json.dumps(rows[-1]), flush=True)
-    best = min(totals, key=totals.get) if totals else None
+    best = {}
+    for tile, t in totals.items():
+        if t < float("inf") and (tile[0] not in best or t < totals[best[tile[0]]]):
+            best[tile[0]] = tile
     return rows, best
 
 
 def kernel_table(shapes, ms, device):
-    from engine.kernels.awq_triton import awq_matmul
-    from engine.kernels.awq_torch import awq_matmul_reference
+    from engine.kernels.awq_torch import awq_matmul_reference, repack_kpack
+    from engine.kernels.awq_triton import awq_matmul, kpack_matmul
     rows = []
     dtype = torch.float16 if device == "cuda" else torch.float32
     for K, N in shapes:
         G = 128 if K % 128 == 0 else 32
         qw, qz, s = random_awq(K, N, G, device)
+        qk, zk = repack_kpack(qw, qz)
         w = torch.randn(K, N, device=device, dtype=dtype)
         for m in ms:
             x = torch.randn(m, K, device=device, dtype=dtype)
-            err = (awq_matmul(x, qw, qz, s).float() - awq_matmul_reference(x.float(), qw, qz, s.float())).abs().max()
-            t_q = gpu_time(lambda: awq_matmul(x, qw, qz, s), device)
-            t_f = gpu_time(lambda: x @ w, device)
-            row = {"K": K, "N": N, "M": m, "w4a16_us": t_q * 1e6, "fp16_us": t_f * 1e6, "speedup": t_f / t_q,
-                   "max_abs_err": float(err), "w4a16_GBs": (K * N / 2 + K // G * N * 6) / t_q / 1e9}
+            ref = awq_matmul_reference(x.float(), qw, qz, s.float())
+            row = {"K": K, "N": N, "M": m, "fp16_us": gpu_time(lambda: x @ w, device) * 1e6}
+            for name, fn in (("awq", lambda: awq_matmul(x, qw, qz, s)), ("kpack", lambda: kpack_matmul(x, qk, zk, s))):
+                try:
+                    err = (fn().float() - ref).abs().max()
+                    t = gpu_time(fn, device)
+                except Exception:
+                    traceback.print_exc()
+                    continue
+                row.update({f"{name}_us": t * 1e6, f"{name}_speedup": row["fp16_us"] / (t * 1e6),
+                            f"{name}_GBs": (K * N / 2 + K // G * N * 6) / t / 1e9, f"{name}_max_abs_err": float(err)})
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
 
 
-def decode_rate(args_kw, quant, device, steps, context, batch, graphs) -> dict:
-    """Decode through the engine's model and runner, random weights, ``context`` tokens cached per sequence."""
+def decode_rate(args_kw, quant, device, steps, context, batch, graphs, layout="kpack") -> dict:
+    """Decode through the engine's model and runner, random weights, ``context`` tokens cached per sequence;
+    W4A16 layers computed from ``layout`` ("awq" or "kpack") on GPU."""
+    from engine.layers import awq_linear
+    awq_linear.GPU_LAYOUT = layout
     from engine.core.messages import ScheduledSeq, SchedulerOutput
     from engine.model_runner import ModelRunner
     from engine.models.args import ModelArgs
@@ -171,7 +187,8 @@ def decode_rate(args_kw, quant, device, steps, context, batch, graphs) -> dict:
     del runner, model
     if device == "cuda":
         torch.cuda.empty_cache()
-    return {"batch": batch, "graphs": graphs, "quant": bool(quant), "tok_s": batch / secs, "step_ms": secs * 1e3,
+    return {"batch": batch, "graphs": graphs, "quant": bool(quant), "layout": layout if quant else None,
+            "tok_s": batch / secs, "step_ms": secs * 1e3,
             "weight_GB": nbytes / 1e9, "bytes_per_step_GB": (read + kv_read) / 1e9, "setup_s": setup_s}
 
 
@@ -180,7 +197,10 @@ LLAMA7B = dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=40
                max_position_embeddings=4096, rope_theta=10000.0)
 SMOKE = dict(LLAMA7B, vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
              num_kv_heads=2, head_dim=64)
-GEMV_TILES = [(8, 128, 4), (16, 32, 4), (8, 64, 2), (16, 64, 4), (32, 32, 4), (32, 128, 8), (8, 32, 2)]
+GEMV_TILES = [("awq", 8, 512, 4), ("awq", 16, 256, 4), ("kpack", 128, 128, 4), ("kpack", 256, 128, 4),
+              ("kpack", 64, 128, 4), ("kpack", 128, 256, 4), ("kpack", 256, 256, 8), ("kpack", 128, 512, 4),
+              ("kpack", 64, 256, 2), ("kpack", 32, 128, 1)]
+DECODE = [("float16", False), ("W4A16", "awq"), ("W4A16", "kpack")]
 
 
 def render(res: dict) -> str:
@@ -190,18 +210,22 @@ def render(res: dict) -> str:
              f"bandwidth measured in the same run: copy {res['bandwidth']['copy_GBs']:.0f} GB/s (bytes read and "
              f"written), read {res['bandwidth']['read_GBs']:.0f} GB/s (a float16 sum); bounds below use the "
              f"higher, {bw:.0f} GB/s.", "",
-             "W4A16 kernel (group size 128, AutoAWQ layout) against float16 `torch.matmul` (cuBLAS), GPU time per "
-             "call (CUDA graph of 20 calls, median of 7 replays):", "",
-             "| K x N | M | W4A16 (us) | weight GB/s | fp16 matmul (us) | speedup |",
-             "|---|---|---|---|---|---|"]
+             "W4A16 kernels (group size 128) over AutoAWQ's layout and over the K-packed one the engine makes at "
+             "load, against float16 `torch.matmul` (cuBLAS); GPU time per call (CUDA graph of 20 calls, median "
+             "of 7 replays):", "",
+             "| K x N | M | fp16 matmul (us) | AutoAWQ layout (us) | GB/s | speedup | K-packed (us) | GB/s | speedup |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in res.get("kernel", []):
-        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['w4a16_us']:.1f} | {r['w4a16_GBs']:.0f} | "
-                     f"{r['fp16_us']:.1f} | {r['speedup']:.2f}x |")
+        cells = [f"{r[k + '_us']:.1f} | {r[k + '_GBs']:.0f} | {r[k + '_speedup']:.2f}x" if k + "_us" in r
+                 else "– | – | –" for k in ("awq", "kpack")]
+        lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['fp16_us']:.1f} | {cells[0]} | {cells[1]} |")
     if res.get("gemv_tile"):
-        tried = {(r["BP"], r["BK"], r["warps"], r.get("variant", 1)) for r in res.get("gemv_sweep", [])}
-        lines += ["", f"M = 1 runs the one-row kernel (`awq_gemv`) with the tile (packed columns, BK, warps) = "
-                  f"{tuple(res['gemv_tile'][:3])}, the fastest over the three shapes of the {len(tried)} tried in this "
-                  "run (times in the results JSON); larger M run the tiled kernel (`tl.dot`)."]
+        t = res["gemv_tile"]
+        n = len({(r["layout"], r["block"], r["BK"], r["warps"]) for r in res.get("gemv_sweep", [])})
+        lines += ["", "M = 1 runs the one-row kernels with the tiles (columns, K rows, warps; AutoAWQ's layout counts "
+                  f"packed columns) {', '.join(f'{k} {tuple(v[1:])}' for k, v in t.items())}, the fastest over the "
+                  f"three shapes of the {n} tried in this run (times in the results JSON); larger M run the tiled "
+                  "`tl.dot` kernels."]
     dec = res.get("decode", [])
     if dec:
         ctx = res.get("context", 128)
@@ -211,14 +235,16 @@ def render(res: dict) -> str:
                   "| weights | batch | CUDA graphs | tok/s | step (ms) | bound tok/s | of bound |", "|---|---|---|---|---|---|---|"]
         for d in dec:
             bound = d["batch"] * bw / d["bytes_per_step_GB"]
-            lines.append(f"| {'W4A16' if d['quant'] else 'float16'} ({d['weight_GB']:.2f} GB) | {d['batch']} | "
+            kind = f"W4A16, {'K-packed' if d.get('layout') == 'kpack' else 'AutoAWQ layout'}" if d["quant"] else "float16"
+            lines.append(f"| {kind} ({d['weight_GB']:.2f} GB) | {d['batch']} | "
                          f"{'yes' if d['graphs'] else 'no'} | {d['tok_s']:.1f} | {d['step_ms']:.2f} | {bound:.0f} | "
                          f"{d['tok_s'] / bound:.0%} |")
         fp = {(d["batch"], d["graphs"]): d for d in dec if not d["quant"]}
-        q = {(d["batch"], d["graphs"]): d for d in dec if d["quant"]}
-        if (1, True) in fp and (1, True) in q:
-            lines += ["", f"Batch 1 from CUDA graphs: W4A16 / float16 = "
-                      f"{q[(1, True)]['tok_s'] / fp[(1, True)]['tok_s']:.2f}x."]
+        for layout, name in (("awq", "AutoAWQ layout"), ("kpack", "K-packed")):
+            q = {(d["batch"], d["graphs"]): d for d in dec if d["quant"] and d.get("layout", "awq") == layout}
+            if (1, True) in fp and (1, True) in q:
+                lines += ["", f"Batch 1 from CUDA graphs, {name}: W4A16 / float16 = "
+                          f"{q[(1, True)]['tok_s'] / fp[(1, True)]['tok_s']:.2f}x."]
     return "\n".join(lines)
 
 
@@ -239,7 +265,7 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.smoke:
         shapes, ms, cfg, steps, ctx, batches = [(128, 64)], [1, 4], SMOKE, 3, 16, [1, 2]
-        tiles = [(8, 32, 4), (16, 32, 4)]
+        tiles = [("awq", 8, 128, 4), ("kpack", 64, 128, 4)]
     else:
         shapes, ms, cfg, steps, ctx, batches = [(4096, 4096), (4096, 11008), (11008, 4096)], [1, 4, 16, 64], \
             LLAMA7B, 64, 128, [1, 32]
@@ -253,13 +279,15 @@ def main() -> int:
     def dump():
         if a.json_out:
             Path(a.json_out).write_text(json.dumps(res, indent=2))
-    if "sweep" not in skip:  # the decode tile first: the table and the decode runs below use the best
+    if "sweep" not in skip:  # the decode tiles first: the table and the decode runs below use the best
         try:
             from engine.kernels import awq_triton
             res["gemv_sweep"], best = gemv_sweep(shapes, device, tiles)
-            if best:
-                awq_triton.GEMV_TILE = best
-                res["gemv_tile"] = list(best)
+            if "awq" in best:
+                awq_triton.GEMV_TILE = best["awq"][1:]
+            if "kpack" in best:
+                awq_triton.KPACK_GEMV_TILE = best["kpack"][1:]
+            res["gemv_tile"] = {k: list(v) for k, v in best.items()}
         except Exception:
             traceback.print_exc()
         dump()
@@ -271,13 +299,14 @@ def main() -> int:
         dump()
     if "decode" not in skip:
         res["decode"] = []
-        for quant in (None, {"group_size": 128 if not a.smoke else 32}):
+        for name, layout in DECODE:
+            quant = {"group_size": 128 if not a.smoke else 32} if layout else None
             for batch in batches:
-                for graphs in ((False, True) if batch == 1 else (True,)):
+                for graphs in ((False, True) if batch == 1 and layout != "awq" else (True,)):
                     if graphs and device != "cuda":
                         continue
                     try:
-                        d = decode_rate(cfg, quant, device, steps, ctx, batch, graphs)
+                        d = decode_rate(cfg, quant, device, steps, ctx, batch, graphs, layout or "kpack")
                     except Exception:
                         traceback.print_exc()
                         continue

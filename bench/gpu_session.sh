@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused.py \
     "tests/test_kernels.py" "tests/test_kv_quant.py" "tests/test_awq_engine.py" -m "gpu or not gpu" \
-    -k "gpu or fused or static" 2>&1 | tee "$OUT/tests.log" | tail -40
+    -k "${TEST_K:-gpu or fused or static}" 2>&1 | tee "$OUT/tests.log" | tail -40
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/awq_gpu.py --no-doc --json-out "$OUT/awq_gpu.json" ${BENCH_ARGS:-} \
     2>&1 | tee "$OUT/bench.log" | grep -v '^{"K"' | tail -60
 if [ "${NCU:-0}" = 1 ] && command -v ncu >/dev/null; then

@@ -35,6 +35,9 @@ class ModelRunner:
         self._seed_base = default_seed
         self.graphs = None
         if device == "cuda":
+            from .layers.awq_linear import GPU_LAYOUT, use_gpu_layout
+            if use_gpu_layout(model):
+                logger.info("W4A16 layers repacked to the %s layout", GPU_LAYOUT)
             self._use_triton_decode(quant_policy)
             self._use_gpu_fused(quant_policy)
         elif quant_policy:  # quantized blocks on CPU: the torch path dequantizes gathered blocks

@@ -38,39 +38,78 @@ def test_triton_w4a16_kernel_matches_reference(M, K, N, G, split):
         pytest.skip("triton not installed")
     _, _, s, qw, qz = random_awq(K, N, G, seed=M)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(1))
-    out = awq_matmul(x, qw, qz, s, split_k=split)
-    assert torch.allclose(out, awq_matmul_reference(x, qw, qz, s.float()), atol=1e-4, rtol=1e-4)
+    from engine.kernels.awq_torch import repack_kpack
+    from engine.kernels.awq_triton import kpack_matmul
+    ref = awq_matmul_reference(x, qw, qz, s.float())
+    assert torch.allclose(awq_matmul(x, qw, qz, s, split_k=split), ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(kpack_matmul(x, *repack_kpack(qw, qz), s, split_k=split), ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("K,N,G,split,tile", [(1024, 128, 128, 4, (16, 64, 4)), (640, 192, 64, 8, (8, 32, 4)),
-                                              (256, 128, 32, 1, (16, 32, 4)), (352, 64, 32, 4, (8, 32, 2)),
-                                              (512, 96, 128, 0, None)])
-def test_one_row_w4a16_kernel_matches_reference(K, N, G, split, tile):
-    """The decode kernel (packed-domain dequantization, split-K met in the self-cleaning workspace), run twice
-    so the second call finds the workspace left zeroed."""
-    from engine.kernels.awq_triton import HAVE_TRITON, awq_gemv
+@pytest.mark.parametrize("K,N,G,block", [(1024, 128, 128, 64), (640, 192, 64, 32), (256, 128, 32, 128),
+                                         (352, 64, 32, 64), (512, 96, 128, 0)])
+def test_one_row_w4a16_kernels_match_reference(K, N, G, block):
+    """The decode kernels over both layouts, with 1 to 3 whole groups per program (3 leaves the last program
+    a group past K); each shape runs every kernel in turn, so later calls find the split-K workspace zeroed."""
+    from engine.kernels.awq_torch import repack_kpack
+    from engine.kernels.awq_triton import HAVE_TRITON, awq_gemv, kpack_gemv
     if not HAVE_TRITON:
         pytest.skip("triton not installed")
     _, _, s, qw, qz = random_awq(K, N, G, seed=K)
+    qk, zk = repack_kpack(qw, qz)
     x = torch.randn(1, K, generator=torch.Generator().manual_seed(2))
-    bp, bk, warps = tile or (0, 0, 0)
     ref = awq_matmul_reference(x, qw, qz, s.float())
-    for _ in range(2):
-        out = awq_gemv(x, qw, qz, s, split_k=split, block_p=bp, block_k=bk, num_warps=warps)
+    for groups in (1, 2, 3):
+        out = awq_gemv(x, qw, qz, s, block_p=block // 8, block_k=groups * G)
         assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+        out = kpack_gemv(x, qk, zk, s, block_n=block, block_k=groups * G)
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_k_packing_keeps_the_weights():
+    from engine.kernels.awq_torch import dequantize_kpack, repack_kpack
+    from engine.layers.awq_linear import AwqLinear
+    _, _, s, qw, qz = random_awq(64, 32, 16, seed=5)
+    qk, zk = repack_kpack(qw, qz)
+    assert qk.shape == (8, 32) and zk.dtype == torch.float16
+    assert torch.equal(dequantize_kpack(qk, zk, s), dequantize_awq(qw, qz, s))
+    layer = AwqLinear(64, [("", 32)], 16)
+    for name, t in (("qweight", qw), ("qzeros", qz), ("scales", s)):
+        layer.load(name, t)
+    before = layer(torch.ones(2, 64))
+    layer.to_kpack()
+    assert layer.kpack and torch.equal(layer(torch.ones(2, 64)), before)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("M", [1, 4, 16, 64])
 def test_triton_w4a16_kernel_on_gpu(M):
-    from engine.kernels.awq_triton import awq_matmul
+    from engine.kernels.awq_torch import repack_kpack
+    from engine.kernels.awq_triton import awq_matmul, kpack_matmul
     _, _, s, qw, qz = random_awq(4096, 4096, 128)
     x = torch.randn(M, 4096, device="cuda", dtype=torch.float16)
     qw, qz, s = qw.cuda(), qz.cuda(), s.cuda()
-    out = awq_matmul(x, qw, qz, s)
     ref = awq_matmul_reference(x.float(), qw, qz, s.float())
-    assert torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2)
+    for _ in range(2):  # the second call finds the split-K workspace the first left zeroed
+        assert torch.allclose(awq_matmul(x, qw, qz, s).float(), ref, atol=2e-2, rtol=2e-2)
+        assert torch.allclose(kpack_matmul(x, *repack_kpack(qw, qz), s).float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_awq_layer_on_gpu_same_after_k_packing():
+    from engine.layers.awq_linear import AwqLinear
+    layer = AwqLinear(512, [("gate", 256), ("up", 256)], 128).cuda()
+    _, _, s, qw, qz = random_awq(512, 512, 128, seed=3)
+    for name, t in (("qweight", qw), ("qzeros", qz), ("scales", s)):
+        layer.load(name, t.cuda())
+    xs = [torch.randn(m, 512, device="cuda", dtype=torch.float16) for m in (1, 5)]
+    ref = [x.float() @ dequantize_awq(qw, qz, s).cuda() for x in xs]
+    before = [layer.half()(x) for x in xs]
+    layer.to_kpack()
+    for x, r, b in zip(xs, ref, before):
+        assert torch.allclose(b.float(), r, atol=2e-2, rtol=2e-2)
+        assert torch.allclose(layer(x).float(), r, atol=2e-2, rtol=2e-2)
 
 
 def test_fused_awq_layer_loads_parts_and_computes():

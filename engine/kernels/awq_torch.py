@@ -46,3 +46,27 @@ def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Te
 def awq_matmul_reference(x: torch.Tensor, qweight, qzeros, scales) -> torch.Tensor:
     """x [M, in] @ dequantized W^T -> [M, out] (the oracle of the Triton kernel)."""
     return x @ dequantize_awq(qweight, qzeros, scales, x.dtype)
+
+
+def repack_kpack(qweight: torch.Tensor, qzeros: torch.Tensor):
+    """AutoAWQ's tensors -> the K-packed layout of the GPU kernels (awq_triton.kpack_matmul): int32 [in/8, out]
+    whose word (r, o) holds rows 8r..8r+7 of column o in nibbles 0..7, and the zeros as float16 [in/G, out]."""
+    q = unpack_columns(qweight)  # [in, out]
+    rows, cols = q.shape
+    if rows % 8:
+        raise ValueError(f"K-packing: {rows} input rows is not a multiple of 8")
+    q = q.to(torch.int64).view(rows // 8, 8, cols)
+    packed = torch.zeros(rows // 8, cols, dtype=torch.int64, device=q.device)
+    for i in range(8):
+        packed |= q[:, i] << (4 * i)
+    return _to_int32(packed), unpack_columns(qzeros).to(torch.float16)
+
+
+def dequantize_kpack(qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """K-packed tensors -> W^T [in, out] in ``dtype`` (the oracle of the K-packed kernels)."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=qweight_k.device)
+    q = ((qweight_k[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(-1, qweight_k.shape[1])  # [in, out]
+    group = q.shape[0] // zeros.shape[0]
+    w = (q.view(zeros.shape[0], group, -1).to(dtype) - zeros.to(dtype)[:, None, :]) * scales.to(dtype)[:, None, :]
+    return w.view(q.shape[0], -1)

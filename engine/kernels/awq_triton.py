@@ -1,12 +1,18 @@
-"""W4A16 matmul in Triton: x [M, K] @ W [K, N] where W is dequantized from the AutoAWQ GEMM layout inside
-the kernel (never materialized). The oracle is awq_torch.awq_matmul_reference.
+"""W4A16 matmul in Triton: x [M, K] @ W [K, N] with W dequantized inside the kernel (never materialized), over
+two layouts. The oracle is awq_torch.awq_matmul_reference.
 
-Each program loads a [BK, BN/8] tile of packed int32 words once, spreads every word over its 8 columns in
-registers and dequantizes with the group's zeros and scales. For small M (decode) split-K spreads the
-reduction over several programs so the whole GPU streams the weight; their partial sums meet in a float32
-workspace by atomic adds, and the last program of each output tile (a per-tile counter says which) takes the
-sum, zeroes the workspace behind it and writes the output: one launch, no memset or reduction kernels, so
-it suits CUDA graphs. The workspace and counters are allocated zeroed once per device and left zeroed.
+- AutoAWQ's GEMM layout as loaded (``awq_matmul``): qweight int32 [K, N/8], a word holds 8 output columns
+  of one input row. M > 1: tiles spread each word over its columns (tl.interleave) into tl.dot; M = 1:
+  the words as they lie with their 8 nibbles as a third dimension, whole groups per program.
+- K-packed (``kpack_matmul``, made once at load by ``repack_kpack``, as TurboMind converts AWQ weights to
+  its own layout): qweight_k int32 [K/8, N], word (r, n) holds rows 8r..8r+7 of column n in nibbles 0..7;
+  zeros float16 [K/G, N]. A thread's word meets 8 consecutive x values and adds into its own column, so
+  consecutive threads read consecutive columns and nothing is reduced across threads inside a group.
+
+Split-K (small M: the whole GPU streams the weight) meets the partial sums in a float32 workspace by atomic
+adds; the last program of each output tile (a per-tile counter says which) takes the sum, writes the output
+and zeroes the workspace behind it: one launch, no memset or reduction kernels, so it suits CUDA graphs.
+The workspace and counters are allocated zeroed once per device and left zeroed.
 """
 from __future__ import annotations
 
@@ -37,6 +43,13 @@ if HAVE_TRITON:
             tl.store(cnt_ptr + tile, 0)
 
     @triton.jit
+    def _store_out(acc, out_ptrs, ws_ptrs, omask, cnt_ptr, tile, SPLIT_K: tl.constexpr):
+        if SPLIT_K == 1:
+            tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=omask)
+        else:
+            _split_k_finish(acc, ws_ptrs, out_ptrs, omask, cnt_ptr, tile, SPLIT_K)
+
+    @triton.jit
     def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, G, KS,
                     sxm, sqk, szg, ssg, som,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -49,8 +62,8 @@ if HAVE_TRITON:
         offs_k = tl.arange(0, BK)
         mask_m, mask_n, mask_p = offs_m < M, offs_n < N, offs_p < N // 8
         # column n sits in nibble order [0, 4, 1, 5, 2, 6, 3, 7] of its word (AutoAWQ's packing)
-        c = offs_n % 8
-        shifts = ((c // 2) + (c % 2) * 4) * 4  # [BN]
+        j = offs_n % 8
+        shifts = ((j // 2) + (j % 2) * 4) * 4  # [BN]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         k_lo = pk * KS
         k_hi = tl.minimum(k_lo + KS, K)
@@ -67,58 +80,110 @@ if HAVE_TRITON:
             qz = tl.interleave(qz, qz)
             qz = tl.interleave(qz, qz)
             qz = tl.interleave(qz, qz)  # [BN]
-            sc = tl.load(s_ptr + g * ssg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             q = ((qw >> shifts[None, :]) & 0xF).to(tl.float32)
             z = ((qz >> shifts) & 0xF).to(tl.float32)
+            sc = tl.load(s_ptr + g * ssg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             x = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask=mask_m[:, None] & kmask[None, :],
                         other=0.0)
             w = ((q - z[None, :]) * sc[None, :]).to(x.dtype)
             acc += tl.dot(x, w)
-        out_ptrs = out_ptr + offs_m[:, None] * som + offs_n[None, :]
-        omask = mask_m[:, None] & mask_n[None, :]
-        if SPLIT_K == 1:
-            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=omask)
-        else:
-            _split_k_finish(acc, ws_ptr + offs_m[:, None] * N + offs_n[None, :], out_ptrs, omask, cnt_ptr,
-                            pm * tl.num_programs(0) + pn, SPLIT_K)
-
+        _store_out(acc, out_ptr + offs_m[:, None] * som + offs_n[None, :],
+                   ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :], cnt_ptr,
+                   pm * tl.num_programs(0) + pn, SPLIT_K)
 
     @triton.jit
-    def _awq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, G, KS, sqk, szg, ssg,
-                         BP: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-        """One row of x (decode): works on the packed words as they lie, [BK, BP] int32, and on each of the
-        8 nibbles of every word as a third dimension, so nothing is shuffled between threads in the loop.
-        A nibble q becomes the float 2^23 + q by OR-ing it into the exponent bits of 2^23 (no int-to-float
-        conversion); the zero point gets the same offset, so their difference is exact."""
+    def _awq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, sqk, szg, ssg,
+                         BP: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr):
+        """One row of x over AutoAWQ's layout, GROUPS whole groups per program (unrolled, so every group's
+        words are asked for before the first is used). Inside a group the scale and zero are constant per
+        column: sum_k x_k (q_kc - z_c) s_c = s_c (sum_k x_k q_kc - z_c sum_k x_k)."""
         pp = tl.program_id(0)
         pk = tl.program_id(1)
         offs_p = pp * BP + tl.arange(0, BP)
-        offs_k = tl.arange(0, BK)
+        offs_g = tl.arange(0, G)
         j = tl.arange(0, 8)
         shifts = j * 4  # nibble j of a word holds column 8p + [0, 2, 4, 6, 1, 3, 5, 7][j] (AutoAWQ's order)
         cols = offs_p[:, None] * 8 + ((j % 4) * 2 + j // 4)[None, :]  # [BP, 8]
         mask_p = offs_p < N // 8
-        acc = tl.zeros((BK, BP, 8), dtype=tl.float32)
+        acc = tl.zeros((BP, 8), dtype=tl.float32)
+        for gi in tl.static_range(GROUPS):
+            g = pk * GROUPS + gi
+            ks = g * G + offs_g
+            kmask = ks < K
+            qw = tl.load(qw_ptr + ks[:, None] * sqk + offs_p[None, :], mask=kmask[:, None] & mask_p[None, :],
+                         other=0)  # [G, BP]
+            x = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)  # [G]
+            # nibble -> exact float: 2^23 + q by OR-ing q into 2^23's mantissa, less 2^23
+            q = (((qw[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+            d = tl.sum((q - 8388608.0) * x[:, None, None], axis=0)  # [BP, 8]
+            gmask = mask_p & ((offs_p * 0 + g * G) < K)  # a group past K (the last split's unroll)
+            qz = tl.load(qz_ptr + g * szg + offs_p, mask=gmask, other=0)
+            z = ((qz[:, None] >> shifts[None, :]) & 0xF).to(tl.float32)
+            sc = tl.load(s_ptr + g * ssg + cols, mask=gmask[:, None], other=0.0).to(tl.float32)
+            acc += sc * (d - z * tl.sum(x, axis=0))
+        _store_out(acc, out_ptr + cols, ws_ptr + cols, mask_p[:, None], cnt_ptr, pp, SPLIT_K)
+
+    @triton.jit
+    def _kpack_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, G, KS,
+                      sxm, sqw, szg, ssg, som,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+        """M > 1 over the K-packed layout: [BK/8, 8, BN] nibbles reshaped to the [BK, BN] tile of tl.dot."""
+        pn = tl.program_id(0)
+        pm = tl.program_id(1)
+        pk = tl.program_id(2)
+        offs_m = pm * BM + tl.arange(0, BM)
+        offs_n = pn * BN + tl.arange(0, BN)
+        offs_r = tl.arange(0, BK // 8)
+        offs_k = tl.arange(0, BK)
+        i4 = tl.arange(0, 8) * 4
+        mask_m, mask_n = offs_m < M, offs_n < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
         k_lo = pk * KS
         k_hi = tl.minimum(k_lo + KS, K)
         for k0 in range(k_lo, k_hi, BK):
-            ks = k0 + offs_k
-            kmask = ks < K
-            qw = tl.load(qw_ptr + ks[:, None] * sqk + offs_p[None, :], mask=kmask[:, None] & mask_p[None, :],
-                         other=0)  # [BK, BP]
+            rows = k0 // 8 + offs_r
+            qw = tl.load(qw_ptr + rows[:, None] * sqw + offs_n[None, :],
+                         mask=(rows[:, None] < K // 8) & mask_n[None, :], other=0)  # [BK/8, BN]
+            q = tl.reshape((qw[:, None, :] >> i4[None, :, None]) & 0xF, (BK, BN)).to(tl.float32)
             g = k0 // G
-            qz = tl.load(qz_ptr + g * szg + offs_p, mask=mask_p, other=0)  # [BP]
-            sc = tl.load(s_ptr + g * ssg + cols, mask=mask_p[:, None], other=0.0).to(tl.float32)  # [BP, 8]
-            z = (((qz[:, None] >> shifts[None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-            q = (((qw[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-            x = tl.load(x_ptr + ks, mask=kmask, other=0.0).to(tl.float32)  # [BK]
-            acc += x[:, None, None] * ((q - z[None, :, :]) * sc[None, :, :])
-        res = tl.sum(acc, axis=0)  # [BP, 8]
-        omask = mask_p[:, None]
-        if SPLIT_K == 1:
-            tl.store(out_ptr + cols, res.to(out_ptr.dtype.element_ty), mask=omask)
-        else:
-            _split_k_finish(res, ws_ptr + cols, out_ptr + cols, omask, cnt_ptr, pp, SPLIT_K)
+            z = tl.load(z_ptr + g * szg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            sc = tl.load(s_ptr + g * ssg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            ks = k0 + offs_k
+            x = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :],
+                        other=0.0)
+            w = ((q - z[None, :]) * sc[None, :]).to(x.dtype)
+            acc += tl.dot(x, w)
+        _store_out(acc, out_ptr + offs_m[:, None] * som + offs_n[None, :],
+                   ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :], cnt_ptr,
+                   pm * tl.num_programs(0) + pn, SPLIT_K)
+
+    @triton.jit
+    def _kpack_gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, sqw, szg, ssg,
+                           BN: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr):
+        """One row of x over the K-packed layout, GROUPS whole groups per program. Each word's 8 nibbles
+        meet 8 consecutive x values inside its thread; zero and scale apply once per word row and group."""
+        pn = tl.program_id(0)
+        pk = tl.program_id(1)
+        offs_n = pn * BN + tl.arange(0, BN)
+        offs_r = tl.arange(0, G // 8)
+        i8 = tl.arange(0, 8)
+        mask_n = offs_n < N
+        acc = tl.zeros((G // 8, BN), dtype=tl.float32)
+        for gi in tl.static_range(GROUPS):
+            g = pk * GROUPS + gi
+            rows = g * (G // 8) + offs_r
+            rmask = rows < K // 8
+            qw = tl.load(qw_ptr + rows[:, None] * sqw + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
+                         other=0)  # [G/8, BN]
+            x = tl.load(x_ptr + rows[:, None] * 8 + i8[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+            q = (((qw[:, None, :] >> (i8 * 4)[None, :, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+            t = tl.sum((q - 8388608.0) * x[:, :, None], axis=1)  # [G/8, BN]: sum over each word's 8 rows
+            gmask = mask_n & ((offs_n * 0 + g * G) < K)
+            z = tl.load(z_ptr + g * szg + offs_n, mask=gmask, other=0.0).to(tl.float32)
+            sc = tl.load(s_ptr + g * ssg + offs_n, mask=gmask, other=0.0).to(tl.float32)
+            acc += sc[None, :] * (t - z[None, :] * tl.sum(x, axis=1)[:, None])
+        _store_out(tl.sum(acc, axis=0), out_ptr + offs_n, ws_ptr + offs_n, mask_n, cnt_ptr, pn, SPLIT_K)
+
 
 _SMS: Dict[str, int] = {}
 _WORKSPACE: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -143,77 +208,103 @@ def _workspace(device: torch.device, elems: int, tiles: int) -> Tuple[torch.Tens
     return ws, cnt
 
 
-def pick_config(M: int, N: int, K: int, G: int, sms: int) -> Tuple[int, int, int, int]:
-    """(BM, BN, BK, split_k): tiles of 16 to 64 rows; split-K until the programs fill the device twice over."""
-    BM = 16 if M <= 16 else (32 if M <= 32 else 64)
-    BN = 64
-    BK = min(128, G)
-    tiles = -(-M // BM) * -(-N // BN)
-    k_tiles = -(-K // BK)
+def _split_for(tiles: int, k_tiles: int, sms: int) -> int:
+    """Split K until the programs fill the device twice over, each keeping at least two K tiles."""
     split = 1
     while tiles * split < 2 * sms and split < 16 and k_tiles // (split * 2) >= 2:
         split *= 2
-    return BM, BN, BK, split
+    return split
 
 
-def pick_gemv_config(N: int, K: int, G: int, sms: int, tile=None) -> Tuple[int, int, int, int]:
-    """(BP packed columns, BK, split_k, num_warps) for one row: ``tile`` (BP, BK, warps), default
-    GEMV_TILE, and split-K until the programs fill the device four times over."""
-    BP, BK, warps = (tile or GEMV_TILE)[:3]
-    BK = min(BK, G)
-    tiles = -(-N // (8 * BP))
-    split = 1
-    while tiles * split < 4 * sms and split < 32 and -(-K // BK) // (split * 2) >= 2:
-        split *= 2
-    return BP, BK, split, warps
+def pick_config(M: int, N: int, K: int, G: int, sms: int) -> Tuple[int, int, int, int]:
+    """(BM, BN, BK, split_k) of the tiled kernels: tiles of 16 to 64 rows."""
+    BM = 16 if M <= 16 else (32 if M <= 32 else 64)
+    BN, BK = 64, min(128, G)
+    return BM, BN, BK, _split_for(-(-M // BM) * -(-N // BN), -(-K // BK), sms)
 
 
-GEMV_TILE = (8, 128, 4)  # (BP, BK, num_warps): the fastest of those tried on an H200 (docs/benchmarks.md)
+# One-row tiles, the fastest of those tried on an H200 (docs/benchmarks.md): AutoAWQ layout (packed columns,
+# K rows per program, warps); K-packed (columns, K rows per program, warps). K rows are whole groups.
+GEMV_TILE = (8, 512, 4)
+KPACK_GEMV_TILE = (256, 128, 4)
+
+
+def _groups(block_k: int, G: int) -> int:
+    if block_k % G:
+        raise ValueError(f"W4A16 one-row kernel: K rows per program ({block_k}) must be whole groups of {G}")
+    return block_k // G
 
 
 def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-             split_k: int = 0, block_p: int = 0, block_k: int = 0, num_warps: int = 0) -> torch.Tensor:
-    """x [1, K] -> [1, N]: the decode path (one row) of awq_matmul."""
-    K = x.shape[1]
-    N = scales.shape[1]
-    G = K // scales.shape[0]
-    BP, BK, split, warps = pick_gemv_config(N, K, G, _sm_count(x.device))
-    BP, BK, split, warps = block_p or BP, block_k or BK, split_k or split, num_warps or warps
-    if G % BK or K % BK:
-        raise ValueError(f"awq_gemv: group size {G} and K {K} must be multiples of the K tile {BK}")
-    KS = -(-K // (split * BK)) * BK
+             block_p: int = 0, block_k: int = 0, num_warps: int = 0) -> torch.Tensor:
+    """x [1, K] -> [1, N] over AutoAWQ's layout: ``block_p`` packed columns and ``block_k`` rows (whole
+    groups) per program; 0 takes GEMV_TILE's (rows capped at K)."""
+    K, N, G = x.shape[1], scales.shape[1], x.shape[1] // scales.shape[0]
+    BP, BK, warps = block_p or GEMV_TILE[0], block_k or max(G, min(GEMV_TILE[1], K) // G * G), num_warps or GEMV_TILE[2]
+    groups = _groups(BK, G)
+    grid = (triton.cdiv(N // 8, BP), -(-(K // G) // groups))
     out = torch.empty(1, N, device=x.device, dtype=x.dtype)
-    grid = (triton.cdiv(N // 8, BP), split)
-    ws, cnt = _workspace(x.device, N, grid[0]) if split > 1 else (out, out)
-    _awq_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, cnt, N, K, G, KS, qweight.stride(0),
-                           qzeros.stride(0), scales.stride(0), BP=BP, BK=BK, SPLIT_K=split, num_warps=warps)
+    ws, cnt = _workspace(x.device, N, grid[0]) if grid[1] > 1 else (out, out)
+    _awq_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, cnt, N, K, qweight.stride(0), qzeros.stride(0),
+                           scales.stride(0), BP=BP, G=G, GROUPS=groups, SPLIT_K=grid[1], num_warps=warps)
     return out
 
 
-def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               split_k: int = 0, block_n: int = 0, block_k: int = 0) -> torch.Tensor:
-    """x [M, K] -> [M, N] in x's dtype. ``split_k``, ``block_n``, ``block_k``: 0 picks from the shape.
-    One row (decode) goes to awq_gemv unless a tile is asked for."""
-    if not HAVE_TRITON:
-        raise RuntimeError("awq_matmul: triton is not installed")
-    M, K = x.shape
-    N = scales.shape[1]
-    G = K // scales.shape[0]
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if M == 1 and not (split_k or block_n or block_k) and K % min(GEMV_TILE[1], G) == 0:
-        return awq_gemv(x, qweight, qzeros, scales)
+def kpack_gemv(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+               block_n: int = 0, block_k: int = 0, num_warps: int = 0) -> torch.Tensor:
+    """x [1, K] -> [1, N] over the K-packed layout: ``block_n`` columns and ``block_k`` rows (whole groups)
+    per program; 0 takes KPACK_GEMV_TILE's (rows capped at K)."""
+    K, N, G = x.shape[1], scales.shape[1], x.shape[1] // scales.shape[0]
+    BN, BK, warps = (block_n or KPACK_GEMV_TILE[0], block_k or max(G, min(KPACK_GEMV_TILE[1], K) // G * G),
+                     num_warps or KPACK_GEMV_TILE[2])
+    groups = _groups(BK, G)
+    grid = (triton.cdiv(N, BN), -(-(K // G) // groups))
+    out = torch.empty(1, N, device=x.device, dtype=x.dtype)
+    ws, cnt = _workspace(x.device, N, grid[0]) if grid[1] > 1 else (out, out)
+    _kpack_gemv_kernel[grid](x, qweight_k, zeros, scales, out, ws, cnt, N, K, qweight_k.stride(0), zeros.stride(0),
+                             scales.stride(0), BN=BN, G=G, GROUPS=groups, SPLIT_K=grid[1], num_warps=warps)
+    return out
+
+
+def _tiled(kernel, x, qw, z, scales, split_k, block_n, block_k, K, N, G):
+    M = x.shape[0]
     BM, BN, BK, split = pick_config(M, N, K, G, _sm_count(x.device))
     BN, BK, split = block_n or BN, block_k or BK, split_k or split
     if G % BK or K % BK:
-        raise ValueError(f"awq_matmul: group size {G} and K {K} must be multiples of the K tile {BK}")
+        raise ValueError(f"W4A16 matmul: group size {G} and K {K} must be multiples of the K tile {BK}")
     if N % 8 or BN % 8:
-        raise ValueError(f"awq_matmul: N {N} and the N tile {BN} must be multiples of 8")
+        raise ValueError(f"W4A16 matmul: N {N} and the N tile {BN} must be multiples of 8")
     KS = -(-K // (split * BK)) * BK  # each split's share of K, whole tiles
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(N, BN), triton.cdiv(M, BM), split)
     ws, cnt = _workspace(x.device, M * N, grid[0] * grid[1]) if split > 1 else (out, out)
-    _awq_kernel[grid](x, qweight, qzeros, scales, out, ws, cnt, M, N, K, G, KS,
-                      x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-                      BM=BM, BN=BN, BK=BK, SPLIT_K=split)
+    kernel[grid](x, qw, z, scales, out, ws, cnt, M, N, K, G, KS, x.stride(0), qw.stride(0), z.stride(0),
+                 scales.stride(0), out.stride(0), BM=BM, BN=BN, BK=BK, SPLIT_K=split)
     return out
+
+
+def _check(x: torch.Tensor) -> torch.Tensor:
+    if not HAVE_TRITON:
+        raise RuntimeError("W4A16 matmul: triton is not installed")
+    return x if x.stride(1) == 1 else x.contiguous()
+
+
+def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               split_k: int = 0, block_n: int = 0, block_k: int = 0) -> torch.Tensor:
+    """x [M, K] -> [M, N] in x's dtype over AutoAWQ's layout. ``split_k``, ``block_n``, ``block_k``: 0 picks
+    from the shape. One row (decode) goes to awq_gemv unless a tile is asked for."""
+    x = _check(x)
+    K, N = x.shape[1], scales.shape[1]
+    if x.shape[0] == 1 and not (split_k or block_n or block_k):
+        return awq_gemv(x, qweight, qzeros, scales)
+    return _tiled(_awq_kernel, x, qweight, qzeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0])
+
+
+def kpack_matmul(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                 split_k: int = 0, block_n: int = 0, block_k: int = 0) -> torch.Tensor:
+    """awq_matmul over the K-packed layout (repack_kpack)."""
+    x = _check(x)
+    K, N = x.shape[1], scales.shape[1]
+    if x.shape[0] == 1 and not (split_k or block_n or block_k):
+        return kpack_gemv(x, qweight_k, zeros, scales)
+    return _tiled(_kpack_kernel, x, qweight_k, zeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0])

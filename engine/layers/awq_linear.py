@@ -35,6 +35,14 @@ class AwqLinear(nn.Module):
         self.register_buffer("scales", torch.empty(in_features // group_size, out))
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
         self.offsets = part_offsets(parts)
+        self.kpack = False  # GPU: qweight/qzeros replaced by the K-packed layout (to_kpack)
+
+    def to_kpack(self) -> None:
+        """Swap AutoAWQ's qweight/qzeros for the K-packed layout the GPU kernels read fastest (after loading;
+        the bytes stay the same but for the zeros, kept as float16)."""
+        from ..kernels.awq_torch import repack_kpack
+        qweight_k, zeros = repack_kpack(self.qweight, self.qzeros)
+        self.qweight, self.qzeros, self.kpack = qweight_k, zeros, True
 
     def load(self, name: str, tensor: torch.Tensor, shard: Optional[str] = None) -> None:
         start, size = self.offsets[shard] if shard else (0, self.out_features)
@@ -53,13 +61,16 @@ class AwqLinear(nn.Module):
         dst.copy_(tensor.to(dst.dtype))
 
     def weight_t(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.kpack:
+            from ..kernels.awq_torch import dequantize_kpack
+            return dequantize_kpack(self.qweight, self.qzeros, self.scales, dtype)
         return dequantize_awq(self.qweight, self.qzeros, self.scales, dtype)  # [in, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, in] -> [tokens, out]."""
         if x.is_cuda:
-            from ..kernels.awq_triton import awq_matmul
-            y = awq_matmul(x, self.qweight, self.qzeros, self.scales)
+            from ..kernels.awq_triton import awq_matmul, kpack_matmul
+            y = (kpack_matmul if self.kpack else awq_matmul)(x, self.qweight, self.qzeros, self.scales)
             return y if self.bias is None else y + self.bias
         y = x @ self.weight_t(x.dtype)
         return y if self.bias is None else y + self.bias
@@ -73,6 +84,19 @@ class AwqLinear(nn.Module):
         return y if self.bias is None else y + self.bias[:, None]
 
     split = FusedLinear.split  # the same parts, the same stacking on the output dimension
+
+
+GPU_LAYOUT = "kpack"  # or "awq": the layout AwqLinear computes from on GPU (bench/awq_gpu.py compares them)
+
+
+def use_gpu_layout(model) -> int:
+    """On GPU, after loading: every AwqLinear to GPU_LAYOUT; -> how many were repacked."""
+    layers = [m for m in model.modules() if isinstance(m, AwqLinear) and not m.kpack]
+    if GPU_LAYOUT == "kpack":
+        for m in layers:
+            m.to_kpack()
+        return len(layers)
+    return 0
 
 
 def swap_in_awq(model, group_size: int) -> None:
