@@ -82,29 +82,25 @@ class DecodeGraphs:
         return len(seqs) <= self.max_batch and all(len(m.block_ids) <= self.max_blocks for m in seqs)
 
     def _fill(self, seqs: Sequence) -> None:
+        """The step's rows into the pinned buffers (through numpy views of them). Each sequence's block-table
+        row gets its own blocks only: the kernels read a row no further than its context, so what lies
+        beyond stays from earlier steps (a row is max_blocks long, up to session_len / block_size)."""
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy has left the pinned buffers
-        hi, nb = self.host_ints, self.max_blocks
-        ctx = self.host_tables[:self.max_batch]
-        ht = self.host_tables[self.max_batch:].view(self.max_batch, nb)
-        n = len(seqs)
-        rows = [[], [], [], []]
-        for m in seqs:
+        n, bs = len(seqs), self.kv.block_size
+        ints = self.host_ints.numpy()
+        ctx = self.host_tables[:self.max_batch].numpy()
+        tables = self.host_tables[self.max_batch:].view(self.max_batch, self.max_blocks).numpy()
+        ints[:, n:] = 0
+        ints[2, n:] = self.scratch  # padding rows write their K/V into the scratch block
+        ctx[n:] = 1
+        tables[n:, 0] = self.scratch
+        for i, m in enumerate(seqs):
             p = m.start_pos
-            rows[0].append(m.token_ids[0])
-            rows[1].append(p)
-            rows[2].append(m.block_ids[p // self.kv.block_size])
-            rows[3].append(p % self.kv.block_size)
-        pad = self.max_batch - n
-        hi[0] = torch.tensor(rows[0] + [0] * pad)
-        hi[1] = torch.tensor(rows[1] + [0] * pad)
-        hi[2] = torch.tensor(rows[2] + [self.scratch] * pad)
-        hi[3] = torch.tensor(rows[3] + [0] * pad)
-        if n:
-            ht[:n] = torch.tensor([m.block_ids + [self.scratch] * (nb - len(m.block_ids)) for m in seqs],
-                                  dtype=torch.int32)
-        ht[n:] = self.scratch
-        ctx[:] = torch.tensor(rows[1] + [0] * pad, dtype=torch.int32) + 1
+            ints[0, i], ints[1, i] = m.token_ids[0], p
+            ints[2, i], ints[3, i] = m.block_ids[p // bs], p % bs
+            ctx[i] = p + 1
+            tables[i, :len(m.block_ids)] = m.block_ids
 
     def run(self, seqs: Sequence) -> torch.Tensor:
         """Decode-only step for ``seqs`` (each one new token) -> logits [len(seqs), vocab] (float32): a view of

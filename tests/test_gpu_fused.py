@@ -86,14 +86,18 @@ def _prefill_then_decode(runner, steps=3, fixed_tokens=(11, 4, 60)):
     for s in range(steps):
         seqs = [ScheduledSeq(f"r{i}", [fixed_tokens[i]], len(p) + s, tables[i], True) for i, p in enumerate(PROMPTS)]
         out.append(runner.logits_for(SchedulerOutput(seqs)))
-    assert max(len(p) + steps for p in PROMPTS) <= 3 * bs
+    # then two of them in the other order (rows reused by other sequences, the batch padded from 2)
+    seqs = [ScheduledSeq(f"r{i}", [5], len(PROMPTS[i]) + steps, tables[i], True) for i in (2, 0)]
+    out.append(runner.logits_for(SchedulerOutput(seqs)))
+    assert max(len(p) + steps + 1 for p in PROMPTS) <= 3 * bs
     return out
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_fused_static_buffer_decode_matches_the_ordinary_step(qkv_bias):
     """The GPU path (fused kernels, Triton paged decode, padded static buffers with a scratch block) against
-    the CPU engine's ordinary step, prefill and three decode steps of three sequences padded to four."""
+    the CPU engine's ordinary step: prefill, three decode steps of three sequences padded to four, then two of
+    them in the other order."""
     from engine.cuda_graphs import DecodeGraphs
     from engine.kernels.paged_attention_triton import triton_decode
     from engine.model_runner import ModelRunner
