@@ -73,7 +73,8 @@ def random_awq(K: int, N: int, G: int, device: str):
 
 def gemv_sweep(shapes, device, tiles):
     """One-row W4A16 products (decode) over tiles per layout: ("awq", packed columns, K rows, warps) and
-    ("kpack", columns, K rows, warps); -> (rows, {layout: the tile with the least total time over the shapes})."""
+    ("kpack", columns, K rows, warps, nibble loop); -> (rows, {layout: the tile with the least total time over
+    the shapes})."""
     from engine.kernels.awq_torch import dequantize_awq, repack_kpack
     from engine.kernels.awq_triton import awq_gemv, kpack_gemv
     dtype = torch.float16 if device == "cuda" else torch.float32
@@ -85,13 +86,14 @@ def gemv_sweep(shapes, device, tiles):
         x = torch.randn(1, K, device=device, dtype=dtype)
         ref = x.float() @ dequantize_awq(qw, qz, s, torch.float32)
         for tile in tiles:
-            layout, b, bk, warps = tile
+            layout, b, bk, warps = tile[:4]
             if bk % G:
                 continue
             if layout == "awq":
                 fn = lambda: awq_gemv(x, qw, qz, s, block_p=b, block_k=bk, num_warps=warps)  # noqa: E731
             else:
-                fn = lambda: kpack_gemv(x, qk, zk, s, block_n=b, block_k=bk, num_warps=warps)  # noqa: E731
+                fn = lambda: kpack_gemv(x, qk, zk, s, block_n=b, block_k=bk, num_warps=warps,  # noqa: E731
+                                        nibble_loop=tile[4])
             try:
                 t = gpu_time(fn, device)
                 err = (fn().float() - ref).abs().max()
@@ -100,7 +102,7 @@ def gemv_sweep(shapes, device, tiles):
                 totals[tile] = float("inf")
                 continue
             rows.append({"K": K, "N": N, "layout": layout, "block": b, "BK": bk, "warps": warps, "us": t * 1e6,
-                         "max_abs_err": float(err)})
+                         "max_abs_err": float(err), **({"nibble_loop": tile[4]} if layout == "kpack" else {})})
             totals[tile] = totals.get(tile, 0.0) + t
             print(json.dumps(rows[-1]), flush=True)
     best = {}
@@ -108,6 +110,27 @@ def gemv_sweep(shapes, device, tiles):
         if t < float("inf") and (tile[0] not in best or t < totals[best[tile[0]]]):
             best[tile[0]] = tile
     return rows, best
+
+
+def dots_sweep(shapes, ms, device):
+    """The K-packed tiled kernel's two forms (one reshaped tl.dot, or eight per nibble) at each shape and
+    M > 1 -> (rows, the form with the least total time)."""
+    from engine.kernels.awq_torch import repack_kpack
+    from engine.kernels.awq_triton import kpack_matmul
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    rows, totals = [], {0: 0.0, 1: 0.0}
+    for K, N in shapes:
+        G = 128 if K % 128 == 0 else 32
+        qk, zk = repack_kpack(*random_awq(K, N, G, device)[:2])
+        s = (torch.rand(K // G, N, device=device) * 0.01).half()
+        for m in ms:
+            x = torch.randn(m, K, device=device, dtype=dtype)
+            for form in (0, 1):
+                t = gpu_time(lambda: kpack_matmul(x, qk, zk, s, nibble_dots=form), device)
+                rows.append({"K": K, "N": N, "M": m, "nibble_dots": form, "us": t * 1e6})
+                totals[form] += t
+                print(json.dumps(rows[-1]), flush=True)
+    return rows, min(totals, key=totals.get)
 
 
 def kernel_table(shapes, ms, device):
@@ -197,9 +220,9 @@ LLAMA7B = dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=40
                max_position_embeddings=4096, rope_theta=10000.0)
 SMOKE = dict(LLAMA7B, vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
              num_kv_heads=2, head_dim=64)
-GEMV_TILES = [("awq", 8, 512, 4), ("awq", 16, 256, 4), ("kpack", 128, 128, 4), ("kpack", 256, 128, 4),
-              ("kpack", 64, 128, 4), ("kpack", 128, 256, 4), ("kpack", 256, 256, 8), ("kpack", 128, 512, 4),
-              ("kpack", 64, 256, 2), ("kpack", 32, 128, 1)]
+GEMV_TILES = [("awq", 8, 512, 4), ("kpack", 256, 128, 4, 0), ("kpack", 128, 256, 4, 0), ("kpack", 32, 128, 1, 0),
+              ("kpack", 256, 128, 4, 1), ("kpack", 128, 128, 4, 1), ("kpack", 512, 128, 8, 1), ("kpack", 256, 256, 4, 1),
+              ("kpack", 128, 256, 2, 1), ("kpack", 64, 128, 2, 1)]
 DECODE = [("float16", False), ("W4A16", "awq"), ("W4A16", "kpack")]
 
 
@@ -221,11 +244,13 @@ def render(res: dict) -> str:
         lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['fp16_us']:.1f} | {cells[0]} | {cells[1]} |")
     if res.get("gemv_tile"):
         t = res["gemv_tile"]
-        n = len({(r["layout"], r["block"], r["BK"], r["warps"]) for r in res.get("gemv_sweep", [])})
-        lines += ["", "M = 1 runs the one-row kernels with the tiles (columns, K rows, warps; AutoAWQ's layout counts "
-                  f"packed columns) {', '.join(f'{k} {tuple(v[1:])}' for k, v in t.items())}, the fastest over the "
+        n = len({(r["layout"], r["block"], r["BK"], r["warps"], r.get("nibble_loop")) for r in res.get("gemv_sweep", [])})
+        lines += ["", "M = 1 runs the one-row kernels with the tiles (columns, K rows, warps[, nibble loop]; AutoAWQ's "
+                  f"layout counts packed columns) {', '.join(f'{k} {tuple(v[1:])}' for k, v in t.items())}, the fastest over the "
                   f"three shapes of the {n} tried in this run (times in the results JSON); larger M run the tiled "
-                  "`tl.dot` kernels."]
+                  "`tl.dot` kernels" + ({0: ", the K-packed one with the nibbles reshaped into one dot (the faster "
+                                         "form here).", 1: ", the K-packed one with a dot per nibble (the faster "
+                                         "form here)."}.get(res.get("kpack_nibble_dots"), "."))]
     dec = res.get("decode", [])
     if dec:
         ctx = res.get("context", 128)
@@ -265,7 +290,7 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.smoke:
         shapes, ms, cfg, steps, ctx, batches = [(128, 64)], [1, 4], SMOKE, 3, 16, [1, 2]
-        tiles = [("awq", 8, 128, 4), ("kpack", 64, 128, 4)]
+        tiles = [("awq", 8, 128, 4), ("kpack", 64, 128, 4, 0), ("kpack", 64, 128, 4, 1)]
     else:
         shapes, ms, cfg, steps, ctx, batches = [(4096, 4096), (4096, 11008), (11008, 4096)], [1, 4, 16, 64], \
             LLAMA7B, 64, 128, [1, 32]
@@ -288,6 +313,14 @@ def main() -> int:
             if "kpack" in best:
                 awq_triton.KPACK_GEMV_TILE = best["kpack"][1:]
             res["gemv_tile"] = {k: list(v) for k, v in best.items()}
+        except Exception:
+            traceback.print_exc()
+        dump()
+    if "dots" not in skip:
+        try:
+            from engine.kernels import awq_triton
+            res["dots_sweep"], awq_triton.KPACK_NIBBLE_DOTS = dots_sweep(shapes, [m for m in ms if m > 1], device)
+            res["kpack_nibble_dots"] = awq_triton.KPACK_NIBBLE_DOTS
         except Exception:
             traceback.print_exc()
         dump()

@@ -31,7 +31,7 @@ def test_dequantize_matches_the_elementwise_formula():
 
 
 @pytest.mark.parametrize("M,K,N,G,split", [(1, 128, 64, 32, 1), (5, 128, 128, 64, 2), (17, 256, 64, 128, 4),
-                                           (3, 64, 192, 32, 0)])
+                                           (3, 64, 192, 32, 0), (6, 512, 64, 128, 0)])
 def test_triton_w4a16_kernel_matches_reference(M, K, N, G, split):
     from engine.kernels.awq_triton import HAVE_TRITON, awq_matmul
     if not HAVE_TRITON:
@@ -42,7 +42,9 @@ def test_triton_w4a16_kernel_matches_reference(M, K, N, G, split):
     from engine.kernels.awq_triton import kpack_matmul
     ref = awq_matmul_reference(x, qw, qz, s.float())
     assert torch.allclose(awq_matmul(x, qw, qz, s, split_k=split), ref, atol=1e-4, rtol=1e-4)
-    assert torch.allclose(kpack_matmul(x, *repack_kpack(qw, qz), s, split_k=split), ref, atol=1e-4, rtol=1e-4)
+    for dots in (0, 1):  # one reshaped dot, or a dot per nibble (where the K tile allows)
+        out = kpack_matmul(x, *repack_kpack(qw, qz), s, split_k=split, nibble_dots=dots)
+        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("K,N,G,block", [(1024, 128, 128, 64), (640, 192, 64, 32), (256, 128, 32, 128),
@@ -61,8 +63,9 @@ def test_one_row_w4a16_kernels_match_reference(K, N, G, block):
     for groups in (1, 2, 3):
         out = awq_gemv(x, qw, qz, s, block_p=block // 8, block_k=groups * G)
         assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
-        out = kpack_gemv(x, qk, zk, s, block_n=block, block_k=groups * G)
-        assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+        for nibble_loop in (0, 1):
+            out = kpack_gemv(x, qk, zk, s, block_n=block, block_k=groups * G, nibble_loop=nibble_loop)
+            assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_k_packing_keeps_the_weights():

@@ -133,3 +133,11 @@ def test_cuda_graph_replay_matches_eager_steps(quant_policy):
     assert eager.graphs is None
     for a, b in zip(_prefill_then_decode(graphed), _prefill_then_decode(eager)):
         assert torch.allclose(a, b, atol=2e-3, rtol=2e-3)
+
+
+def test_graph_sizes_pad_to_vllm_style_buckets():
+    from engine.cuda_graphs import graph_sizes
+    assert graph_sizes(1) == [1]
+    assert graph_sizes(4) == [1, 2, 4]
+    assert graph_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert graph_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]

@@ -126,8 +126,11 @@ if HAVE_TRITON:
     @triton.jit
     def _kpack_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, G, KS,
                       sxm, sqw, szg, ssg, som,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-        """M > 1 over the K-packed layout: [BK/8, 8, BN] nibbles reshaped to the [BK, BN] tile of tl.dot."""
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+                      NIBBLE_DOTS: tl.constexpr):
+        """M > 1 over the K-packed layout. NIBBLE_DOTS 0: the [BK/8, 8, BN] nibbles reshaped into the [BK, BN]
+        tile of one tl.dot; 1: eight tl.dot over K = BK/8 each, nibble i of every word against x's columns
+        k0 + 8r + i, so the words keep their own layout (BK >= 128)."""
         pn = tl.program_id(0)
         pm = tl.program_id(1)
         pk = tl.program_id(2)
@@ -144,24 +147,36 @@ if HAVE_TRITON:
             rows = k0 // 8 + offs_r
             qw = tl.load(qw_ptr + rows[:, None] * sqw + offs_n[None, :],
                          mask=(rows[:, None] < K // 8) & mask_n[None, :], other=0)  # [BK/8, BN]
-            q = tl.reshape((qw[:, None, :] >> i4[None, :, None]) & 0xF, (BK, BN)).to(tl.float32)
             g = k0 // G
             z = tl.load(z_ptr + g * szg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             sc = tl.load(s_ptr + g * ssg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            ks = k0 + offs_k
-            x = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :],
-                        other=0.0)
-            w = ((q - z[None, :]) * sc[None, :]).to(x.dtype)
-            acc += tl.dot(x, w)
+            if NIBBLE_DOTS:
+                for i in tl.static_range(8):
+                    ks = k0 + offs_r * 8 + i
+                    xi = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :],
+                                 mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)  # [BM, BK/8]
+                    q = ((qw >> (4 * i)) & 0xF).to(tl.float32)
+                    acc += tl.dot(xi, ((q - z[None, :]) * sc[None, :]).to(xi.dtype))
+            else:
+                q = tl.reshape((qw[:, None, :] >> i4[None, :, None]) & 0xF, (BK, BN)).to(tl.float32)
+                ks = k0 + offs_k
+                x = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :],
+                            other=0.0)
+                w = ((q - z[None, :]) * sc[None, :]).to(x.dtype)
+                acc += tl.dot(x, w)
         _store_out(acc, out_ptr + offs_m[:, None] * som + offs_n[None, :],
                    ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :], cnt_ptr,
                    pm * tl.num_programs(0) + pn, SPLIT_K)
 
     @triton.jit
     def _kpack_gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, sqw, szg, ssg,
-                           BN: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr):
+                           BN: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
+                           NIBBLE_LOOP: tl.constexpr):
         """One row of x over the K-packed layout, GROUPS whole groups per program. Each word's 8 nibbles
-        meet 8 consecutive x values inside its thread; zero and scale apply once per word row and group."""
+        meet 8 consecutive x values inside its thread; zero and scale apply once per word row and group.
+        NIBBLE_LOOP 0: the nibbles as a third dimension [G/8, 8, BN] summed over; 1: a loop over the 8
+        nibbles, each [G/8, BN] in the words' own layout into one sum (all 8 belong to the same column), so
+        no third dimension is held in registers."""
         pn = tl.program_id(0)
         pk = tl.program_id(1)
         offs_n = pn * BN + tl.arange(0, BN)
@@ -175,13 +190,23 @@ if HAVE_TRITON:
             rmask = rows < K // 8
             qw = tl.load(qw_ptr + rows[:, None] * sqw + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
                          other=0)  # [G/8, BN]
-            x = tl.load(x_ptr + rows[:, None] * 8 + i8[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
-            q = (((qw[:, None, :] >> (i8 * 4)[None, :, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-            t = tl.sum((q - 8388608.0) * x[:, :, None], axis=1)  # [G/8, BN]: sum over each word's 8 rows
+            if NIBBLE_LOOP:
+                t = tl.zeros((G // 8, BN), dtype=tl.float32)
+                xsum = tl.zeros((G // 8,), dtype=tl.float32)
+                for i in tl.static_range(8):
+                    xi = tl.load(x_ptr + rows * 8 + i, mask=rmask, other=0.0).to(tl.float32)  # [G/8]
+                    q = (((qw >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                    t += (q - 8388608.0) * xi[:, None]
+                    xsum += xi
+            else:
+                x = tl.load(x_ptr + rows[:, None] * 8 + i8[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+                q = (((qw[:, None, :] >> (i8 * 4)[None, :, None]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+                t = tl.sum((q - 8388608.0) * x[:, :, None], axis=1)  # [G/8, BN]: sum over each word's 8 rows
+                xsum = tl.sum(x, axis=1)
             gmask = mask_n & ((offs_n * 0 + g * G) < K)
             z = tl.load(z_ptr + g * szg + offs_n, mask=gmask, other=0.0).to(tl.float32)
             sc = tl.load(s_ptr + g * ssg + offs_n, mask=gmask, other=0.0).to(tl.float32)
-            acc += sc[None, :] * (t - z[None, :] * tl.sum(x, axis=1)[:, None])
+            acc += sc[None, :] * (t - z[None, :] * xsum[:, None])
         _store_out(tl.sum(acc, axis=0), out_ptr + offs_n, ws_ptr + offs_n, mask_n, cnt_ptr, pn, SPLIT_K)
 
 
@@ -226,7 +251,7 @@ def pick_config(M: int, N: int, K: int, G: int, sms: int) -> Tuple[int, int, int
 # One-row tiles, the fastest of those tried on an H200 (docs/benchmarks.md): AutoAWQ layout (packed columns,
 # K rows per program, warps); K-packed (columns, K rows per program, warps). K rows are whole groups.
 GEMV_TILE = (8, 512, 4)
-KPACK_GEMV_TILE = (256, 128, 4)
+KPACK_GEMV_TILE = (256, 128, 4, 0)  # and NIBBLE_LOOP (1 is untried on a GPU yet; bench/awq_gpu.py sweeps it)
 
 
 def _groups(block_k: int, G: int) -> int:
@@ -251,9 +276,9 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
 
 
 def kpack_gemv(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-               block_n: int = 0, block_k: int = 0, num_warps: int = 0) -> torch.Tensor:
+               block_n: int = 0, block_k: int = 0, num_warps: int = 0, nibble_loop: int = -1) -> torch.Tensor:
     """x [1, K] -> [1, N] over the K-packed layout: ``block_n`` columns and ``block_k`` rows (whole groups)
-    per program; 0 takes KPACK_GEMV_TILE's (rows capped at K)."""
+    per program, ``nibble_loop`` the kernel's form; 0 (-1) takes KPACK_GEMV_TILE's (rows capped at K)."""
     K, N, G = x.shape[1], scales.shape[1], x.shape[1] // scales.shape[0]
     BN, BK, warps = (block_n or KPACK_GEMV_TILE[0], block_k or max(G, min(KPACK_GEMV_TILE[1], K) // G * G),
                      num_warps or KPACK_GEMV_TILE[2])
@@ -262,11 +287,15 @@ def kpack_gemv(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, sc
     out = torch.empty(1, N, device=x.device, dtype=x.dtype)
     ws, cnt = _workspace(x.device, N, grid[0]) if grid[1] > 1 else (out, out)
     _kpack_gemv_kernel[grid](x, qweight_k, zeros, scales, out, ws, cnt, N, K, qweight_k.stride(0), zeros.stride(0),
-                             scales.stride(0), BN=BN, G=G, GROUPS=groups, SPLIT_K=grid[1], num_warps=warps)
+                             scales.stride(0), BN=BN, G=G, GROUPS=groups, SPLIT_K=grid[1], num_warps=warps,
+                             NIBBLE_LOOP=KPACK_GEMV_TILE[3] if nibble_loop < 0 else nibble_loop)
     return out
 
 
-def _tiled(kernel, x, qw, z, scales, split_k, block_n, block_k, K, N, G):
+KPACK_NIBBLE_DOTS = 0  # _kpack_kernel's form for M > 1 (1 is untried on a GPU yet; bench/awq_gpu.py compares)
+
+
+def _tiled(kernel, x, qw, z, scales, split_k, block_n, block_k, K, N, G, **extra):
     M = x.shape[0]
     BM, BN, BK, split = pick_config(M, N, K, G, _sm_count(x.device))
     BN, BK, split = block_n or BN, block_k or BK, split_k or split
@@ -279,7 +308,8 @@ def _tiled(kernel, x, qw, z, scales, split_k, block_n, block_k, K, N, G):
     grid = (triton.cdiv(N, BN), triton.cdiv(M, BM), split)
     ws, cnt = _workspace(x.device, M * N, grid[0] * grid[1]) if split > 1 else (out, out)
     kernel[grid](x, qw, z, scales, out, ws, cnt, M, N, K, G, KS, x.stride(0), qw.stride(0), z.stride(0),
-                 scales.stride(0), out.stride(0), BM=BM, BN=BN, BK=BK, SPLIT_K=split)
+                 scales.stride(0), out.stride(0), BM=BM, BN=BN, BK=BK, SPLIT_K=split,
+                 **{k: v(BK) if callable(v) else v for k, v in extra.items()})
     return out
 
 
@@ -301,10 +331,13 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
 
 
 def kpack_matmul(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-                 split_k: int = 0, block_n: int = 0, block_k: int = 0) -> torch.Tensor:
-    """awq_matmul over the K-packed layout (repack_kpack)."""
+                 split_k: int = 0, block_n: int = 0, block_k: int = 0, nibble_dots: int = -1) -> torch.Tensor:
+    """awq_matmul over the K-packed layout (repack_kpack); ``nibble_dots`` -1: KPACK_NIBBLE_DOTS (used where
+    the K tile is 128 or more)."""
     x = _check(x)
     K, N = x.shape[1], scales.shape[1]
     if x.shape[0] == 1 and not (split_k or block_n or block_k):
         return kpack_gemv(x, qweight_k, zeros, scales)
-    return _tiled(_kpack_kernel, x, qweight_k, zeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0])
+    dots = KPACK_NIBBLE_DOTS if nibble_dots < 0 else nibble_dots
+    return _tiled(_kpack_kernel, x, qweight_k, zeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0],
+                  NIBBLE_DOTS=lambda BK: int(dots and BK >= 128))
