@@ -292,7 +292,7 @@ def main() -> int:
         shapes, ms, cfg, steps, ctx, batches = [(128, 64)], [1, 4], SMOKE, 3, 16, [1, 2]
         tiles = [("awq", 8, 128, 4), ("kpack", 64, 128, 4, 0), ("kpack", 64, 128, 4, 1)]
     else:
-        shapes, ms, cfg, steps, ctx, batches = [(4096, 4096), (4096, 11008), (11008, 4096)], [1, 4, 16, 64], \
+        shapes, ms, cfg, steps, ctx, batches = [(4096, 4096), (4096, 11008), (11008, 4096)], [1, 4, 16, 64, 256], \
             LLAMA7B, 64, 128, [1, 32]
         tiles = GEMV_TILES
     import triton
@@ -319,7 +319,8 @@ def main() -> int:
     if "dots" not in skip:
         try:
             from engine.kernels import awq_triton
-            res["dots_sweep"], awq_triton.KPACK_NIBBLE_DOTS = dots_sweep(shapes, [m for m in ms if m > 1], device)
+            tiled = [m for m in ms if 1 < m < awq_triton.DEQUANT_MIN_ROWS]
+            res["dots_sweep"], awq_triton.KPACK_NIBBLE_DOTS = dots_sweep(shapes, tiled, device)
             res["kpack_nibble_dots"] = awq_triton.KPACK_NIBBLE_DOTS
         except Exception:
             traceback.print_exc()

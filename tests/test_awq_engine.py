@@ -68,6 +68,20 @@ def test_one_row_w4a16_kernels_match_reference(K, N, G, block):
             assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_prefill_rows_dequantize_then_multiply():
+    """From DEQUANT_MIN_ROWS rows on the K-packed product dequantizes the weight in one kernel (against the
+    torch dequantization, exactly) and multiplies it by torch."""
+    from engine.kernels.awq_torch import dequantize_kpack, repack_kpack
+    from engine.kernels.awq_triton import DEQUANT_MIN_ROWS, HAVE_TRITON, kpack_dequantize, kpack_matmul
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    _, _, s, qw, qz = random_awq(384, 136, 64, seed=7)
+    qk, zk = repack_kpack(qw, qz)
+    assert torch.equal(kpack_dequantize(qk, zk, s, torch.float32), dequantize_kpack(qk, zk, s))
+    x = torch.randn(DEQUANT_MIN_ROWS + 3, 384, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(kpack_matmul(x, qk, zk, s), awq_matmul_reference(x, qw, qz, s.float()), atol=1e-4, rtol=1e-4)
+
+
 def test_k_packing_keeps_the_weights():
     from engine.kernels.awq_torch import dequantize_kpack, repack_kpack
     from engine.layers.awq_linear import AwqLinear
@@ -85,7 +99,7 @@ def test_k_packing_keeps_the_weights():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("M", [1, 4, 16, 64])
+@pytest.mark.parametrize("M", [1, 4, 16, 64, 300])
 def test_triton_w4a16_kernel_on_gpu(M):
     from engine.kernels.awq_torch import repack_kpack
     from engine.kernels.awq_triton import awq_matmul, kpack_matmul

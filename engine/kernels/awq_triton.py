@@ -209,6 +209,26 @@ if HAVE_TRITON:
             acc += sc[None, :] * (t - z[None, :] * xsum[:, None])
         _store_out(tl.sum(acc, axis=0), out_ptr + offs_n, ws_ptr + offs_n, mask_n, cnt_ptr, pn, SPLIT_K)
 
+    @triton.jit
+    def _kpack_dequant_kernel(qw_ptr, z_ptr, s_ptr, w_ptr, N, K, G, sqw, szg, ssg, swk,
+                              BR: tl.constexpr, BN: tl.constexpr):
+        """The K-packed weight to a dense W^T [K, N] in the output's dtype, BR word rows (8 BR input rows)
+        by BN columns per program."""
+        pr = tl.program_id(0)
+        pn = tl.program_id(1)
+        rows = pr * BR + tl.arange(0, BR)
+        offs_n = pn * BN + tl.arange(0, BN)
+        mask = (rows[:, None] < K // 8) & (offs_n < N)[None, :]
+        qw = tl.load(qw_ptr + rows[:, None] * sqw + offs_n[None, :], mask=mask, other=0)  # [BR, BN]
+        for i in tl.static_range(8):
+            k = rows * 8 + i
+            g = k // G
+            z = tl.load(z_ptr + g[:, None] * szg + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+            sc = tl.load(s_ptr + g[:, None] * ssg + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+            q = ((qw >> (4 * i)) & 0xF).to(tl.float32)
+            tl.store(w_ptr + k[:, None] * swk + offs_n[None, :], ((q - z) * sc).to(w_ptr.dtype.element_ty),
+                     mask=mask)
+
 
 _SMS: Dict[str, int] = {}
 _WORKSPACE: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -330,14 +350,38 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     return _tiled(_awq_kernel, x, qweight, qzeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0])
 
 
+def kpack_dequantize(qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The K-packed weight as a dense W^T [K, N] in ``dtype`` (one kernel; awq_torch.dequantize_kpack is its
+    oracle)."""
+    if not HAVE_TRITON:
+        raise RuntimeError("W4A16 dequantize: triton is not installed")
+    K, N = qweight_k.shape[0] * 8, qweight_k.shape[1]
+    w = torch.empty(K, N, device=qweight_k.device, dtype=dtype)
+    BR, BN = 16, 128
+    _kpack_dequant_kernel[(triton.cdiv(K // 8, BR), triton.cdiv(N, BN))](
+        qweight_k, zeros, scales, w, N, K, K // scales.shape[0], qweight_k.stride(0), zeros.stride(0),
+        scales.stride(0), w.stride(0), BR=BR, BN=BN)
+    return w
+
+
+# From this many rows on (prefill), dequantize the weight and let cuBLAS multiply: the tiled kernels run
+# below cuBLAS already at 64 rows (docs/benchmarks.md), and the dequantization's cost is the weight's size,
+# whatever M is. vLLM's AWQ path switches at 256 rows too.
+DEQUANT_MIN_ROWS = 256
+
+
 def kpack_matmul(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                  split_k: int = 0, block_n: int = 0, block_k: int = 0, nibble_dots: int = -1) -> torch.Tensor:
     """awq_matmul over the K-packed layout (repack_kpack); ``nibble_dots`` -1: KPACK_NIBBLE_DOTS (used where
-    the K tile is 128 or more)."""
+    the K tile is 128 or more). From DEQUANT_MIN_ROWS rows on, unless a tile is asked for, the weight is
+    dequantized and multiplied by torch."""
     x = _check(x)
     K, N = x.shape[1], scales.shape[1]
     if x.shape[0] == 1 and not (split_k or block_n or block_k):
         return kpack_gemv(x, qweight_k, zeros, scales)
+    if x.shape[0] >= DEQUANT_MIN_ROWS and not (split_k or block_n or block_k):
+        return x @ kpack_dequantize(qweight_k, zeros, scales, x.dtype)
     dots = KPACK_NIBBLE_DOTS if nibble_dots < 0 else nibble_dots
     return _tiled(_kpack_kernel, x, qweight_k, zeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0],
                   NIBBLE_DOTS=lambda BK: int(dots and BK >= 128))
