@@ -74,6 +74,21 @@ def _model(device, dtype, qkv_bias=False):
     return model
 
 
+def gpu_path_without_capture(runner, max_blocks: int, scratch: int) -> None:
+    """What a runner sets up on a GPU (fused kernels, Triton paged decode, the graphs' static buffers with a
+    scratch block), on a CPU runner: the static-buffer steps run without capture."""
+    from engine.cuda_graphs import DecodeGraphs
+    from engine.kernels.paged_attention_triton import triton_decode
+    model = runner.model
+    model.fused_decoder = None
+    model.use_gpu_fused(rope_in_kernel=True)
+    for layer in model.layers:
+        layer.attn.decode_fn = triton_decode
+    runner.graphs = DecodeGraphs(model, runner.kv, runner.rope, runner.device, max_batch=4, max_blocks=max_blocks,
+                                 scratch_block=scratch, capture=False)
+    runner._usable_blocks = scratch
+
+
 PROMPTS = [[5, 9, 1, 30, 2], list(range(3, 20)), [7] * 9]  # 5, 17 and 9 tokens: blocks of 8 cross
 
 
@@ -98,19 +113,11 @@ def test_fused_static_buffer_decode_matches_the_ordinary_step(qkv_bias):
     """The GPU path (fused kernels, Triton paged decode, padded static buffers with a scratch block) against
     the CPU engine's ordinary step: prefill, three decode steps of three sequences padded to four, then two of
     them in the other order."""
-    from engine.cuda_graphs import DecodeGraphs
-    from engine.kernels.paged_attention_triton import triton_decode
     from engine.model_runner import ModelRunner
     ref = ModelRunner(_model("cpu", torch.float32, qkv_bias), 9, 8, "cpu", torch.float32, [0])
     model = _model(DEV, torch.float32, qkv_bias)
     runner = ModelRunner(model, 10, 8, DEV, torch.float32, [0])  # block 9: the padding rows' scratch
-    model.fused_decoder = None
-    model.use_gpu_fused(rope_in_kernel=True)
-    for layer in model.layers:
-        layer.attn.decode_fn = triton_decode
-    runner.graphs = DecodeGraphs(model, runner.kv, runner.rope, DEV, max_batch=4, max_blocks=3, scratch_block=9,
-                                 capture=False)
-    runner._usable_blocks = 9
+    gpu_path_without_capture(runner, max_blocks=3, scratch=9)
     got, want = _prefill_then_decode(runner), _prefill_then_decode(ref)
     for a, b in zip(got, want):
         assert a.shape == b.shape
@@ -141,3 +148,39 @@ def test_graph_sizes_pad_to_vllm_style_buckets():
     assert graph_sizes(4) == [1, 2, 4]
     assert graph_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert graph_sizes(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_gpu_decode_path_follows_transformers(kind, tmp_path):
+    """The GPU decode path against Hugging Face: prefill three prompts, then four decode steps of all three
+    (padded to four), feeding both the same tokens. On a GPU: float16, fused kernels and real CUDA graphs;
+    on CPU: float32, the fused kernels interpreted and the graphs' static buffers run without capture."""
+    from tiny_models import make_hf_model
+    from engine.model_runner import ModelRunner
+    from engine.models.loader import load_model
+    (tmp_path / "tok").mkdir()
+    hf = make_hf_model(kind, tmp_path / "tok", tmp_path / "m")
+    dtype = torch.float16 if CUDA else torch.float32
+    hf = hf.to(DEV, dtype)
+    model, _ = load_model(str(tmp_path / "m"), DEV, dtype)
+    # on a GPU the runner holds a 13th (scratch) block for the graphs itself; on CPU it is given one
+    runner = ModelRunner(model, 12 if CUDA else 13, 8, DEV, dtype, [2], cuda_graph_max_batch=4, max_blocks_per_seq=4)
+    if not CUDA:
+        gpu_path_without_capture(runner, max_blocks=4, scratch=12)
+    assert runner.graphs is not None
+    g = torch.Generator().manual_seed(11)
+    seqs = [torch.randint(3, 1000, (n,), generator=g).tolist() for n in (5, 11, 7)]
+    tables = [[4 * i + j for j in range(4)] for i in range(3)]
+    tol = dict(atol=1e-3, rtol=1e-3) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+    ours = runner.logits_for(SchedulerOutput([ScheduledSeq(f"r{i}", s, 0, tables[i], True) for i, s in enumerate(seqs)]))
+    for step in range(5):
+        with torch.no_grad():
+            ref = torch.stack([hf(torch.tensor([s], device=DEV)).logits[0, -1].float() for s in seqs])
+        assert torch.allclose(ours.float(), ref, **tol), f"step {step}: {(ours.float() - ref).abs().max()}"
+        if step == 4:
+            break
+        nxt = ref.argmax(-1).tolist()
+        batch = [ScheduledSeq(f"r{i}", [t], len(s), tables[i], True) for i, (s, t) in enumerate(zip(seqs, nxt))]
+        for s, t in zip(seqs, nxt):
+            s.append(t)
+        ours = runner.logits_for(SchedulerOutput(batch))
