@@ -50,6 +50,20 @@ if HAVE_TRITON:
             _split_k_finish(acc, ws_ptrs, out_ptrs, omask, cnt_ptr, tile, SPLIT_K)
 
     @triton.jit
+    def _dequant_dot(acc, x_ptr, offs_m, sxm, ks, xmask, q, z, sc):
+        """acc + x[offs_m, ks] @ ((q - z) * sc): one dequantized [len(ks), BN] tile into the tiled kernels' sum."""
+        x = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask=xmask, other=0.0)
+        return acc + tl.dot(x, ((q - z[None, :]) * sc[None, :]).to(x.dtype))
+
+    @triton.jit
+    def _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, pm, pn,
+                    SPLIT_K: tl.constexpr):
+        """The tiled kernels' [BM, BN] output tile (through the split-K workspace when split)."""
+        _store_out(acc, out_ptr + offs_m[:, None] * som + offs_n[None, :],
+                   ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :], cnt_ptr,
+                   pm * tl.num_programs(0) + pn, SPLIT_K)
+
+    @triton.jit
     def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, G, KS,
                     sxm, sqk, szg, ssg, som,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
@@ -83,13 +97,8 @@ if HAVE_TRITON:
             q = ((qw >> shifts[None, :]) & 0xF).to(tl.float32)
             z = ((qz >> shifts) & 0xF).to(tl.float32)
             sc = tl.load(s_ptr + g * ssg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            x = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask=mask_m[:, None] & kmask[None, :],
-                        other=0.0)
-            w = ((q - z[None, :]) * sc[None, :]).to(x.dtype)
-            acc += tl.dot(x, w)
-        _store_out(acc, out_ptr + offs_m[:, None] * som + offs_n[None, :],
-                   ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :], cnt_ptr,
-                   pm * tl.num_programs(0) + pn, SPLIT_K)
+            acc = _dequant_dot(acc, x_ptr, offs_m, sxm, ks, mask_m[:, None] & kmask[None, :], q, z, sc)
+        _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, pm, pn, SPLIT_K)
 
     @triton.jit
     def _awq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, sqk, szg, ssg,
@@ -130,7 +139,7 @@ if HAVE_TRITON:
                       NIBBLE_DOTS: tl.constexpr):
         """M > 1 over the K-packed layout. NIBBLE_DOTS 0: the [BK/8, 8, BN] nibbles reshaped into the [BK, BN]
         tile of one tl.dot; 1: eight tl.dot over K = BK/8 each, nibble i of every word against x's columns
-        k0 + 8r + i, so the words keep their own layout (BK >= 128)."""
+        k0 + 8r + i, so the words keep their own layout (where BK >= 128; the reshape below that)."""
         pn = tl.program_id(0)
         pm = tl.program_id(1)
         pk = tl.program_id(2)
@@ -150,23 +159,16 @@ if HAVE_TRITON:
             g = k0 // G
             z = tl.load(z_ptr + g * szg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             sc = tl.load(s_ptr + g * ssg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            if NIBBLE_DOTS:
+            if NIBBLE_DOTS and BK >= 128:  # tl.dot wants K >= 16
                 for i in tl.static_range(8):
-                    ks = k0 + offs_r * 8 + i
-                    xi = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :],
-                                 mask=mask_m[:, None] & (ks < K)[None, :], other=0.0)  # [BM, BK/8]
+                    ks = k0 + offs_r * 8 + i  # [BK/8]: nibble i of every word
                     q = ((qw >> (4 * i)) & 0xF).to(tl.float32)
-                    acc += tl.dot(xi, ((q - z[None, :]) * sc[None, :]).to(xi.dtype))
+                    acc = _dequant_dot(acc, x_ptr, offs_m, sxm, ks, mask_m[:, None] & (ks < K)[None, :], q, z, sc)
             else:
                 q = tl.reshape((qw[:, None, :] >> i4[None, :, None]) & 0xF, (BK, BN)).to(tl.float32)
                 ks = k0 + offs_k
-                x = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask=mask_m[:, None] & (ks < K)[None, :],
-                            other=0.0)
-                w = ((q - z[None, :]) * sc[None, :]).to(x.dtype)
-                acc += tl.dot(x, w)
-        _store_out(acc, out_ptr + offs_m[:, None] * som + offs_n[None, :],
-                   ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :], cnt_ptr,
-                   pm * tl.num_programs(0) + pn, SPLIT_K)
+                acc = _dequant_dot(acc, x_ptr, offs_m, sxm, ks, mask_m[:, None] & (ks < K)[None, :], q, z, sc)
+        _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, pm, pn, SPLIT_K)
 
     @triton.jit
     def _kpack_gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, sqw, szg, ssg,
@@ -328,8 +330,7 @@ def _tiled(kernel, x, qw, z, scales, split_k, block_n, block_k, K, N, G, **extra
     grid = (triton.cdiv(N, BN), triton.cdiv(M, BM), split)
     ws, cnt = _workspace(x.device, M * N, grid[0] * grid[1]) if split > 1 else (out, out)
     kernel[grid](x, qw, z, scales, out, ws, cnt, M, N, K, G, KS, x.stride(0), qw.stride(0), z.stride(0),
-                 scales.stride(0), out.stride(0), BM=BM, BN=BN, BK=BK, SPLIT_K=split,
-                 **{k: v(BK) if callable(v) else v for k, v in extra.items()})
+                 scales.stride(0), out.stride(0), BM=BM, BN=BN, BK=BK, SPLIT_K=split, **extra)
     return out
 
 
@@ -382,6 +383,5 @@ def kpack_matmul(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, 
         return kpack_gemv(x, qweight_k, zeros, scales)
     if x.shape[0] >= DEQUANT_MIN_ROWS and not (split_k or block_n or block_k):
         return x @ kpack_dequantize(qweight_k, zeros, scales, x.dtype)
-    dots = KPACK_NIBBLE_DOTS if nibble_dots < 0 else nibble_dots
     return _tiled(_kpack_kernel, x, qweight_k, zeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0],
-                  NIBBLE_DOTS=lambda BK: int(dots and BK >= 128))
+                  NIBBLE_DOTS=KPACK_NIBBLE_DOTS if nibble_dots < 0 else nibble_dots)
