@@ -176,10 +176,10 @@ def main() -> int:
     result = {"machine": machine, "memory_gbs": bw, "matmul_gflops": gflops, "bound_batch1": bound_b1,
               "bound_compute": bound_compute, "flops_per_token": flops_per_token,
               "flops_per_prompt_token": flops_per_prompt_token, "rows": rows, "args": vars(a)}
-    save_json("offline_throughput", result)
     table = render(result)
     print(table)
-    if not a.no_doc:
+    if not a.no_doc:  # a trial run (--no-doc) leaves the recorded results alone
+        save_json("offline_throughput", result)
         write_section("offline-throughput", table)
         plot(result)
     return 0
