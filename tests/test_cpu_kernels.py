@@ -188,10 +188,12 @@ def test_native_mixed_step_matches_the_torch_layers(bias, heads, gemm, monkeypat
     torch.testing.assert_close(caches[1].data, caches[0].data, rtol=1e-5, atol=1e-5)  # same K/V written
 
 
-@pytest.mark.parametrize("gemm,M", [("onednn", 9), ("onednn", 64), ("native", 2), ("native", 9), ("native", 64)])
+@pytest.mark.parametrize("gemm,M", [("onednn", 9), ("onednn", 64), ("native", 2), ("native", 9), ("native", 64),
+                                    ("native", 257), ("native", 521)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_matches_a_float64_reference(gemm, M, bias, monkeypatch):
-    """200 outputs: four 48-wide panel tiles and one of 8 (a partial 16-output panel, masked stores)."""
+    """200 outputs: four 48-wide panel tiles and one of 8 (a partial 16-output panel, masked stores). The
+    panel products take rows 256 at a time: 257 leaves one row for the last chunk, 521 nine."""
     from engine.kernels import cpu_gemm
     if not cpu_gemm.backend_available(gemm):
         pytest.skip(f"no {gemm} products on this machine")
