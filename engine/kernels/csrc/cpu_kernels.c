@@ -440,8 +440,8 @@ void paged_decode(const float *q, const float *k_cache, const float *v_cache, co
  * bandwidth of that block at 32 rows: on a 2-core Xeon reading 33 GB/s, 3072x576 at 32 tokens took 560 us
  * with cold weights against 405 us hot; spread, 452 us.) Threads take contiguous ranges of tiles, over
  * PANEL_MCHUNK token rows at a time, so that a prefill chunk's rows stay in L2 while every tile passes over
- * them (2048 rows of SmolLM2's four products on that Xeon: 54-64 ms in one pass, 49-53 ms in chunks). One or two token rows read the
- * same tiles panel by panel instead (panel_seq).
+ * them (2048 rows of SmolLM2's four products on that Xeon: 54-64 ms in one pass, 49-53 ms in chunks).
+ * One or two token rows read the same tiles panel by panel instead (panel_seq).
  * bench/cpu_gemm.py on the 2-core AVX-512 EPYC, SmolLM2's shapes, weights cold: 1.06-2.2x oneDNN's packed
  * products from 1 to 512 tokens. */
 #if defined(HAVE_AVX512)
