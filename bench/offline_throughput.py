@@ -239,8 +239,9 @@ def render(res) -> str:
     if b1 and "adjacent_share" in b1:
         lines += ["", f"Batch 1 against the memory bound read beside its steps: a quick reading (torch's sum over 512 "
                       f"MiB on huge pages) at the start of each run and after every {PROBE_EVERY} decode-only steps, "
-                      "outside the timed time, as this host's read bandwidth swings between about 32 and 60 GB/s "
-                      "from one second to the next. Each window of decode-only steps against the better of the "
+                      "outside the timed time, as a host's read bandwidth can swing from one second to the next "
+                      f"(readings in this run: {min(b1['adjacent_gbs']):.1f}-{max(b1['adjacent_gbs']):.1f} GB/s; on "
+                      "the 2-core EPYC they flipped between about 32 and 60). Each window of decode-only steps against the better of the "
                       "readings just before and after it, median over the windows "
                       f"({b1['windows']}; bounds {min(b1['window_bounds']):.0f}-{max(b1['window_bounds']):.0f} "
                       "tokens/s); each run's whole rate against the median of its windows' bounds, median over runs. "
