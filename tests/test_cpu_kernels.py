@@ -1,4 +1,6 @@
 """Native CPU kernels (engine/kernels/csrc/cpu_kernels.c) against torch references."""
+import os
+
 import pytest
 import torch
 
@@ -212,6 +214,44 @@ def test_packed_linear_matches_a_float64_reference(gemm, M, bias, monkeypatch):
         assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
     few = torch.randn(1 if gemm == "native" else 3, 96)  # the skinny kernel's range keeps the plain weight
     assert lin.packed_for(few) is None
+
+
+@pytest.mark.parametrize("M", [2, 40, 521])
+def test_panel_products_with_more_threads_than_cores_compute_each_tile_once(M):
+    """Seven threads on a host with fewer cores: threads are descheduled mid-product and the others take
+    their tiles (a thread that runs out takes tiles from the far end of another's range). Each tile must be
+    computed exactly once: a tile done twice would add twice where a product accumulates (a layer's o and
+    down products add into the residual), and one skipped would leave its outputs unset. 1000 outputs are 21
+    tiles; 521 rows are three 256-row chunks, each a separate round of ranges. Oracle: float64 products."""
+    from engine.kernels import cpu_gemm, cpu_native
+    if not cpu_gemm.backend_available("native"):
+        pytest.skip("no panel products (AVX-512 native kernels) on this machine")
+    torch.manual_seed(M)
+    w, b, x = torch.randn(1000, 64), torch.randn(1000), torch.randn(M, 64)
+    packed = cpu_gemm.pack(w, "native")
+    ref = x.double() @ w.double().t() + b.double()
+    threads, steals = torch.get_num_threads(), cpu_native.panel_steals()
+    torch.set_num_threads(7)
+    try:
+        for _ in range(30):
+            y = cpu_gemm.linear(x, packed, b)
+            assert float((y.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    finally:
+        torch.set_num_threads(threads)
+    if len(os.sched_getaffinity(0)) < 7:  # oversubscribed: some tiles must have changed hands
+        assert cpu_native.panel_steals() > steals
+
+
+def test_fused_decode_layers_with_more_threads_than_cores_match_the_torch_layers(monkeypatch):
+    """The whole-layer native path on panel-packed weights with seven threads on fewer cores, so that tiles
+    change hands inside its o and down products, which add into the residual: against the module path."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(7)
+    try:
+        for _ in range(5):
+            test_fused_decode_layers_match_the_torch_layers(True, "run_panels", 11, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("M", [1, 2])

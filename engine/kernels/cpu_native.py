@@ -112,6 +112,8 @@ def lib() -> Optional[ctypes.CDLL]:
         so.panel_linear.restype = None
         so.panel_available.argtypes = []
         so.panel_available.restype = _I
+        so.panel_steals.argtypes = []
+        so.panel_steals.restype = ctypes.c_int64
         _lib = so
         return _lib
 
@@ -120,6 +122,12 @@ def panels_available() -> bool:
     """Whether the panel products (panel_linear, AVX-512 builds only) are there."""
     so = lib()
     return so is not None and bool(so.panel_available())
+
+
+def panel_steals() -> int:
+    """Tiles the panel products' threads have taken from each other's ranges since the library loaded."""
+    so = lib()
+    return 0 if so is None else int(so.panel_steals())
 
 
 def _ok(t: torch.Tensor) -> bool:

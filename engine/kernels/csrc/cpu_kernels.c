@@ -438,12 +438,15 @@ void paged_decode(const float *q, const float *k_cache, const float *v_cache, co
  * the j-th nb-th of the rows, one row every nb k steps), so the weights stream from memory at the pace of
  * the arithmetic instead of stalling it. (Prefetching them all during the first row block asked 4x the
  * bandwidth of that block at 32 rows: on a 2-core Xeon reading 33 GB/s, 3072x576 at 32 tokens took 560 us
- * with cold weights against 405 us hot; spread, 452 us.) Threads take contiguous ranges of tiles, over
- * PANEL_MCHUNK token rows at a time, so that a prefill chunk's rows stay in L2 while every tile passes over
- * them (2048 rows of SmolLM2's four products on that Xeon: 54-64 ms in one pass, 49-53 ms in chunks).
+ * with cold weights against 405 us hot; spread, 452 us.) Threads take contiguous ranges of tiles (and take
+ * from each other's when one runs out: see panel_rows), over PANEL_MCHUNK token rows at a time, so that a
+ * prefill chunk's rows stay in L2 while every tile passes over them (2048 rows of SmolLM2's four products on
+ * that Xeon: 54-64 ms in one pass, 49-53 ms in chunks).
  * One or two token rows read the same tiles panel by panel instead (panel_seq).
  * bench/cpu_gemm.py on the 2-core AVX-512 EPYC, SmolLM2's shapes, weights cold: 1.06-2.2x oneDNN's packed
  * products from 1 to 512 tokens. */
+/* one thread's range of a product's tiles; see panel_rows */
+typedef struct { uint64_t s; char pad[56]; } __attribute__((aligned(64))) panel_range;
 #if defined(HAVE_AVX512)
 #define PANEL_MR 8
 #ifndef PANEL_MCHUNK
@@ -526,66 +529,135 @@ static inline __attribute__((always_inline)) void panel_seq(const float *x, int 
     panel_tile(xm, K, pt, ps, ym, N, bt, ncols, accumulate, pf, npf, pf_row, pf_end, nb, R, V); break;
 #define PANEL_ROW(R) PANEL_CASE(R, 1) PANEL_CASE(R, 2) PANEL_CASE(R, 3)
 
-/* tiles [t0, t1) of one product; the caller splits tiles over threads */
-static void panel_tiles(const float *x, const float *p, const float *b, float *y, int M, int N, int K,
-                        int accumulate, int t0, int t1) {
+/* One tile (48 outputs) against all M token rows; pf, when given, is the tile whose panel rows to prefetch
+ * meanwhile (npf of its panels). */
+static void panel_tile_rows(const float *x, const float *p, const float *b, float *y, int M, int N, int K,
+                            int accumulate, int t, int t_pf) {
     const int64_t ps = (int64_t)K * 16;
+    const int n0 = t * 16 * PANEL_NV, ncols = N - n0 < 16 * PANEL_NV ? N - n0 : 16 * PANEL_NV;
+    const float *pt = p + (int64_t)(n0 / 16) * ps, *bt = b ? b + n0 : NULL;
     if (M <= PANEL_SEQ_MAX) {  /* a token or two: panel after panel, each one sequential stream */
-        const int np = (N + 15) / 16, p1 = t1 * PANEL_NV < np ? t1 * PANEL_NV : np;
-        for (int i = t0 * PANEL_NV; i < p1; i++) {
-            const int n0 = i * 16, ncols = N - n0 < 16 ? N - n0 : 16;
-            const float *bt = b ? b + n0 : NULL;
-            if (M == 1) panel_seq(x, K, p + (int64_t)i * ps, y + n0, N, bt, ncols, accumulate, 1);
-            else panel_seq(x, K, p + (int64_t)i * ps, y + n0, N, bt, ncols, accumulate, 2);
+        for (int i = 0; i < (ncols + 15) / 16; i++) {
+            const int left = ncols - 16 * i, nc = left < 16 ? left : 16;
+            const float *bi = bt ? bt + 16 * i : NULL;
+            if (M == 1) panel_seq(x, K, pt + i * ps, y + n0 + 16 * i, N, bi, nc, accumulate, 1);
+            else panel_seq(x, K, pt + i * ps, y + n0 + 16 * i, N, bi, nc, accumulate, 2);
         }
         return;
     }
     const int nb = (M + PANEL_MR - 1) / PANEL_MR, rows_per_block = (K + nb - 1) / nb;
-    for (int t = t0; t < t1; t++) {
-        const int n0 = t * 16 * PANEL_NV, ncols = N - n0 < 16 * PANEL_NV ? N - n0 : 16 * PANEL_NV;
-        const int nv = (ncols + 15) / 16;
-        const float *pt = p + (int64_t)(n0 / 16) * ps, *bt = b ? b + n0 : NULL;
-        const float *pf = NULL;
-        int npf = 0;
-        if (t + 1 < t1) {
-            const int rest = N - n0 - 16 * PANEL_NV;
-            npf = rest >= 16 * PANEL_NV ? PANEL_NV : (rest + 15) / 16;
-            pf = pt + PANEL_NV * ps;
-        }
-        for (int m0 = 0; m0 < M; m0 += PANEL_MR) {
-            const int mr = M - m0 < PANEL_MR ? M - m0 : PANEL_MR, j = m0 / PANEL_MR;
-            const float *xm = x + (int64_t)m0 * K;
-            /* this row block's share of the next tile's panel rows, one row every nb k steps */
-            const int pf_row = j * rows_per_block, pf_end = pf_row + rows_per_block < K ? pf_row + rows_per_block : K;
-            float *ym = y + (int64_t)m0 * N + n0;
-            switch (mr * 4 + nv) {
-                PANEL_ROW(1) PANEL_ROW(2) PANEL_ROW(3) PANEL_ROW(4)
-                PANEL_ROW(5) PANEL_ROW(6) PANEL_ROW(7) PANEL_ROW(8)
-            }
+    const int nv = (ncols + 15) / 16;
+    const float *pf = NULL;
+    int npf = 0;
+    if (t_pf >= 0) {
+        const int rest = N - t_pf * 16 * PANEL_NV;
+        npf = rest >= 16 * PANEL_NV ? PANEL_NV : (rest + 15) / 16;
+        pf = p + (int64_t)t_pf * PANEL_NV * ps;
+    }
+    for (int m0 = 0; m0 < M; m0 += PANEL_MR) {
+        const int mr = M - m0 < PANEL_MR ? M - m0 : PANEL_MR, j = m0 / PANEL_MR;
+        const float *xm = x + (int64_t)m0 * K;
+        /* this row block's share of the next tile's panel rows, one row every nb k steps */
+        const int pf_row = j * rows_per_block, pf_end = pf_row + rows_per_block < K ? pf_row + rows_per_block : K;
+        float *ym = y + (int64_t)m0 * N + n0;
+        switch (mr * 4 + nv) {
+            PANEL_ROW(1) PANEL_ROW(2) PANEL_ROW(3) PANEL_ROW(4)
+            PANEL_ROW(5) PANEL_ROW(6) PANEL_ROW(7) PANEL_ROW(8)
         }
     }
 }
 
-/* this thread's contiguous share of the tiles, inside the caller's parallel region; ends at a barrier */
+/* Tiles go to threads in contiguous ranges (each thread prefetches its next tile's weights), and a thread
+ * that runs out takes tiles from the far end of the others' ranges. A thread descheduled mid-product (the
+ * HTTP proxy or the Serve replicas waking on a 2-core host) then delays the product by at most the tile it
+ * holds, not by its whole share. A range's state is one 64-bit word: (epoch, next, end), where the epoch
+ * counts the parallel region's products (each of its threads passes the same count), so that a thread
+ * still in an earlier product neither takes nor hands out tiles of this one. */
+#define PR_PACK(e, n, d) (((uint64_t)(e) << 32) | ((uint64_t)(n) << 16) | (uint64_t)(d))
+#define PR_EPOCH(s) ((uint32_t)((s) >> 32))
+#define PR_NEXT(s) ((int)(((s) >> 16) & 0xFFFF))
+#define PR_END(s) ((int)((s) & 0xFFFF))
+
+/* tile from the front of the own range (-1 when empty), and the tile after it for the prefetch */
+static int pr_take_front(panel_range *r, uint32_t e, int *after) {
+    uint64_t s = __atomic_load_n(&r->s, __ATOMIC_ACQUIRE);
+    for (;;) {
+        const int n = PR_NEXT(s), d = PR_END(s);
+        /* a later epoch: another thread finished this product (the range was empty) and opened the next */
+        if (PR_EPOCH(s) != e || n >= d) return -1;
+        if (__atomic_compare_exchange_n(&r->s, &s, PR_PACK(e, n + 1, d), 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            *after = n + 1 < d ? n + 1 : -1;
+            return n;
+        }
+    }
+}
+
+static int64_t panel_tiles_taken;  /* tiles taken from other threads' ranges, since the library loaded */
+int64_t panel_steals(void) { return __atomic_load_n(&panel_tiles_taken, __ATOMIC_RELAXED); }
+
+/* tile from the back of another thread's range [r0, r1) (initialising it when that thread has not yet
+ * reached this product), or -1 */
+static int pr_take_back(panel_range *r, uint32_t e, int r0, int r1, int *after) {
+    uint64_t s = __atomic_load_n(&r->s, __ATOMIC_ACQUIRE);
+    for (;;) {
+        const uint32_t g = PR_EPOCH(s);
+        if ((int32_t)(g - e) > 0) return -1;  /* its owner has moved on: the range is done */
+        /* an earlier product's range with tiles left (not possible while thieves empty a range before
+         * moving on, but cheap to rule out): its owner is not here yet */
+        if (g != e && PR_NEXT(s) < PR_END(s)) return -1;
+        const int n = g == e ? PR_NEXT(s) : r0, d = g == e ? PR_END(s) : r1;
+        if (n >= d) return -1;
+        if (__atomic_compare_exchange_n(&r->s, &s, PR_PACK(e, n, d - 1), 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            *after = d - 2 >= n ? d - 2 : -1;
+            __atomic_fetch_add(&panel_tiles_taken, 1, __ATOMIC_RELAXED);
+            return d - 1;
+        }
+    }
+}
+
+/* this thread's tiles of one product, inside the caller's parallel region (ranges: one per thread, zeroed
+ * before the region; epoch: a counter private to each thread, zero at the region's start); ends at a barrier */
 static void panel_rows(const float *x, const float *p, const float *b, float *y, int M, int N, int K,
-                       int accumulate) {
+                       int accumulate, panel_range *ranges, uint32_t *epoch) {
     const int ntile = (N + 16 * PANEL_NV - 1) / (16 * PANEL_NV);
-    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int t0 = (int)((int64_t)ntile * t / nt), t1 = (int)((int64_t)ntile * (t + 1) / nt);
-    for (int m0 = 0; m0 < M; m0 += PANEL_MCHUNK)
-        panel_tiles(x + (int64_t)m0 * K, p, b, y + (int64_t)m0 * N, M - m0 < PANEL_MCHUNK ? M - m0 : PANEL_MCHUNK, N, K,
-                    accumulate, t0, t1);
+    const int me = omp_get_thread_num(), nt = omp_get_num_threads();
+    for (int m0 = 0; m0 < M; m0 += PANEL_MCHUNK) {
+        const uint32_t e = ++*epoch;
+        const int mc = M - m0 < PANEL_MCHUNK ? M - m0 : PANEL_MCHUNK;
+        const float *xc = x + (int64_t)m0 * K;
+        float *yc = y + (int64_t)m0 * N;
+        const int r0 = (int)((int64_t)ntile * me / nt), r1 = (int)((int64_t)ntile * (me + 1) / nt);
+        uint64_t s = __atomic_load_n(&ranges[me].s, __ATOMIC_ACQUIRE);  /* open the own range, unless taken from */
+        while (PR_EPOCH(s) != e &&
+               !__atomic_compare_exchange_n(&ranges[me].s, &s, PR_PACK(e, r0, r1), 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            ;
+        int t, after;
+        while ((t = pr_take_front(&ranges[me], e, &after)) >= 0)
+            panel_tile_rows(xc, p, b, yc, mc, N, K, accumulate, t, after);
+        for (int k = 1; k < nt; k++) {
+            const int v = (me + k) % nt;
+            const int v0 = (int)((int64_t)ntile * v / nt), v1 = (int)((int64_t)ntile * (v + 1) / nt);
+            while ((t = pr_take_back(&ranges[v], e, v0, v1, &after)) >= 0)
+                panel_tile_rows(xc, p, b, yc, mc, N, K, accumulate, t, after);
+        }
+    }
     #pragma omp barrier
 }
 
 int panel_available(void) { return 1; }
 
 void panel_linear(const float *x, const float *p, const float *b, float *y, int M, int N, int K, int nthreads) {
+    panel_range ranges[nthreads > 0 ? nthreads : 1];
+    memset(ranges, 0, sizeof(ranges));
     #pragma omp parallel num_threads(nthreads)
-    panel_rows(x, p, b, y, M, N, K, 0);
+    {
+        uint32_t epoch = 0;
+        panel_rows(x, p, b, y, M, N, K, 0, ranges, &epoch);
+    }
 }
 #else
 int panel_available(void) { return 0; }
+int64_t panel_steals(void) { return 0; }
 
 void panel_linear(const float *x, const float *p, const float *b, float *y, int M, int N, int K, int nthreads) {
     (void)x; (void)p; (void)b; (void)y; (void)M; (void)N; (void)K; (void)nthreads;
@@ -684,13 +756,14 @@ static void rotate_write_attend(float *qkv, const float *cos, const float *sin, 
 
 /* one of a layer's products inside its parallel region, in the layout its weights were given in */
 static void layer_product(const layer_weights *L, const float *x, const float *w, const float *b, float *y,
-                          int M, int N, int K, int accumulate) {
+                          int M, int N, int K, int accumulate, panel_range *ranges, uint32_t *epoch) {
 #if defined(HAVE_AVX512)
     if (L->panels) {
-        panel_rows(x, w, b, y, M, N, K, accumulate);
+        panel_rows(x, w, b, y, M, N, K, accumulate, ranges, epoch);
         return;
     }
 #endif
+    (void)ranges; (void)epoch;
     gemv_rows(x, w, b, y, M, N, K, accumulate);
 }
 
@@ -705,23 +778,26 @@ void decode_layer(float *x, const layer_weights *L, const float *cos, const floa
     float *att = qkv + (int64_t)M * QKV;     /* [M, NH*D] */
     float *gu = att + (int64_t)M * NH * D;   /* [M, 2I] */
     float *act = gu + (int64_t)M * 2 * I;    /* [M, I] */
+    panel_range ranges[nthreads > 0 ? nthreads : 1];
+    memset(ranges, 0, sizeof(ranges));
     #pragma omp parallel num_threads(nthreads)
     {
+        uint32_t epoch = 0;
         #pragma omp single
         rmsnorm_rows(x, L->in_norm, h, M, H, L->eps);
-        layer_product(L, h, L->w_qkv, L->b_qkv, qkv, M, QKV, H, 0);
+        layer_product(L, h, L->w_qkv, L->b_qkv, qkv, M, QKV, H, 0, ranges, &epoch);
         rotate_write_attend(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, block_tables, ctx_lens,
                             max_blocks, M, NH, KVH, D, BS, scale, att);
-        layer_product(L, att, L->w_o, L->b_o, x, M, H, NH * D, 1);  /* x += o(att) */
+        layer_product(L, att, L->w_o, L->b_o, x, M, H, NH * D, 1, ranges, &epoch);  /* x += o(att) */
         #pragma omp single
         rmsnorm_rows(x, L->post_norm, h, M, H, L->eps);
-        layer_product(L, h, L->w_gu, L->b_gu, gu, M, 2 * I, H, 0);
+        layer_product(L, h, L->w_gu, L->b_gu, gu, M, 2 * I, H, 0, ranges, &epoch);
         #pragma omp for schedule(static)
         for (int t = 0; t < M * ((I + 255) / 256); t++) {  /* (row, 256-wide slice) */
             int m = t / ((I + 255) / 256), i = t % ((I + 255) / 256) * 256, n = I - i < 256 ? I - i : 256;
             silu_mul_f32(gu + (int64_t)m * 2 * I + i, gu + (int64_t)m * 2 * I + I + i, act + (int64_t)m * I + i, n);
         }
-        layer_product(L, act, L->w_down, L->b_down, x, M, H, I, 1);  /* x += down(act) */
+        layer_product(L, act, L->w_down, L->b_down, x, M, H, I, 1, ranges, &epoch);  /* x += down(act) */
     }
 }
 
