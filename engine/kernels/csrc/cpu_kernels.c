@@ -615,18 +615,21 @@ static int pr_take_back(panel_range *r, uint32_t e, int r0, int r1, int *after) 
     }
 }
 
+/* where thread v's share of ntile tiles starts (and, for v + 1, ends) among nt threads */
+static inline int pr_bound(int ntile, int v, int nt) { return (int)((int64_t)ntile * v / nt); }
+
 /* this thread's tiles of one product, inside the caller's parallel region (ranges: one per thread, zeroed
  * before the region; epoch: a counter private to each thread, zero at the region's start); ends at a barrier */
 static void panel_rows(const float *x, const float *p, const float *b, float *y, int M, int N, int K,
                        int accumulate, panel_range *ranges, uint32_t *epoch) {
     const int ntile = (N + 16 * PANEL_NV - 1) / (16 * PANEL_NV);
     const int me = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int r0 = pr_bound(ntile, me, nt), r1 = pr_bound(ntile, me + 1, nt);
     for (int m0 = 0; m0 < M; m0 += PANEL_MCHUNK) {
         const uint32_t e = ++*epoch;
         const int mc = M - m0 < PANEL_MCHUNK ? M - m0 : PANEL_MCHUNK;
         const float *xc = x + (int64_t)m0 * K;
         float *yc = y + (int64_t)m0 * N;
-        const int r0 = (int)((int64_t)ntile * me / nt), r1 = (int)((int64_t)ntile * (me + 1) / nt);
         uint64_t s = __atomic_load_n(&ranges[me].s, __ATOMIC_ACQUIRE);  /* open the own range, unless taken from */
         while (PR_EPOCH(s) != e &&
                !__atomic_compare_exchange_n(&ranges[me].s, &s, PR_PACK(e, r0, r1), 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
@@ -636,8 +639,7 @@ static void panel_rows(const float *x, const float *p, const float *b, float *y,
             panel_tile_rows(xc, p, b, yc, mc, N, K, accumulate, t, after);
         for (int k = 1; k < nt; k++) {
             const int v = (me + k) % nt;
-            const int v0 = (int)((int64_t)ntile * v / nt), v1 = (int)((int64_t)ntile * (v + 1) / nt);
-            while ((t = pr_take_back(&ranges[v], e, v0, v1, &after)) >= 0)
+            while ((t = pr_take_back(&ranges[v], e, pr_bound(ntile, v, nt), pr_bound(ntile, v + 1, nt), &after)) >= 0)
                 panel_tile_rows(xc, p, b, yc, mc, N, K, accumulate, t, after);
         }
     }
