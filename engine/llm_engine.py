@@ -21,6 +21,7 @@ from .models.loader import load_model
 from .outputs import RequestOutput
 from .prompts import Prompt, encode_prompt
 from .request_state import RequestState
+from .spec_decode import NgramProposer, eligible
 from .step_trace import StepTrace
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,12 @@ class LLMEngine:
                     cfg.quant_policy, f", over {cfg.tp} ranks" if cfg.tp > 1 else "", session_len)
         self.requests: Dict[str, RequestState] = {}
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0}
+        self.proposer = None
+        if cfg.num_speculative_tokens:
+            self.proposer = NgramProposer(cfg.num_speculative_tokens, cfg.prompt_lookup_max, cfg.prompt_lookup_min)
+            self.stats.update(draft_tokens=0, accepted_draft_tokens=0)
+            logger.info("speculative decoding: n-gram prompt lookup, up to %d draft tokens (n-grams %d..%d)",
+                        cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
         self.trace = StepTrace.from_env()  # RAYLM_STEP_TRACE: one line per step
 
     def _tp_plan(self, cfg: EngineConfig):
@@ -169,7 +176,7 @@ class LLMEngine:
         st = self.requests.pop(request_id, None)
         if st is None:
             return None
-        self.scheduler.finish(request_id, "abort")
+        self._finish(request_id, "abort")
         st.finish_reason = "abort"
         return st.take_delta(finished=True)
 
@@ -177,7 +184,34 @@ class LLMEngine:
         return bool(self.requests)
 
     # ---- the step -------------------------------------------------------------------------
+    def _finish(self, request_id: str, reason: str) -> None:
+        self.scheduler.finish(request_id, reason)
+        if self.proposer is not None:
+            self.proposer.drop(request_id)
+
+    def _propose(self) -> None:
+        """Draft tokens for every running greedy sequence about to decode (speculative decoding)."""
+        found, decoding = [], 0
+        for seq in self.scheduler.running:
+            seq.draft_ids = []
+            if seq.num_uncomputed == 1:
+                decoding += 1
+                if eligible(seq.params, seq.num_output_tokens):
+                    # room for the drafts and the token after them
+                    draft, n = self.proposer.propose(seq, seq.max_tokens - seq.num_tokens - 1)
+                    if draft:
+                        found.append((n, seq, draft))
+        # drafts cost rows: within the step's row budget, the ones found by the longest n-grams first
+        rows = self.config.speculative_max_rows - decoding
+        for _, seq, draft in sorted(found, key=lambda f: -f[0]):
+            if rows <= 0:
+                break
+            seq.draft_ids = draft[:rows]
+            rows -= len(seq.draft_ids)
+
     def step(self) -> List[RequestOutput]:
+        if self.proposer is not None:
+            self._propose()
         sched = self.scheduler.schedule()
         if not sched:
             if sched.finished_ids:
@@ -189,14 +223,24 @@ class LLMEngine:
             self.trace.record(t0, time.perf_counter() - c0, sched)
         grew = self.scheduler.update(sched, result)
         self.stats["steps"] += 1
+        if result.accepted:
+            self.stats["draft_tokens"] += sum(m.num_draft for m in sched.seqs)
+            self.stats["accepted_draft_tokens"] += sum(len(v) for v in result.accepted.values())
         outputs = []
         for seq in grew:
             st = self.requests[seq.request_id]
-            tok = seq.token_ids[-1]
-            reason = st.on_token(tok, result.logprobs.get(seq.request_id))
-            self.stats["generation_tokens"] += 1
+            new = 1 + len(result.accepted.get(seq.request_id, ()))
+            toks = seq.token_ids[-new:]
+            del seq.token_ids[-new:]
+            reason = None
+            for tok in toks:  # one at a time, so that stop checks see the output as it was at that token
+                seq.token_ids.append(tok)
+                reason = st.on_token(tok, result.logprobs.get(seq.request_id))
+                self.stats["generation_tokens"] += 1
+                if reason is not None:
+                    break
             if reason is not None:
-                self.scheduler.finish(seq.request_id, reason)
+                self._finish(seq.request_id, reason)
                 del self.requests[seq.request_id]
             outputs.append(st.take_delta(finished=reason is not None))
         return outputs

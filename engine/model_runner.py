@@ -101,17 +101,43 @@ class ModelRunner:
 
     # ---- inputs ---------------------------------------------------------------------------
     def prepare(self, sched: SchedulerOutput):
-        decodes = [s for s in sched.seqs if len(s.token_ids) == 1]
-        prefills = [s for s in sched.seqs if len(s.token_ids) > 1]
-        order = decodes + prefills
+        """Flat step inputs: decode rows first (one per decode, one per token of a sequence with drafts, each
+        attending to the cache up to itself), then prefill chunks. Sampling rows: one per sampling sequence,
+        then every row of each sequence with drafts (``verify``: (request_id, first logits row, drafts))."""
+        rows = []  # (msg, token index) of each decode row
+        prefills = []
+        for s in sched.seqs:
+            if s.num_draft:
+                rows += [(s, i) for i in range(len(s.token_ids))]
+            elif len(s.token_ids) == 1:
+                rows.append((s, 0))
+            else:
+                prefills.append(s)
         bs = self.block_size
         tokens, positions, blocks, offsets, seq_lens = [], [], [], [], []
-        sample_idx, sample_ids = [], []
-        chunks, spans = [], []
-        for msg in order:
+        sample_idx, sample_ids, verify_idx, verify = [], [], [], []
+        chunks, spans, tables = [], [], []
+        for msg, i in rows:
+            p = msg.start_pos + i
+            spans.append((len(tokens), 1, p))
+            tables.append(msg.block_ids)
+            if msg.num_draft:
+                if i == 0:
+                    verify.append((msg.request_id, len(verify_idx), msg.token_ids[1:]))
+                verify_idx.append(len(tokens))
+            elif msg.sample:
+                sample_idx.append(len(tokens))
+                sample_ids.append(msg.request_id)
+            tokens.append(msg.token_ids[i])
+            positions.append(p)
+            blocks.append(msg.block_ids[p // bs])
+            offsets.append(p % bs)
+            seq_lens.append(msg.start_pos + len(msg.token_ids))
+        for msg in prefills:
             start = len(tokens)
             n = len(msg.token_ids)
             spans.append((start, n, msg.start_pos))
+            tables.append(msg.block_ids)
             tokens += msg.token_ids
             pos = range(msg.start_pos, msg.start_pos + n)
             positions += pos
@@ -121,18 +147,16 @@ class ModelRunner:
             if msg.sample:
                 sample_idx.append(start + n - 1)
                 sample_ids.append(msg.request_id)
-            if n > 1:
-                chunks.append((msg, start, n))
+            chunks.append((msg, start, n))
         dev = self.device
         positions_t = torch.tensor(positions, device=dev)
         seq_lens_t = torch.tensor(seq_lens, device=dev)
         meta = AttentionMetadata(positions=positions_t, slot_blocks=torch.tensor(blocks, device=dev),
-                                 slot_offsets=torch.tensor(offsets, device=dev), num_decode=len(decodes))
-        if decodes:
+                                 slot_offsets=torch.tensor(offsets, device=dev), num_decode=len(rows))
+        if rows:
             idx = torch.int32 if dev == "cpu" else torch.long  # int32 for the native CPU kernel
-            bt = _block_tables(decodes, dev, idx)
-            ctx = torch.tensor([m.start_pos + 1 for m in decodes], device=dev, dtype=idx)
-            meta.decode_block_tables, meta.decode_ctx_lens = bt, ctx
+            meta.decode_block_tables = _block_tables(tables[:len(rows)], dev, idx)
+            meta.decode_ctx_lens = torch.tensor([positions[r] + 1 for r in range(len(rows))], device=dev, dtype=idx)
         for msg, start, n in chunks:
             ctx_blocks = None
             if msg.start_pos > 0:
@@ -140,10 +164,11 @@ class ModelRunner:
                 ctx_blocks = torch.tensor(msg.block_ids[:used], device=dev)
             meta.prefills.append(PrefillChunk(start, n, msg.start_pos, ctx_blocks))
         if self.model.fused_decoder is not None:  # the native CPU step reads every sequence's blocks
-            meta.span_block_tables = _block_tables(order, dev, torch.int32)
+            meta.span_block_tables = _block_tables(tables, dev, torch.int32)
             meta.spans = torch.tensor(spans, dtype=torch.int32)
         meta.cos, meta.sin = self.rope.cos_sin(positions_t, seq_lens_t)
-        return torch.tensor(tokens, device=dev), meta, torch.tensor(sample_idx, device=dev, dtype=torch.long), sample_ids
+        sample_idx = torch.tensor(sample_idx + verify_idx, device=dev, dtype=torch.long)
+        return torch.tensor(tokens, device=dev), meta, sample_idx, sample_ids, verify
 
     # ---- the step ---------------------------------------------------------------------------
     @torch.inference_mode()
@@ -167,14 +192,26 @@ class ModelRunner:
             if not sample_ids:
                 return out
             return self._sample(out, logits, sample_ids)
-        input_ids, meta, sample_idx, sample_ids = self.prepare(sched)
+        input_ids, meta, sample_idx, sample_ids, verify = self.prepare(sched)
         if not sample_tokens:
             self.model(input_ids, meta, self.kv, sample_idx[:0])
             return out
         logits = self.model(input_ids, meta, self.kv, sample_idx)
+        if verify:
+            self._verify(out, logits[len(sample_ids):], verify)
         if not sample_ids:
             return out
-        return self._sample(out, logits, sample_ids)
+        return self._sample(out, logits[:len(sample_ids)], sample_ids)
+
+    def _verify(self, out: RunnerOutput, logits: torch.Tensor, verify) -> None:
+        """Greedy verification of drafts: keep the longest run of drafts equal to the argmax before each,
+        then the argmax after the last kept one (the token the step would have sampled without drafts)."""
+        best = logits.argmax(-1).tolist()
+        for rid, row, drafts in verify:
+            kept, choice = accept_greedy(drafts, best[row:row + len(drafts) + 1])
+            out.accepted[rid] = kept
+            out.sampled[rid] = choice
+            self.states[rid].output_ids += kept + [choice]
 
     def _graph_step(self, sched: SchedulerOutput) -> bool:
         return (self.graphs is not None and all(len(m.token_ids) == 1 for m in sched.seqs)
@@ -199,7 +236,7 @@ class ModelRunner:
         every row's logits."""
         if not all_rows and self._graph_step(sched):
             return self.graphs.run(sched.seqs).clone()  # the graph's output buffer is the next step's too
-        input_ids, meta, sample_idx, _ = self.prepare(sched)
+        input_ids, meta, sample_idx, _, _ = self.prepare(sched)
         if all_rows:
             sample_idx = torch.arange(len(input_ids), device=input_ids.device)
         return self.model(input_ids, meta, self.kv, sample_idx)
@@ -212,8 +249,15 @@ class ModelRunner:
         return sum(t.numel() * t.element_size() for t in (self.kv.data, self.kv.params) if t is not None)
 
 
-def _block_tables(msgs, device: str, dtype: torch.dtype) -> torch.Tensor:
-    """[len(msgs), most blocks] block ids per sequence, short rows padded with their first block."""
-    nb = max(len(m.block_ids) for m in msgs)
-    return torch.tensor([m.block_ids + [m.block_ids[0]] * (nb - len(m.block_ids)) for m in msgs], device=device,
-                        dtype=dtype)
+def accept_greedy(drafts: List[int], best: List[int]):
+    """drafts [k], best [k+1] (argmax at the last token and after each draft) -> (kept drafts, next token)."""
+    a = 0
+    while a < len(drafts) and drafts[a] == best[a]:
+        a += 1
+    return list(drafts[:a]), best[a]
+
+
+def _block_tables(tables: List[List[int]], device: str, dtype: torch.dtype) -> torch.Tensor:
+    """[len(tables), most blocks] block ids per row, short rows padded with their first block."""
+    nb = max(len(t) for t in tables)
+    return torch.tensor([t + [t[0]] * (nb - len(t)) for t in tables], device=device, dtype=dtype)

@@ -17,6 +17,7 @@ class ScheduledSeq:
     params: Any = None  # sampling parameters; sent when the runner has not seen the request
     prompt_token_ids: Optional[List[int]] = None  # sent with params, for repetition penalties
     output_token_ids: Optional[List[int]] = None  # sent with params (a resumed request has some)
+    num_draft: int = 0  # the last num_draft of token_ids are speculative: verify them (greedy) and sample after
 
 
 @dataclass
@@ -39,3 +40,4 @@ class RunnerOutput:
 
     sampled: Dict[str, int] = field(default_factory=dict)
     logprobs: Dict[str, Any] = field(default_factory=dict)  # request_id -> (logprob, [(id, logprob), ...])
+    accepted: Dict[str, List[int]] = field(default_factory=dict)  # draft tokens kept, in order before sampled

@@ -80,6 +80,11 @@ class Scheduler:
             if n == 0:  # nothing to compute until the caller appends a token
                 i += 1
                 continue
+            if seq.draft_ids:  # a decode with speculative tokens: they need budget and blocks, else go without
+                del seq.draft_ids[max(0, budget - 1):]
+                if seq.num_uncomputed != 1 or not self.blocks.can_allocate(seq, 1 + len(seq.draft_ids)):
+                    seq.draft_ids = []
+                n += len(seq.draft_ids)
             while not self.blocks.can_allocate(seq, n):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -119,6 +124,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.free(seq)
         seq.num_computed_tokens = 0
+        seq.draft_ids = []
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.total_preemptions += 1
@@ -126,12 +132,14 @@ class Scheduler:
 
     def _message(self, seq: Sequence, n: int) -> ScheduledSeq:
         start = seq.num_computed_tokens
+        draft = seq.draft_ids if seq.status is SeqStatus.RUNNING and n == 1 + len(seq.draft_ids) else []
         msg = ScheduledSeq(
             request_id=seq.request_id,
-            token_ids=seq.token_ids[start:start + n],
+            token_ids=seq.token_ids[start:start + n - len(draft)] + draft,
             start_pos=start,
             block_ids=list(seq.block_ids),
-            sample=start + n == seq.num_tokens,
+            sample=start + n - len(draft) == seq.num_tokens,
+            num_draft=len(draft),
         )
         if seq.request_id not in self._known_to_runner:
             self._known_to_runner.add(seq.request_id)
@@ -142,13 +150,16 @@ class Scheduler:
 
     # ---- results --------------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, result: RunnerOutput) -> List[Sequence]:
-        """Advance computed counts and append sampled tokens; returns the sequences that grew."""
+        """Advance computed counts and append kept drafts and sampled tokens; returns the sequences that grew."""
         grew = []
         for msg in sched.seqs:
             seq = self.seqs.get(msg.request_id)
             if seq is None or seq.status is not SeqStatus.RUNNING:
                 continue  # aborted during the step
-            seq.num_computed_tokens = msg.start_pos + len(msg.token_ids)
+            seq.draft_ids = []
+            kept = result.accepted.get(msg.request_id, ()) if msg.num_draft else ()
+            seq.token_ids += kept  # the drafts the runner kept; their K/V is in the cache, the rest is overwritten
+            seq.num_computed_tokens = msg.start_pos + len(msg.token_ids) - msg.num_draft + len(kept)
             self.blocks.register_full_blocks(seq)
             tok = result.sampled.get(msg.request_id)
             if tok is not None:

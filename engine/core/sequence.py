@@ -36,6 +36,7 @@ class Sequence:
     num_cached_tokens: int = 0  # tokens served from the prefix cache at the last admission
     num_preemptions: int = 0
     finish_reason: Optional[str] = None
+    draft_ids: List[int] = field(default_factory=list)  # speculative tokens to verify in the next decode step
 
     @property
     def num_tokens(self) -> int:

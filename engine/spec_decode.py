@@ -1,0 +1,79 @@
+"""Speculative decoding by prompt lookup (n-gram drafts), as vLLM's ``ngram`` method and HF's
+``prompt_lookup_num_tokens``: no draft model, the drafts are the tokens that followed the latest earlier
+occurrence of the sequence's last n tokens (n from ``prompt_lookup_max`` down to ``prompt_lookup_min``) in its
+own prompt and output.
+
+A step then computes the last token and up to ``num_speculative_tokens`` drafts of each such sequence in one
+pass (each draft a decode row that attends to the ones before it), and the runner keeps the drafts that match
+its own greedy choices plus one token of its own (model_runner.verify_greedy). Greedy outputs are unchanged; a
+sequence gains up to 1 + k tokens per step for the price of computing k more rows, which costs little where the
+step reads weights rather than computes (small batches on CPU, any batch on a GPU).
+
+Only greedy requests without penalties or logprobs take drafts (``eligible``); others decode one token a step
+in the same batch.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+from .core.sequence import Sequence
+
+
+def eligible(params, num_output: int) -> bool:
+    """Whether a request's next tokens can be verified by argmax alone."""
+    return (params is not None and params.greedy and params.logprobs is None and params.repetition_penalty == 1.0
+            and params.presence_penalty == 0.0 and params.frequency_penalty == 0.0
+            and num_output >= params.min_new_tokens)
+
+
+class _Index:
+    """n-gram -> the last position it ended at with a token after it, for n in [nmin, nmax]."""
+
+    __slots__ = ("table", "done")
+
+    def __init__(self):
+        self.table: Dict[Tuple[int, ...], int] = {}
+        self.done = 0  # positions 0..done-1 have their n-grams entered
+
+
+class NgramProposer:
+    def __init__(self, num_speculative_tokens: int, prompt_lookup_max: int = 4, prompt_lookup_min: int = 1):
+        if num_speculative_tokens < 1:
+            raise ValueError("num_speculative_tokens: must be >= 1 for the n-gram proposer")
+        if not 1 <= prompt_lookup_min <= prompt_lookup_max:
+            raise ValueError("prompt_lookup_min: must be >= 1 and <= prompt_lookup_max")
+        self.k, self.nmax, self.nmin = num_speculative_tokens, prompt_lookup_max, prompt_lookup_min
+        self._index: Dict[str, _Index] = {}
+
+    def drop(self, request_id: str) -> None:
+        self._index.pop(request_id, None)
+
+    def _update(self, ix: _Index, toks: List[int]) -> None:
+        # n-grams ending at i enter once token i+1 exists, so a lookup of the last n-gram finds an earlier one
+        end = len(toks) - 1
+        table = ix.table
+        for i in range(ix.done, end):
+            for n in range(self.nmin, min(self.nmax, i + 1) + 1):
+                table[tuple(toks[i - n + 1:i + 1])] = i
+        ix.done = max(ix.done, end)
+
+    def propose(self, seq: Sequence, limit: int) -> Tuple[List[int], int]:
+        """Up to min(k, limit) draft tokens to follow ``seq.token_ids``, and the length of the n-gram that
+        found them (longer matches are kept more often: the engine prefers them when rows are short)."""
+        k = min(self.k, limit)
+        if k <= 0:
+            return [], 0
+        ix = self._index.get(seq.request_id)
+        if ix is None:
+            ix = self._index[seq.request_id] = _Index()
+        toks = seq.token_ids
+        if len(toks) - 1 < ix.done:  # the sequence was cut back (cannot happen in the engine; be safe)
+            ix.table.clear()
+            ix.done = 0
+        self._update(ix, toks)
+        L = len(toks)
+        for n in range(min(self.nmax, L - 1), self.nmin - 1, -1):
+            i = ix.table.get(tuple(toks[L - n:]))
+            if i is not None:
+                return toks[i + 1:i + 1 + k], n
+        return [], 0
