@@ -300,14 +300,15 @@ def _spec_table(res, by) -> list:
                  "WikiText prompts and SmolLM2's continuations of them repeat a good deal). HF's own prompt lookup "
                  f"(`generate(prompt_lookup_num_tokens={k})`, batch 1 only) in the same interpreter as HF above.",
              "", "| batch cap | ours | ours + drafts | drafts kept | gain | HF generate | HF + prompt lookup | "
-                 "ours + drafts / HF |", "|---|---|---|---|---|---|---|---|"]
+                 "ours + drafts / HF | / HF + prompt lookup |", "|---|---|---|---|---|---|---|---|---|"]
     for r in spec:
         b = r["batch"]
         o, h, hl = by.get(("ours", b)), by.get(("hf", b)), by.get(("hf+lookup", b))
         cell = lambda x: f"{x['tokens_per_s']:.1f}" if x else "–"  # noqa: E731
         lines.append(f"| {b} | {cell(o)} | {r['tokens_per_s']:.1f} | {100 * r['drafts_kept']:.0f}% | "
                      f"{r['tokens_per_s'] / o['tokens_per_s']:.2f}x | {cell(h)} | {cell(hl)} | "
-                     + (f"{r['tokens_per_s'] / h['tokens_per_s']:.2f}x |" if h else "– |"))
+                     + (f"{r['tokens_per_s'] / h['tokens_per_s']:.2f}x |" if h else "– |")
+                     + (f" {r['tokens_per_s'] / hl['tokens_per_s']:.2f}x |" if hl else " – |"))
     return lines
 
 

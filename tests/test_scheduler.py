@@ -101,3 +101,22 @@ def test_request_larger_than_cache_is_rejected():
     s = Scheduler(SchedulerConfig(num_blocks=2, block_size=4))
     with pytest.raises(ValueError, match="KV blocks"):
         s.add(mk("huge", 5, max_tokens=20))
+
+
+def test_waiting_sequence_that_cannot_start_gives_back_its_prefix_blocks():
+    """A prefix-cache hit attaches cached blocks at admission; when the rest does not fit, they go back, so
+    that waiting sequences never hold blocks the running ones need."""
+    s = Scheduler(SchedulerConfig(max_prefill_tokens=100, num_blocks=6, block_size=4, enable_prefix_caching=True))
+    s.add(mk("a", 10, max_tokens=12))
+    run_step(s)
+    s.finish("a", "stop")  # a's two full blocks stay cached (evictable)
+    s.add(Sequence(request_id="c", token_ids=list(range(100, 115)), num_prompt_tokens=15, max_tokens=16))
+    run_step(s)  # c holds four blocks
+    b = mk("b", 20, max_tokens=24)  # a's prefix, then needs five blocks in all: only two are left
+    s.add(b)
+    out = run_step(s)
+    assert [m.request_id for m in out.seqs] == ["c"]
+    assert b.block_ids == [] and b.num_computed_tokens == 0 and s.blocks.num_free_blocks == 2
+    s.finish("c", "stop")
+    out = run_step(s)
+    assert out.seqs[0].request_id == "b" and out.seqs[0].start_pos == 8  # the cached prefix is still there

@@ -135,6 +135,22 @@ def test_tiny_llama_with_drafts_matches_hf(tmp_path, smol_dir, k):
     assert engine.scheduler.blocks.num_free_blocks == engine.scheduler.blocks.num_blocks
 
 
+def test_drafts_under_preemption_and_prefix_caching_match_hf(tmp_path, smol_dir):
+    """A cache too small for every sequence at once (preemption by recompute mid-run) and prefix caching
+    (a prompt sharing forty tokens with another): drafts' blocks come and go, outputs stay transformers'."""
+    hf = make_hf_model("llama", smol_dir, tmp_path / "m", seed=12)
+    engine = LLMEngine(model=str(tmp_path / "m"), block_size=4, max_prefill_tokens=64, num_cpu_blocks=34,
+                       enable_prefix_caching=True, num_speculative_tokens=3)
+    prompts = looping_prompts()
+    prompts.append(prompts[3][:40] + [5, 6])
+    outs = Pipeline(engine)(prompts, G(max_new_tokens=20, temperature=0, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == hf_greedy(hf, p, 20, eos=[])
+    assert engine.scheduler.total_preemptions > 0 and engine.stats["draft_tokens"] > 0
+    assert engine.scheduler.blocks.prefix_hits > 0
+    assert engine.scheduler.blocks.num_free_blocks == engine.scheduler.blocks.num_blocks
+
+
 @pytest.mark.slow
 def test_smollm2_with_drafts_matches_hf_and_stops_inside_drafts(smol_dir, smol_hf, smol_tok):
     engine = LLMEngine(max_batch_size=8, block_size=16, max_prefill_tokens=256, cache_max_entry_count=1,

@@ -158,6 +158,30 @@ def test_tp2_with_shared_memory_all_reduce_equals_tp1(ray_local, tiny_mqa, monke
     assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_tp2_with_speculative_drafts_matches_hf(ray_local, tiny_mqa):
+    """Draft rows go to every rank (each computes its heads for them); rank 0 verifies them."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.llm_engine import LLMEngine
+    from engine.offline import Pipeline
+    prompts = [[7, 8, 9] * 4, [300, 301] * 15 + [5]]
+    eng = LLMEngine(model=str(tiny_mqa), tp=2, block_size=16, num_cpu_blocks=64, max_batch_size=8,
+                    tp_worker_cpus=0.5, num_speculative_tokens=3)
+    try:
+        outs = Pipeline(eng)(prompts, {**GREEDY, "max_new_tokens": 16})
+        drafts = eng.stats["draft_tokens"]
+    finally:
+        eng.shutdown()
+    hf = AutoModelForCausalLM.from_pretrained(str(tiny_mqa), dtype=torch.float32).eval()
+    for p, o in zip(prompts, outs):
+        x = torch.tensor([p])
+        with torch.no_grad():
+            ref = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=16, do_sample=False,
+                              pad_token_id=0, eos_token_id=[])
+        assert o.token_ids == ref[0, len(p):].tolist()
+    assert drafts > 0
+
+
 def test_tp2_equals_tp1_on_smollm2(ray_local):
     ref, ref_logits = run_engine(None)
     out, logits = run_engine(None, tp=2)

@@ -111,6 +111,10 @@ class Scheduler:
                 seq.num_cached_tokens = seq.num_computed_tokens
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_allocate(seq, n):
+                # give back the cached blocks it just matched: a waiting sequence holding blocks starves the
+                # running ones, and with several such heads (preempted ones return to the front) nothing runs
+                self.blocks.free(seq)
+                seq.num_computed_tokens = seq.num_cached_tokens = 0
                 break
             self.blocks.allocate(seq, n)
             self.waiting.popleft()

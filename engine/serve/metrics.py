@@ -1,5 +1,6 @@
 """Prometheus metrics of the endpoint: latencies and token counters observed at the ingress, engine gauges
-(running, waiting, KV-cache usage, prefix-cache hit rate) summed over engine replicas by the metrics hub."""
+(running, waiting, KV-cache usage, prefix-cache hit rate, speculative drafts kept) summed over engine replicas
+by the metrics hub."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -19,6 +20,10 @@ class ServeMetrics:
         self.kv_used = Gauge("raylm_kv_cache_used_blocks", "KV-cache blocks in use", lab, registry=r)
         self.prefix_hit = Gauge("raylm_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up",
                                 lab, registry=r)
+        self.drafts = Gauge("raylm_spec_decode_draft_tokens", "Speculative draft tokens proposed, summed over "
+                            "the live replicas since they started", lab, registry=r)
+        self.accepted = Gauge("raylm_spec_decode_accepted_tokens", "Of those, the draft tokens kept", lab, registry=r)
+        self.acceptance = Gauge("raylm_spec_decode_acceptance_rate", "Draft tokens kept / proposed", lab, registry=r)
         self.replicas = Gauge("raylm_engine_replicas", "Engine replicas reporting", lab, registry=r)
         self.ttft = Histogram("raylm_time_to_first_token_seconds", "Time to first token", lab, buckets=_LAT, registry=r)
         self.tpot = Histogram("raylm_time_per_output_token_seconds", "Time per output token after the first", lab,
@@ -54,4 +59,7 @@ class ServeMetrics:
         self.kv_used.labels(m).set(snapshot.get("used_blocks", 0))
         self.prefix_hit.labels(m).set(snapshot.get("prefix_hit_rate", 0.0))
         self.replicas.labels(m).set(snapshot.get("replicas", 0))
+        self.drafts.labels(m).set(snapshot.get("draft_tokens", 0))
+        self.accepted.labels(m).set(snapshot.get("accepted_draft_tokens", 0))
+        self.acceptance.labels(m).set(snapshot.get("draft_acceptance_rate", 0.0))
         return generate_latest(self.registry)

@@ -65,11 +65,14 @@ def snapshot(hub_name: str) -> dict:
     total = lambda key: sum(s.get(key, 0) for s in live.values())  # noqa: E731
     blocks = total("num_blocks")
     queries = total("prefix_queries")
+    drafts = total("draft_tokens")  # speculative decoding (engines without it report none)
     return {
         "replicas": len(live), "running": total("running"), "waiting": total("waiting"),
         "kv_usage": (blocks - total("free_blocks")) / blocks if blocks else 0.0,
         "num_blocks": blocks, "used_blocks": blocks - total("free_blocks"),
         "prefix_hit_rate": total("prefix_hits") / queries if queries else 0.0,
+        "draft_tokens": drafts, "accepted_draft_tokens": total("accepted_draft_tokens"),
+        "draft_acceptance_rate": total("accepted_draft_tokens") / drafts if drafts else 0.0,
     }
 
 
