@@ -222,3 +222,34 @@ def test_disconnect_mid_stream_frees_blocks(api):
         pytest.fail("blocks were not freed after the client left: " + "\n".join(l for l in text.splitlines() if l.startswith(("raylm_kv", "raylm_requests_r", "raylm_generation"))))
     assert metric(text, "raylm_time_to_first_token_seconds_count") > 0
     assert 'finish_reason="abort"' in text  # the request the client left is counted as aborted
+
+
+def test_speculative_decoding_over_http_matches_hf(serve_url, smol_hf, smol_tok):
+    """An app with n-gram drafts on: greedy completions (whole and streamed, several tokens a step) are
+    transformers' tokens, and /metrics counts the drafts."""
+    serve.run(build_app({"max_batch_size": 8, "block_size": 16, "cache_max_entry_count": 1, "session_len": 512,
+                         "min_replicas": 1, "max_replicas": 1, "num_speculative_tokens": 4}),
+              name="spec", route_prefix="/spec", blocking=False)
+    url = serve_url + "/spec"
+    try:
+        wait_healthy(url)
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+        prompt = "The cat sat on the mat. The dog sat on the log. The cat sat on the mat. The dog"
+        ref = smol_tok.decode(hf_text_greedy(smol_hf, smol_tok, prompt, 32))
+        whole = c.completions.create(model=MODEL, prompt=prompt, max_tokens=32, temperature=0,
+                                     extra_body={"ignore_eos": True})
+        assert whole.choices[0].text == ref and whole.usage.completion_tokens == 32
+        streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=32, temperature=0, stream=True, extra_body={"ignore_eos": True})
+            if ch.choices)
+        assert streamed == ref
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            text = httpx.get(url + "/metrics").text
+            if "raylm_spec_decode_accepted_tokens{" in text and metric(text, "raylm_spec_decode_accepted_tokens") > 0:
+                break
+            time.sleep(0.5)
+        assert 0 < metric(text, "raylm_spec_decode_acceptance_rate") <= 1
+        assert metric(text, "raylm_spec_decode_draft_tokens") >= metric(text, "raylm_spec_decode_accepted_tokens") > 0
+    finally:
+        serve.delete("spec")
