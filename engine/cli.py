@@ -24,6 +24,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action="store_true")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel workers (Ray actors)")
     p.add_argument("--quant-policy", type=int, default=0, choices=[0, 4, 8], help="KV cache: 0 off, 8 int8, 4 int4")
+    p.add_argument("--num-speculative-tokens", type=int, default=0,
+                   help="n-gram (prompt lookup) drafts per step for greedy generation (--temperature 0); 0 = off")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
@@ -34,7 +36,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _configs(a):
     ecfg = EngineConfig(model=a.model, dtype=a.dtype, session_len=a.session_len, block_size=a.block_size,
                         max_batch_size=a.max_batch_size, cache_max_entry_count=a.cache_max_entry_count,
-                        enable_prefix_caching=a.enable_prefix_caching, tp=a.tp, quant_policy=a.quant_policy)
+                        enable_prefix_caching=a.enable_prefix_caching, tp=a.tp, quant_policy=a.quant_policy,
+                        num_speculative_tokens=a.num_speculative_tokens)
     gcfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                             top_k=a.top_k, seed=a.seed)
     return ecfg, gcfg

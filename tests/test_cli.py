@@ -44,7 +44,7 @@ def test_generate_file_of_prompts(tmp_path, smol_hf, smol_tok):
     src.write_text("The capital of Italy is\nWater boils at\n\nThe largest planet is\n")
     dst = tmp_path / "out.jsonl"
     p = run_cli(["generate", "--input", str(src), "--output", str(dst), "--temperature", "0",
-                 "--max-new-tokens", "6"])
+                 "--max-new-tokens", "6", "--num-speculative-tokens", "3"])  # greedy: drafts leave tokens alone
     assert p.returncode == 0, p.stderr
     rows = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["The capital of Italy is", "Water boils at", "The largest planet is"]
