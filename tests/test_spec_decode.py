@@ -170,6 +170,11 @@ def test_smollm2_with_drafts_matches_hf_and_stops_inside_drafts(smol_dir, smol_h
     stop = refs[1][9]
     r = pipe(prompts[1], G(max_new_tokens=40, temperature=0, ignore_eos=True, stop_token_ids=[stop]))
     assert r.token_ids == hf_greedy(smol_hf, prompts[1], 40, eos=[stop]) and r.finish_reason == "stop"
+    # a stop string inside a step's kept drafts: the text ends before it, as in transformers' text
+    ref_text = smol_tok.decode(refs[0])
+    stop_s = ref_text[len(ref_text) // 2:len(ref_text) // 2 + 4]
+    r = pipe(prompts[0], G(max_new_tokens=40, temperature=0, ignore_eos=True, stop=[stop_s]))
+    assert r.text == ref_text[:ref_text.index(stop_s)] and r.finish_reason == "stop"
     # sampled and penalised requests decode beside drafted ones, unchanged by them
     g_seed = G(max_new_tokens=24, temperature=0.8, seed=7)
     g_pen = G(max_new_tokens=24, temperature=0, repetition_penalty=1.3)
