@@ -79,7 +79,9 @@ class DecodeGraphs:
                     self.sizes, self.max_blocks)
 
     def fits(self, seqs: Sequence) -> bool:
-        return len(seqs) <= self.max_batch and all(len(m.block_ids) <= self.max_blocks for m in seqs)
+        """Whether a step of these sequences (one row per token: the last token, then any drafts) fits."""
+        return (sum(len(m.token_ids) for m in seqs) <= self.max_batch
+                and all(len(m.block_ids) <= self.max_blocks for m in seqs))
 
     def _fill(self, seqs: Sequence) -> None:
         """The step's rows into the pinned buffers (through numpy views of them). Each sequence's block-table
@@ -87,7 +89,8 @@ class DecodeGraphs:
         beyond stays from earlier steps (a row is max_blocks long, up to session_len / block_size)."""
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy has left the pinned buffers
-        n, bs = len(seqs), self.kv.block_size
+        rows = [(m, i) for m in seqs for i in range(len(m.token_ids))]  # a sequence's drafts: one row each
+        n, bs = len(rows), self.kv.block_size
         ints = self.host_ints.numpy()
         ctx = self.host_tables[:self.max_batch].numpy()
         tables = self.host_tables[self.max_batch:].view(self.max_batch, self.max_blocks).numpy()
@@ -95,17 +98,17 @@ class DecodeGraphs:
         ints[2, n:] = self.scratch  # padding rows write their K/V into the scratch block
         ctx[n:] = 1
         tables[n:, 0] = self.scratch
-        for i, m in enumerate(seqs):
-            p = m.start_pos
-            ints[0, i], ints[1, i] = m.token_ids[0], p
+        for i, (m, j) in enumerate(rows):
+            p = m.start_pos + j
+            ints[0, i], ints[1, i] = m.token_ids[j], p
             ints[2, i], ints[3, i] = m.block_ids[p // bs], p % bs
-            ctx[i] = p + 1
+            ctx[i] = p + 1  # each row attends to the cache up to itself: a draft sees the rows before it
             tables[i, :len(m.block_ids)] = m.block_ids
 
     def run(self, seqs: Sequence) -> torch.Tensor:
-        """Decode-only step for ``seqs`` (each one new token) -> logits [len(seqs), vocab] (float32): a view of
-        the graph's output buffer, valid until the next step."""
-        n = len(seqs)
+        """Decode-only step for ``seqs`` (each its last token, then its drafts if any) -> logits [rows, vocab]
+        (float32), one row per token in order: a view of the graph's output buffer, valid until the next step."""
+        n = sum(len(m.token_ids) for m in seqs)
         B = next(b for b in self.sizes if b >= n)
         self._fill(seqs)
         self.ints.copy_(self.host_ints, non_blocking=True)

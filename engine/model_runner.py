@@ -184,14 +184,21 @@ class ModelRunner:
         if not sched.seqs:
             return out
         if sample_tokens and self._graph_step(sched):
-            decodes = [m for m in sched.seqs if m.sample]
             logits = self.graphs.run(sched.seqs)
-            if len(decodes) < len(sched.seqs):
-                logits = logits[[i for i, m in enumerate(sched.seqs) if m.sample]]
-            sample_ids = [m.request_id for m in decodes]
+            row, sample_rows, sample_ids, verify_rows, verify = 0, [], [], [], []
+            for m in sched.seqs:
+                if m.num_draft:
+                    verify.append((m.request_id, len(verify_rows), m.token_ids[1:]))
+                    verify_rows += range(row, row + len(m.token_ids))
+                elif m.sample:
+                    sample_rows.append(row)
+                    sample_ids.append(m.request_id)
+                row += len(m.token_ids)
+            if verify:
+                self._verify(out, logits[verify_rows], verify)
             if not sample_ids:
                 return out
-            return self._sample(out, logits, sample_ids)
+            return self._sample(out, logits[sample_rows], sample_ids)
         input_ids, meta, sample_idx, sample_ids, verify = self.prepare(sched)
         if not sample_tokens:
             self.model(input_ids, meta, self.kv, sample_idx[:0])
@@ -214,7 +221,7 @@ class ModelRunner:
             self.states[rid].output_ids += kept + [choice]
 
     def _graph_step(self, sched: SchedulerOutput) -> bool:
-        return (self.graphs is not None and all(len(m.token_ids) == 1 for m in sched.seqs)
+        return (self.graphs is not None and all(len(m.token_ids) == 1 or m.num_draft for m in sched.seqs)
                 and self.graphs.fits(sched.seqs))
 
     def _sample(self, out: RunnerOutput, logits: torch.Tensor, sample_ids: List[str]) -> RunnerOutput:
@@ -233,7 +240,7 @@ class ModelRunner:
     def logits_for(self, sched: SchedulerOutput, all_rows: bool = False) -> torch.Tensor:
         """Run a step and return the logits of the sampling rows (or of every token) without sampling
         (tests, perplexity, benchmarks). A decode-only step that fits the CUDA graphs replays them and returns
-        every row's logits."""
+        every row's logits (drafts' rows included)."""
         if not all_rows and self._graph_step(sched):
             return self.graphs.run(sched.seqs).clone()  # the graph's output buffer is the next step's too
         input_ids, meta, sample_idx, _, _ = self.prepare(sched)

@@ -74,7 +74,7 @@ def _model(device, dtype, qkv_bias=False):
     return model
 
 
-def gpu_path_without_capture(runner, max_blocks: int, scratch: int) -> None:
+def gpu_path_without_capture(runner, max_blocks: int, scratch: int, max_batch: int = 4) -> None:
     """What a runner sets up on a GPU (fused kernels, Triton paged decode, the graphs' static buffers with a
     scratch block), on a CPU runner: the static-buffer steps run without capture."""
     from engine.cuda_graphs import DecodeGraphs
@@ -84,8 +84,8 @@ def gpu_path_without_capture(runner, max_blocks: int, scratch: int) -> None:
     model.use_gpu_fused(rope_in_kernel=True)
     for layer in model.layers:
         layer.attn.decode_fn = triton_decode
-    runner.graphs = DecodeGraphs(model, runner.kv, runner.rope, runner.device, max_batch=4, max_blocks=max_blocks,
-                                 scratch_block=scratch, capture=False)
+    runner.graphs = DecodeGraphs(model, runner.kv, runner.rope, runner.device, max_batch=max_batch,
+                                 max_blocks=max_blocks, scratch_block=scratch, capture=False)
     runner._usable_blocks = scratch
 
 
@@ -184,3 +184,45 @@ def test_gpu_decode_path_follows_transformers(kind, tmp_path):
         for s, t in zip(seqs, nxt):
             s.append(t)
         ours = runner.logits_for(SchedulerOutput(batch))
+
+
+def test_draft_rows_through_the_graphs_static_buffers_follow_transformers(tmp_path):
+    """A decode step with speculative drafts replays the graphs too (each draft one row, attending to the rows
+    before it): the drafts kept and the token after them are transformers' greedy ones, beside a plain decode
+    in the same step."""
+    from tiny_models import make_hf_model
+    from engine.generation import GenerationConfig
+    from engine.model_runner import ModelRunner
+    from engine.models.loader import load_model
+    (tmp_path / "tok").mkdir()
+    dtype = torch.float16 if CUDA else torch.float32
+    hf = make_hf_model("llama", tmp_path / "tok", tmp_path / "m", seed=7).to(DEV, dtype)
+    model, _ = load_model(str(tmp_path / "m"), DEV, dtype)
+    runner = ModelRunner(model, 8 if CUDA else 9, 8, DEV, dtype, [2], cuda_graph_max_batch=8, max_blocks_per_seq=4)
+    if not CUDA:
+        gpu_path_without_capture(runner, max_blocks=4, scratch=8, max_batch=8)
+    calls = []
+    run = runner.graphs.run
+    runner.graphs.run = lambda seqs: (calls.append(sum(len(m.token_ids) for m in seqs)), run(seqs))[1]
+
+    def greedy(ids, n):
+        x = torch.tensor([ids], device=DEV)
+        with torch.no_grad():
+            out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=n, do_sample=False,
+                              pad_token_id=0, eos_token_id=[])
+        return out[0, len(ids):].tolist()
+
+    pa, pb = [5, 80, 81, 82, 5, 80, 81], [9, 10, 11, 12, 13]
+    ga, gb = greedy(pa, 4), greedy(pb, 2)
+    tables = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    runner.logits_for(SchedulerOutput([ScheduledSeq("a", pa, 0, tables[0], True),
+                                       ScheduledSeq("b", pb, 0, tables[1], True)]))  # prefill (eager)
+    g = GenerationConfig(temperature=0, max_new_tokens=8)
+    wrong = (ga[3] + 1) % 96
+    step = SchedulerOutput([
+        ScheduledSeq("a", [ga[0], ga[1], ga[2], wrong], len(pa), tables[0], True, params=g, prompt_token_ids=pa,
+                     output_token_ids=[ga[0]], num_draft=3),
+        ScheduledSeq("b", [gb[0]], len(pb), tables[1], True, params=g, prompt_token_ids=pb, output_token_ids=[gb[0]])])
+    out = runner.execute(step)
+    assert calls == [5]  # one static-buffer step of five rows
+    assert out.accepted == {"a": [ga[1], ga[2]]} and out.sampled == {"a": ga[3], "b": gb[1]}
