@@ -25,7 +25,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel workers (Ray actors)")
     p.add_argument("--quant-policy", type=int, default=0, choices=[0, 4, 8], help="KV cache: 0 off, 8 int8, 4 int4")
     p.add_argument("--num-speculative-tokens", type=int, default=0,
-                   help="n-gram (prompt lookup) drafts per step for greedy generation (--temperature 0); 0 = off")
+                   help="n-gram (prompt lookup) drafts per step (greedy generation gains most); 0 = off")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)

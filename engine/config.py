@@ -45,7 +45,8 @@ class EngineConfig(BaseModel):
     seed: int = Field(0, description="Seed for requests that give none")
     num_speculative_tokens: int = Field(
         0, ge=0, le=16, description="Speculative decoding by prompt lookup (vLLM's ngram method): up to this many "
-                                    "draft tokens per greedy sequence and step, verified in the same pass; 0 = off")
+                                    "draft tokens per sequence and step, verified in the same pass (greedy outputs "
+                                    "unchanged, sampled ones keep their distribution); 0 = off")
     speculative_max_rows: int = Field(
         48, ge=1, description="Most decode rows per step, drafts included: drafts cost compute, so large batches "
                               "take fewer (those found by the longest n-grams first)")

@@ -226,6 +226,9 @@ class LLMEngine:
         if result.accepted:
             self.stats["draft_tokens"] += sum(m.num_draft for m in sched.seqs)
             self.stats["accepted_draft_tokens"] += sum(len(v) for v in result.accepted.values())
+            for m in sched.seqs:
+                if m.num_draft:
+                    self.proposer.record(m.request_id, m.num_draft, len(result.accepted.get(m.request_id, ())))
         outputs = []
         for seq in grew:
             st = self.requests[seq.request_id]

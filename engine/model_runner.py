@@ -10,7 +10,7 @@ from .core.messages import RunnerOutput, SchedulerOutput
 from .layers.attention import AttentionMetadata, KVCache, PrefillChunk
 from .layers.rotary import RotaryEmbedding
 from .models.llama import LlamaModel
-from .sampler import SamplingState, gather_logprobs, sample
+from .sampler import SamplingState, draw, filter_logits, gather_logprobs, sample
 
 logger = logging.getLogger(__name__)
 
@@ -211,11 +211,17 @@ class ModelRunner:
         return self._sample(out, logits[:len(sample_ids)], sample_ids)
 
     def _verify(self, out: RunnerOutput, logits: torch.Tensor, verify) -> None:
-        """Greedy verification of drafts: keep the longest run of drafts equal to the argmax before each,
-        then the argmax after the last kept one (the token the step would have sampled without drafts)."""
+        """Verification of drafts. Greedy requests keep the longest run of drafts equal to the argmax before
+        each, then the argmax after the last kept one (the token the step would have sampled without drafts);
+        sampled ones keep each draft with its probability (accept_sampled)."""
         best = logits.argmax(-1).tolist()
         for rid, row, drafts in verify:
-            kept, choice = accept_greedy(drafts, best[row:row + len(drafts) + 1])
+            st = self.states[rid]
+            if st.params.greedy:
+                kept, choice = accept_greedy(drafts, best[row:row + len(drafts) + 1])
+            else:
+                rows = logits[row:row + len(drafts) + 1]
+                kept, choice = accept_sampled(drafts, filter_logits(rows, [st] * len(rows)).softmax(-1), st)
             out.accepted[rid] = kept
             out.sampled[rid] = choice
             self.states[rid].output_ids += kept + [choice]
@@ -262,6 +268,21 @@ def accept_greedy(drafts: List[int], best: List[int]):
     while a < len(drafts) and drafts[a] == best[a]:
         a += 1
     return list(drafts[:a]), best[a]
+
+
+def accept_sampled(drafts: List[int], probs: torch.Tensor, state: SamplingState):
+    """drafts [k], probs [k+1, vocab] (the request's sampling distribution at the last token and after each
+    draft) -> (kept drafts, next token), distributed as the model's own samples would be. The drafts come
+    from a deterministic proposer, so the speculative-sampling rule (accept with min(1, p/q)) keeps draft i
+    with probability p_i(draft); a rejection draws from p_i without the draft (the normalised excess of p over
+    the proposal), and after k kept drafts the next token is drawn from p_k."""
+    u = torch.rand(len(drafts), dtype=torch.float64, device=probs.device, generator=state.generator)
+    for i, d in enumerate(drafts):
+        if u[i] >= probs[i, d]:
+            rest = probs[i:i + 1].clone()
+            rest[0, d] = 0.0
+            return list(drafts[:i]), int(draw(rest, [state])[0])
+    return list(drafts), int(draw(probs[-1:], [state])[0])
 
 
 def _block_tables(tables: List[List[int]], device: str, dtype: torch.dtype) -> torch.Tensor:

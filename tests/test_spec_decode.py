@@ -42,6 +42,28 @@ def test_proposer_prefers_the_latest_match_and_respects_limits():
     assert strict.propose(seq([5, 6, 5, 7, 5], rid="b"), limit=10) == ([], 0)
 
 
+def test_proposer_backs_off_for_requests_that_keep_few_drafts():
+    from engine.spec_decode import PROBE_EVERY
+    p = NgramProposer(3)
+    s = seq([1, 2, 3, 1, 2, 3, 1], rid="a")
+    s.params = G(temperature=0.8)
+    assert p.propose(s, limit=10) == ([2], 4)  # the prior (0.3) allows one more than a probe
+    for _ in range(10):
+        p.record("a", proposed=3, kept=0)  # the average falls well below LOW_ACCEPTANCE
+    got = [p.propose(s, limit=10) for _ in range(2 * PROBE_EVERY)]
+    assert got.count(([2], 4)) == 2 and got.count(([], 0)) == 2 * PROBE_EVERY - 2  # one-draft probes only
+    for _ in range(10):
+        p.record("a", proposed=1, kept=1)  # the probes are kept: full drafts again
+    assert p.propose(s, limit=10) == ([2, 3, 1], 4)
+    p.drop("a")
+    assert p.propose(s, limit=10) == ([2], 4)
+    g = seq([1, 2, 3, 1, 2, 3, 1], rid="g")
+    g.params = G(temperature=0)
+    for _ in range(10):
+        p.record("g", proposed=3, kept=0)
+    assert p.propose(g, limit=10) == ([2, 3, 1], 4)  # greedy requests keep k
+
+
 def test_proposer_rejects_bad_settings():
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         NgramProposer(0)
@@ -51,10 +73,12 @@ def test_proposer_rejects_bad_settings():
         EngineConfig(num_speculative_tokens=2, prompt_lookup_max=2, prompt_lookup_min=3)
 
 
-def test_only_plain_greedy_requests_take_drafts():
+def test_which_requests_take_drafts():
     assert eligible(G(temperature=0), 0)
     assert eligible(G(do_sample=False, temperature=0.7), 0)
-    assert not eligible(G(temperature=0.7), 0)
+    assert eligible(G(temperature=0.7, top_p=0.9), 0)  # sampled: accept_sampled keeps the distribution
+    assert not eligible(G(temperature=0.7, seed=3), 0)  # a seed's draws stay those of one token a step
+    assert eligible(G(temperature=0, seed=3), 0)
     assert not eligible(G(temperature=0, repetition_penalty=1.2), 0)
     assert not eligible(G(temperature=0, presence_penalty=0.5), 0)
     assert not eligible(G(temperature=0, logprobs=2), 0)
@@ -68,6 +92,31 @@ def test_only_plain_greedy_requests_take_drafts():
 ])
 def test_greedy_acceptance(drafts, best, kept, nxt):
     assert accept_greedy(drafts, best) == (kept, nxt)
+
+
+def test_sampled_acceptance_keeps_the_model_distribution():
+    """Two drafts (1, then 2) over a 4-token vocabulary: the frequency of each outcome (kept drafts, next
+    token) over many draws against its probability by hand: p0[x] for x != 1; p0[1] p1[y] for y != 2;
+    p0[1] p1[2] p2[z]."""
+    from collections import Counter
+
+    from engine.model_runner import accept_sampled
+    from engine.sampler import SamplingState
+    probs = torch.tensor([[0.1, 0.5, 0.3, 0.1], [0.25, 0.15, 0.4, 0.2], [0.6, 0.1, 0.1, 0.2]])
+    gen = torch.Generator().manual_seed(0)
+    st = SamplingState(params=G(temperature=1.0), prompt_ids=[], output_ids=[], blocked_until_min=[], generator=gen)
+    n = 20000
+    got = Counter()
+    for _ in range(n):
+        kept, nxt = accept_sampled([1, 2], probs, st)
+        got[(tuple(kept), nxt)] += 1
+    p = probs.tolist()
+    want = {((), x): p[0][x] for x in (0, 2, 3)}
+    want.update({((1,), y): p[0][1] * p[1][y] for y in (0, 1, 3)})
+    want.update({((1, 2), z): p[0][1] * p[1][2] * p[2][z] for z in range(4)})
+    assert set(got) <= set(want) and abs(sum(want.values()) - 1) < 1e-6
+    for k, w in want.items():
+        assert abs(got[k] / n - w) < 0.015, (k, got[k] / n, w)
 
 
 # ---- scheduler ------------------------------------------------------------------------------
@@ -175,7 +224,11 @@ def test_smollm2_with_drafts_matches_hf_and_stops_inside_drafts(smol_dir, smol_h
     stop_s = ref_text[len(ref_text) // 2:len(ref_text) // 2 + 4]
     r = pipe(prompts[0], G(max_new_tokens=40, temperature=0, ignore_eos=True, stop=[stop_s]))
     assert r.text == ref_text[:ref_text.index(stop_s)] and r.finish_reason == "stop"
-    # sampled and penalised requests decode beside drafted ones, unchanged by them
+    # unseeded sampled requests take drafts too (low temperature: the drafts are often the likely tokens)
+    before = engine.stats["accepted_draft_tokens"]
+    sampled = pipe(prompts, G(max_new_tokens=24, temperature=0.3, ignore_eos=True))
+    assert all(len(o.token_ids) == 24 for o in sampled) and engine.stats["accepted_draft_tokens"] > before
+    # seeded and penalised requests decode beside drafted ones, unchanged by them
     g_seed = G(max_new_tokens=24, temperature=0.8, seed=7)
     g_pen = G(max_new_tokens=24, temperature=0, repetition_penalty=1.3)
     plain = Pipeline(LLMEngine(max_batch_size=8, block_size=16, max_prefill_tokens=256, cache_max_entry_count=1))
