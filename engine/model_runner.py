@@ -104,30 +104,17 @@ class ModelRunner:
         """Flat step inputs: decode rows first (one per decode, one per token of a sequence with drafts, each
         attending to the cache up to itself), then prefill chunks. Sampling rows: one per sampling sequence,
         then every row of each sequence with drafts (``verify``: (request_id, first logits row, drafts))."""
-        rows = []  # (msg, token index) of each decode row
-        prefills = []
-        for s in sched.seqs:
-            if s.num_draft:
-                rows += [(s, i) for i in range(len(s.token_ids))]
-            elif len(s.token_ids) == 1:
-                rows.append((s, 0))
-            else:
-                prefills.append(s)
+        decodes = [s for s in sched.seqs if s.num_draft or len(s.token_ids) == 1]
+        prefills = [s for s in sched.seqs if not (s.num_draft or len(s.token_ids) == 1)]
+        rows = [(s, i) for s in decodes for i in range(len(s.token_ids))]  # (msg, token index) per decode row
+        sample_idx, sample_ids, verify_idx, verify = _decode_roles(decodes)
         bs = self.block_size
         tokens, positions, blocks, offsets, seq_lens = [], [], [], [], []
-        sample_idx, sample_ids, verify_idx, verify = [], [], [], []
         chunks, spans, tables = [], [], []
         for msg, i in rows:
             p = msg.start_pos + i
             spans.append((len(tokens), 1, p))
             tables.append(msg.block_ids)
-            if msg.num_draft:
-                if i == 0:
-                    verify.append((msg.request_id, len(verify_idx), msg.token_ids[1:]))
-                verify_idx.append(len(tokens))
-            elif msg.sample:
-                sample_idx.append(len(tokens))
-                sample_ids.append(msg.request_id)
             tokens.append(msg.token_ids[i])
             positions.append(p)
             blocks.append(msg.block_ids[p // bs])
@@ -185,15 +172,7 @@ class ModelRunner:
             return out
         if sample_tokens and self._graph_step(sched):
             logits = self.graphs.run(sched.seqs)
-            row, sample_rows, sample_ids, verify_rows, verify = 0, [], [], [], []
-            for m in sched.seqs:
-                if m.num_draft:
-                    verify.append((m.request_id, len(verify_rows), m.token_ids[1:]))
-                    verify_rows += range(row, row + len(m.token_ids))
-                elif m.sample:
-                    sample_rows.append(row)
-                    sample_ids.append(m.request_id)
-                row += len(m.token_ids)
+            sample_rows, sample_ids, verify_rows, verify = _decode_roles(sched.seqs)
             if verify:
                 self._verify(out, logits[verify_rows], verify)
             if not sample_ids:
@@ -224,7 +203,7 @@ class ModelRunner:
                 kept, choice = accept_sampled(drafts, filter_logits(rows, [st] * len(rows)).softmax(-1), st)
             out.accepted[rid] = kept
             out.sampled[rid] = choice
-            self.states[rid].output_ids += kept + [choice]
+            st.output_ids += kept + [choice]
 
     def _graph_step(self, sched: SchedulerOutput) -> bool:
         return (self.graphs is not None and all(len(m.token_ids) == 1 or m.num_draft for m in sched.seqs)
@@ -260,6 +239,22 @@ class ModelRunner:
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.kv.data, self.kv.params) if t is not None)
+
+
+def _decode_roles(msgs):
+    """The logits rows of a decode step whose rows are ``msgs``' tokens in order (each message its last token,
+    then any drafts): (rows that sample, their request ids, rows to verify, and per message with drafts
+    (request_id, its first row among the rows to verify, its drafts))."""
+    row, sample_rows, sample_ids, verify_rows, verify = 0, [], [], [], []
+    for m in msgs:
+        if m.num_draft:
+            verify.append((m.request_id, len(verify_rows), m.token_ids[1:]))
+            verify_rows += range(row, row + len(m.token_ids))
+        elif m.sample:
+            sample_rows.append(row)
+            sample_ids.append(m.request_id)
+        row += len(m.token_ids)
+    return sample_rows, sample_ids, verify_rows, verify
 
 
 def accept_greedy(drafts: List[int], best: List[int]):

@@ -99,9 +99,6 @@ class NgramProposer:
         if ix is None:
             ix = self._index[seq.request_id] = _Index()
         toks = seq.token_ids
-        if len(toks) - 1 < ix.done:  # the sequence was cut back (cannot happen in the engine; be safe)
-            ix.table.clear()
-            ix.done = 0
         self._update(ix, toks)
         L = len(toks)
         for n in range(min(self.nmax, L - 1), self.nmin - 1, -1):
