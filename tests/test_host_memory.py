@@ -6,6 +6,7 @@ pattern run in two fresh interpreters, with malloc's defaults and with the engin
 pages it reports under a buffer (/proc/self/smaps)."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,12 @@ def one_pass():
         del bufs
 for _ in range(2):  # warm up to the pattern's own high-water mark
     one_pass()
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(10):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     one_pass()
-print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(json.dumps({"applied": applied, "faults": faults}))
 """
 
 
@@ -45,12 +48,17 @@ def test_freed_buffers_are_reused_without_page_faults():
     """With malloc's defaults the first free of a 25 MiB mmapped block raises the mmap threshold to 25 MiB
     and the trim threshold to twice that, so three such buffers freed together leave more than the trim
     threshold free at the heap top and it is handed back every pass. (Two at once sit at that edge, and
-    whether they fault then depends on the heap's layout: the test used two and was flaky.)"""
+    whether they fault then depends on the heap's layout: the test used two and was flaky.)
+
+    The comparison is of the median pass, not the sum: one CI run counted 24.6k faults over ten passes with
+    the engine's settings (about four 24 MiB buffers' worth, where this host counts none in any pass), which
+    fits a single disturbed pass; with the defaults every pass faults."""
     default, kept = _run("0"), _run("1")
     assert default["applied"] is False and kept["applied"] is True
-    pages = 10 * LIVE * sum(SIZES) * 4 // 4096  # touched in the ten measured passes
-    assert default["faults"] > pages // 4  # malloc's defaults hand these blocks back and fault them in again
-    assert kept["faults"] < pages // 100 and kept["faults"] < default["faults"] // 5
+    pages = LIVE * sum(SIZES) * 4 // 4096  # touched in one pass
+    med_default, med_kept = statistics.median(default["faults"]), statistics.median(kept["faults"])
+    assert med_default > pages // 4, default  # malloc's defaults hand these blocks back and fault them in again
+    assert med_kept < pages // 100 and med_kept < med_default // 5, (default, kept)
 
 
 def _thp_mode() -> str:
