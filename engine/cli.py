@@ -26,6 +26,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant-policy", type=int, default=0, choices=[0, 4, 8], help="KV cache: 0 off, 8 int8, 4 int4")
     p.add_argument("--num-speculative-tokens", type=int, default=0,
                    help="n-gram (prompt lookup) drafts per step (greedy generation gains most); 0 = off")
+    p.add_argument("--matmul-precision", default="highest", choices=["highest", "high"],
+                   help="CPU products: highest = IEEE float32; high = bf16x3 on AMX tiles where present (2-3x faster)")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
@@ -37,7 +39,7 @@ def _configs(a):
     ecfg = EngineConfig(model=a.model, dtype=a.dtype, session_len=a.session_len, block_size=a.block_size,
                         max_batch_size=a.max_batch_size, cache_max_entry_count=a.cache_max_entry_count,
                         enable_prefix_caching=a.enable_prefix_caching, tp=a.tp, quant_policy=a.quant_policy,
-                        num_speculative_tokens=a.num_speculative_tokens)
+                        num_speculative_tokens=a.num_speculative_tokens, matmul_precision=a.matmul_precision)
     gcfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                             top_k=a.top_k, seed=a.seed)
     return ecfg, gcfg

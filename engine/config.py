@@ -52,6 +52,10 @@ class EngineConfig(BaseModel):
                               "take fewer (those found by the longest n-grams first)")
     prompt_lookup_max: int = Field(4, ge=1, le=16, description="Longest n-gram matched to find drafts")
     prompt_lookup_min: int = Field(1, ge=1, le=16, description="Shortest n-gram matched to find drafts")
+    matmul_precision: Literal["highest", "high"] = Field(
+        "highest", description="CPU float32 products (torch's names): highest = IEEE float32; high = on processors "
+                               "with AMX, products of 16+ tokens as three bfloat16 tile products (bf16x3: 2-3x the "
+                               "float32 rate, about 1e-6 relative error instead of 1e-7); elsewhere the same as highest")
     eager_mode: bool = Field(
         False, description="GPU: run every step eagerly; by default decode steps of up to max_batch_size sequences "
                            "replay CUDA graphs captured at start (LMDeploy's eager_mode)")

@@ -107,7 +107,8 @@ class LLMEngine:
             self.runner = ModelRunner(self.model, num_blocks, cfg.block_size, self.device, self.dtype,
                                       self.eos_token_ids, cfg.rope_scaling_factor, cfg.seed, cfg.quant_policy,
                                       cuda_graph_max_batch=0 if cfg.eager_mode else cfg.max_batch_size,
-                                      max_blocks_per_seq=-(-session_len // cfg.block_size))
+                                      max_blocks_per_seq=-(-session_len // cfg.block_size),
+                                      matmul_precision=cfg.matmul_precision)
         self.kv_bytes = self.runner.kv_bytes()
         kind = {0: str(self.dtype).replace("torch.", ""), 8: "int8", 4: "int4"}[cfg.quant_policy]
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s %s, quant_policy %d%s); session_len %d",
@@ -140,6 +141,7 @@ class LLMEngine:
         spec = {"tp": cfg.tp, "model_dir": str(self.model_dir), "device": self.device,
                 "dtype": str(self.dtype).replace("torch.", ""), "block_size": cfg.block_size,
                 "eos_token_ids": self.eos_token_ids, "rope_scaling_factor": cfg.rope_scaling_factor,
+                "matmul_precision": cfg.matmul_precision,
                 "seed": cfg.seed, "quant_policy": cfg.quant_policy, "num_threads": cfg.num_threads,
                 "max_step_tokens": cfg.max_prefill_tokens + cfg.max_batch_size}
         return RayTPExecutor(spec, placement=cfg.tp_placement, worker_cpus=cfg.tp_worker_cpus)

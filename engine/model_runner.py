@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device: str, dtype: torch.dtype,
                  eos_token_ids: List[int], rope_scaling_factor: float = 0.0, default_seed: int = 0,
-                 quant_policy: int = 0, cuda_graph_max_batch: int = 0, max_blocks_per_seq: int = 0):
+                 quant_policy: int = 0, cuda_graph_max_batch: int = 0, max_blocks_per_seq: int = 0,
+                 matmul_precision: str = "highest"):
         """``cuda_graph_max_batch`` > 0 (CUDA only): decode steps of up to that many sequences, each of up to
         ``max_blocks_per_seq`` blocks, replay CUDA graphs (engine/cuda_graphs.py); the cache then holds one
         scratch block beyond ``num_blocks`` for the graphs' padding rows."""
@@ -48,7 +49,7 @@ class ModelRunner:
             params_to_huge_pages(model)  # before anything keeps pointers to them (the fused decoder)
         if device == "cpu" and dtype == torch.float32:  # before the fused decoder, which takes the packed layout
             from .kernels import cpu_gemm
-            packed = cpu_gemm.pack_model(model)
+            packed = cpu_gemm.pack_model(model, matmul_precision)
             if packed:
                 logger.info("CPU float32 products: %s over %d packed weights", cpu_gemm.backend(), packed)
         if device == "cpu" and not quant_policy and dtype == torch.float32:

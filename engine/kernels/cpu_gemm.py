@@ -12,6 +12,11 @@ takes its AVX2 code even where AVX-512 is there. Two packed backends replace it:
 
 ``auto`` measures the available ones once per process over the model's own layer shapes and keeps MKL
 unless a packed backend is at least MIN_GAIN faster. ``RAYLM_CPU_GEMM=auto|native|onednn|mkl`` overrides it.
+
+Precision ``high`` (``EngineConfig.matmul_precision``, torch's name for it) adds a bf16x3 copy of each panel
+packed weight on processors with AMX (csrc/amx_bf16x3.c): products of X3_MIN_M or more token rows run as three
+bfloat16 tile products, 2-3x the float32 rate, with about 1e-6 of the products' magnitudes as error instead of
+about 1e-7. ``highest`` (the default) keeps IEEE float32 products everywhere.
 """
 from __future__ import annotations
 
@@ -30,13 +35,36 @@ logger = logging.getLogger(__name__)
 ENV = "RAYLM_CPU_GEMM"
 CHOICES = ("auto", "native", "onednn", "mkl")
 MIN_GAIN = 1.1  # auto takes a packed backend only when it is at least this much faster than MKL
+PRECISIONS = ("highest", "high")
+X3_MIN_M = 16  # csrc/amx_bf16x3.h: fewer token rows stream the float32 panels (a weight stream either way)
 _choice: Optional[str] = None
 
 
-class Panels:
-    """A weight [N, K] packed for ``panel_linear``: [ceil(N/16), K, 16], zero outputs past N."""
+class X3Weight:
+    """A weight [N, K] packed for the bf16x3 AMX products: hi and lo bfloat16 tiles (csrc/amx_bf16x3.c)."""
 
     __slots__ = ("data", "out_features", "in_features")
+
+    def __init__(self, weight: torch.Tensor, out: Optional[torch.Tensor] = None):
+        """``out``: a 64-byte aligned int16 slice of ``X3Weight.size(weight)`` elements; a fresh tensor without it."""
+        so = cpu_native.lib()
+        n, k = weight.shape
+        w = weight.detach().float().contiguous()
+        self.data = torch.empty(X3Weight.size(weight), dtype=torch.int16) if out is None else out
+        so.x3_pack(w.data_ptr(), self.data.data_ptr(), n, k, torch.get_num_threads())
+        self.out_features, self.in_features = n, k
+
+    @staticmethod
+    def size(weight: torch.Tensor) -> int:
+        n, k = weight.shape
+        return -(-n // 32) * 32 * (-(-k // 32) * 32) * 2
+
+
+class Panels:
+    """A weight [N, K] packed for ``panel_linear``: [ceil(N/16), K, 16], zero outputs past N; ``x3``, its
+    bf16x3 copy under precision ``high`` (None otherwise)."""
+
+    __slots__ = ("data", "out_features", "in_features", "x3")
 
     def __init__(self, weight: torch.Tensor, out: Optional[torch.Tensor] = None):
         """``out``: where to write them (a flat float32 slice of ``Panels.size(weight)`` elements starting on a
@@ -53,6 +81,7 @@ class Panels:
             self.data = out.view(padded // 16, k, 16)
             self.data.copy_(panels)
         self.out_features, self.in_features = n, k
+        self.x3: Optional[X3Weight] = None
 
     @staticmethod
     def size(weight: torch.Tensor) -> int:
@@ -76,6 +105,13 @@ def native_available() -> bool:
     return cpu_native.panels_available()
 
 
+def x3_available() -> bool:
+    """Whether the bf16x3 AMX products can run here (an AMX build of the native kernels, and the kernel's
+    permission to use the tiles)."""
+    so = cpu_native.lib()
+    return so is not None and native_available() and bool(so.x3_available())
+
+
 def backend_available(name: str) -> bool:
     return {"native": native_available, "onednn": onednn_available, "mkl": lambda: True}[name]()
 
@@ -94,6 +130,10 @@ def linear(x: torch.Tensor, packed, bias: Optional[torch.Tensor]) -> torch.Tenso
     if isinstance(packed, Panels):
         m = x.shape[0]
         y = torch.empty(m, packed.out_features, dtype=torch.float32)
+        if packed.x3 is not None and m >= X3_MIN_M:
+            cpu_native.lib().x3_linear(x.data_ptr(), packed.x3.data.data_ptr(), None if bias is None else bias.data_ptr(),
+                                       y.data_ptr(), m, packed.out_features, packed.in_features, torch.get_num_threads())
+            return y
         cpu_native.lib().panel_linear(x.data_ptr(), packed.data.data_ptr(),
                                       None if bias is None else bias.data_ptr(), y.data_ptr(), m,
                                       packed.out_features, packed.in_features, torch.get_num_threads())
@@ -158,13 +198,22 @@ def backend(weights: Sequence[torch.Tensor] = (), tokens: int = 16) -> str:
     return _choice
 
 
-def pack_model(model: torch.nn.Module) -> int:
-    """Give every dense float32 ``Linear`` of a CPU model its packed weight; returns how many got one."""
+def pack_model(model: torch.nn.Module, precision: str = "highest") -> int:
+    """Give every dense float32 ``Linear`` of a CPU model its packed weight; returns how many got one.
+
+    ``precision`` ``high`` also gives each panel packed weight its bf16x3 copy where AMX is there (it takes the
+    native backend then, unless RAYLM_CPU_GEMM names another); elsewhere it changes nothing."""
     from ..layers.linear import Linear
+    if precision not in PRECISIONS:
+        raise ValueError(f"matmul_precision={precision!r}: allowed values are {', '.join(PRECISIONS)}")
     dense = [m for m in model.modules() if isinstance(m, Linear) and getattr(m, "weight", None) is not None
              and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     if not dense:
         return 0
+    x3 = precision == "high" and x3_available()
+    global _choice
+    if x3 and _choice is None and os.environ.get(ENV, "auto").strip().lower() == "auto":
+        _choice = "native"  # the bf16x3 copies ride on the panels
     choice = backend([m.weight for m in dense])
     if choice == "mkl":
         return 0
@@ -174,6 +223,12 @@ def pack_model(model: torch.nn.Module) -> int:
         for module in dense:
             n = Panels.size(module.weight)
             module.packed, at = Panels(module.weight, arena[at:at + n]), at + n
+        if x3:
+            sizes = [X3Weight.size(m.weight) for m in dense]
+            arena, at = huge_empty(sum(sizes) // 2).view(torch.int16), 0  # int16 elements in a float32 arena
+            for module, n in zip(dense, sizes):
+                module.packed.x3, at = X3Weight(module.weight, arena[at:at + n]), at + n
+            logger.info("CPU products of %d+ tokens: bf16x3 on AMX tiles (matmul_precision=high)", X3_MIN_M)
         return len(dense)
     for module in dense:
         module.packed = pack(module.weight, choice)

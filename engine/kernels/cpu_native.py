@@ -1,4 +1,4 @@
-"""Native CPU kernels (csrc/cpu_kernels.c), compiled once per machine with the system C compiler.
+"""Native CPU kernels (csrc/cpu_kernels.c, csrc/amx_bf16x3.c), compiled once per machine with the system C compiler.
 
 The build is cached under ``$RAYLM_CACHE/kernels`` (default ``~/.cache/raylm/kernels``), keyed by the
 source, the compiler and the CPU, and written to a temporary name then renamed. Without a compiler, or
@@ -22,7 +22,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SRC = Path(__file__).parent / "csrc" / "cpu_kernels.c"
+CSRC = Path(__file__).parent / "csrc"
+SRCS = [CSRC / "cpu_kernels.c", CSRC / "amx_bf16x3.c"]
+HEADERS = [CSRC / "amx_bf16x3.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 MAX_GROUP = 64  # query heads per KV head the decode kernel supports
 
@@ -50,7 +52,8 @@ def _cpu_id() -> str:
 
 def _build(cc: str) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256((SRC.read_text() + version + " ".join(FLAGS) + _cpu_id()).encode()).hexdigest()[:16]
+    text = "".join(f.read_text() for f in SRCS + HEADERS)
+    key = hashlib.sha256((text + version + " ".join(FLAGS) + _cpu_id()).encode()).hexdigest()[:16]
     out = _cache_dir() / f"cpu_kernels-{key}.so"
     if out.exists():
         return out
@@ -58,7 +61,7 @@ def _build(cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, str(SRC), "-o", tmp, "-lm"], capture_output=True, text=True)
+        res = subprocess.run([cc, *FLAGS, *map(str, SRCS), "-o", tmp, "-lm"], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip()[-2000:]}")
         os.replace(tmp, out)
@@ -114,6 +117,14 @@ def lib() -> Optional[ctypes.CDLL]:
         so.panel_available.restype = _I
         so.panel_steals.argtypes = []
         so.panel_steals.restype = ctypes.c_int64
+        so.x3_available.argtypes = []
+        so.x3_available.restype = _I
+        so.x3_packed_elems.argtypes = [_I, _I]
+        so.x3_packed_elems.restype = ctypes.c_int64
+        so.x3_pack.argtypes = [_P, _P, _I, _I, _I]
+        so.x3_pack.restype = None
+        so.x3_linear.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
+        so.x3_linear.restype = None
         _lib = so
         return _lib
 

@@ -28,7 +28,8 @@ MAX_PHASED_TOKENS = 256  # larger decode batches take the phased path up to here
 class _LayerWeights(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("in_norm", "post_norm", "w_qkv", "b_qkv", "w_o", "b_o",
                                                 "w_gu", "b_gu", "w_down", "b_down")] + \
-               [("eps", ctypes.c_float)] + [(n, ctypes.c_int) for n in ("H", "NH", "KVH", "D", "I", "panels")]
+               [("eps", ctypes.c_float)] + [(n, ctypes.c_int) for n in ("H", "NH", "KVH", "D", "I", "panels")] + \
+               [(n, ctypes.c_void_p) for n in ("x_qkv", "x_o", "x_gu", "x_down")]
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -45,6 +46,8 @@ class FusedDecoder:
         self.panels = all(isinstance(lin.packed, cpu_gemm.Panels) for layer in model.layers
                           for lin in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down))
         w = (lambda lin: lin.packed.data.data_ptr()) if self.panels else (lambda lin: lin.weight.data_ptr())
+        # their bf16x3 copies under matmul_precision="high" (AMX): products of X3_MIN_M+ rows run on those
+        x3 = lambda lin: lin.packed.x3.data.data_ptr() if self.panels and lin.packed.x3 is not None else None  # noqa: E731
         self.structs: List[_LayerWeights] = []
         for layer in model.layers:
             at, mlp = layer.attn, layer.mlp
@@ -52,7 +55,8 @@ class FusedDecoder:
                 _ptr(layer.input_norm.weight), _ptr(layer.post_norm.weight), w(at.qkv), _ptr(at.qkv.bias),
                 w(at.o), _ptr(at.o.bias), w(mlp.gate_up), _ptr(mlp.gate_up.bias),
                 w(mlp.down), _ptr(mlp.down.bias), layer.input_norm.eps,
-                a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size, int(self.panels)))
+                a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size, int(self.panels),
+                x3(at.qkv), x3(at.o), x3(mlp.gate_up), x3(mlp.down)))
         self.scale = a.head_dim ** -0.5
         self.per_token = a.hidden_size + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + \
             a.num_heads * a.head_dim + 3 * a.intermediate_size

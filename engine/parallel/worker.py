@@ -67,7 +67,8 @@ class TPWorker:
             from .shm_allreduce import ShmAllReduce
             self._shm = ShmAllReduce(shm_name, self.rank, self.tp, s["max_step_tokens"] * self.model.args.hidden_size)
         self.runner = ModelRunner(self.model, num_blocks, s["block_size"], self.device, getattr(torch, s["dtype"]),
-                                  s["eos_token_ids"], s["rope_scaling_factor"], s["seed"], s["quant_policy"])
+                                  s["eos_token_ids"], s["rope_scaling_factor"], s["seed"], s["quant_policy"],
+                                  matmul_precision=s.get("matmul_precision", "highest"))
         self.model.fused_decoder = None  # the fused CPU decoder has no all-reduce between its layers
         return self.runner.kv_bytes()
 

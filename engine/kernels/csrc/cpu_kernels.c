@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include "amx_bf16x3.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define HAVE_AVX2 1
@@ -677,6 +678,7 @@ typedef struct {
     float eps;
     int H, NH, KVH, D, I;
     int panels; /* the w_* are panel-packed (panel_linear's layout), not row-major */
+    const uint16_t *x_qkv, *x_o, *x_gu, *x_down; /* bf16x3 copies (amx_bf16x3.c), or NULL */
 } layer_weights;
 
 /* One row: x += add (when given; its elements add_step apart), then h = rmsnorm(x) * w. */
@@ -758,7 +760,12 @@ static void rotate_write_attend(float *qkv, const float *cos, const float *sin, 
 
 /* one of a layer's products inside its parallel region, in the layout its weights were given in */
 static void layer_product(const layer_weights *L, const float *x, const float *w, const float *b, float *y,
-                          int M, int N, int K, int accumulate, panel_range *ranges, uint32_t *epoch) {
+                          int M, int N, int K, int accumulate, panel_range *ranges, uint32_t *epoch,
+                          const uint16_t *wx3, uint16_t *x3_scratch) {
+    if (wx3 && x3_scratch) {
+        x3_rows(x, wx3, b, y, M, N, K, accumulate, x3_scratch);
+        return;
+    }
 #if defined(HAVE_AVX512)
     if (L->panels) {
         panel_rows(x, w, b, y, M, N, K, accumulate, ranges, epoch);
@@ -782,25 +789,31 @@ void decode_layer(float *x, const layer_weights *L, const float *cos, const floa
     float *act = gu + (int64_t)M * 2 * I;    /* [M, I] */
     panel_range ranges[nthreads > 0 ? nthreads : 1];
     memset(ranges, 0, sizeof(ranges));
+    uint16_t *xs = NULL; /* the bf16x3 products' token rows, hi and lo */
+    if (L->x_qkv && M >= X3_MIN_M) {
+        const int kmax = H > NH * D ? (H > I ? H : I) : (NH * D > I ? NH * D : I);
+        xs = aligned_alloc(64, (size_t)x3_scratch_elems(M, kmax) * 2);
+    }
     #pragma omp parallel num_threads(nthreads)
     {
         uint32_t epoch = 0;
         #pragma omp single
         rmsnorm_rows(x, L->in_norm, h, M, H, L->eps);
-        layer_product(L, h, L->w_qkv, L->b_qkv, qkv, M, QKV, H, 0, ranges, &epoch);
+        layer_product(L, h, L->w_qkv, L->b_qkv, qkv, M, QKV, H, 0, ranges, &epoch, L->x_qkv, xs);
         rotate_write_attend(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, block_tables, ctx_lens,
                             max_blocks, M, NH, KVH, D, BS, scale, att);
-        layer_product(L, att, L->w_o, L->b_o, x, M, H, NH * D, 1, ranges, &epoch);  /* x += o(att) */
+        layer_product(L, att, L->w_o, L->b_o, x, M, H, NH * D, 1, ranges, &epoch, L->x_o, xs);  /* x += o(att) */
         #pragma omp single
         rmsnorm_rows(x, L->post_norm, h, M, H, L->eps);
-        layer_product(L, h, L->w_gu, L->b_gu, gu, M, 2 * I, H, 0, ranges, &epoch);
+        layer_product(L, h, L->w_gu, L->b_gu, gu, M, 2 * I, H, 0, ranges, &epoch, L->x_gu, xs);
         #pragma omp for schedule(static)
         for (int t = 0; t < M * ((I + 255) / 256); t++) {  /* (row, 256-wide slice) */
             int m = t / ((I + 255) / 256), i = t % ((I + 255) / 256) * 256, n = I - i < 256 ? I - i : 256;
             silu_mul_f32(gu + (int64_t)m * 2 * I + i, gu + (int64_t)m * 2 * I + I + i, act + (int64_t)m * I + i, n);
         }
-        layer_product(L, act, L->w_down, L->b_down, x, M, H, I, 1, ranges, &epoch);  /* x += down(act) */
+        layer_product(L, act, L->w_down, L->b_down, x, M, H, I, 1, ranges, &epoch, L->x_down, xs);  /* x += down(act) */
     }
+    free(xs);
 }
 
 /* ---- Phases of a decode layer for larger batches, between MKL matrix products ---------------------
