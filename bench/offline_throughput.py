@@ -343,13 +343,14 @@ def _high_table(res, by) -> list:
     intro = ["", "With `matmul_precision=\"high\"` (products of 16+ tokens as three bfloat16 products on AMX tiles, "
                  "csrc/amx_bf16x3.c; about 1e-6 of the products' magnitudes as error instead of about 1e-7; the "
                  "tests check its greedy tokens and logits against transformers' float32), a second engine, runs "
-                 "alternating with the rows above. HF's float32 products stay IEEE on CPU at any torch setting.",
+                 "alternating with the rows above. HF's float32 products stay IEEE on CPU at any torch setting. "
+                 "Model FLOP use as above: against the measured float32 matmul rate.",
              "", "| batch cap | ours | ours, high | gain | ours, high + drafts | HF generate | high / HF | "
-                 "high + drafts / HF |", "|---|---|---|---|---|---|---|---|"]
+                 "high + drafts / HF | high: model FLOP use |", "|---|---|---|---|---|---|---|---|---|"]
     with_peers = [(r, by.get(("ours", r["batch"])), by.get(("hf", r["batch"])), by.get(("ours-high+ngram", r["batch"])))
                   for r in high]
     return intro + [f"| {r['batch']} | {_cell(o)} | {_cell(r)} | {_ratio(r, o)} | {_cell(hs)} | {_cell(h)} | "
-                    f"{_ratio(r, h)} | {_ratio(hs, h)} |" for r, o, h, hs in with_peers]
+                    f"{_ratio(r, h)} | {_ratio(hs, h)} | {_flop_use(res, r)} |" for r, o, h, hs in with_peers]
 
 
 def _flop_use(res, row) -> str:
