@@ -56,8 +56,8 @@ class X3Weight:
 
     @staticmethod
     def size(weight: torch.Tensor) -> int:
-        n, k = weight.shape
-        return -(-n // 32) * 32 * (-(-k // 32) * 32) * 2
+        """Elements the packed copy of ``weight`` takes (the kernel's own count: N and K padded to 32, hi and lo)."""
+        return int(cpu_native.lib().x3_packed_elems(*weight.shape))
 
 
 class Panels:
@@ -130,13 +130,10 @@ def linear(x: torch.Tensor, packed, bias: Optional[torch.Tensor]) -> torch.Tenso
     if isinstance(packed, Panels):
         m = x.shape[0]
         y = torch.empty(m, packed.out_features, dtype=torch.float32)
-        if packed.x3 is not None and m >= X3_MIN_M:
-            cpu_native.lib().x3_linear(x.data_ptr(), packed.x3.data.data_ptr(), None if bias is None else bias.data_ptr(),
-                                       y.data_ptr(), m, packed.out_features, packed.in_features, torch.get_num_threads())
-            return y
-        cpu_native.lib().panel_linear(x.data_ptr(), packed.data.data_ptr(),
-                                      None if bias is None else bias.data_ptr(), y.data_ptr(), m,
-                                      packed.out_features, packed.in_features, torch.get_num_threads())
+        x3 = packed.x3 is not None and m >= X3_MIN_M
+        fn = cpu_native.lib().x3_linear if x3 else cpu_native.lib().panel_linear
+        fn(x.data_ptr(), (packed.x3 if x3 else packed).data.data_ptr(), None if bias is None else bias.data_ptr(),
+           y.data_ptr(), m, packed.out_features, packed.in_features, torch.get_num_threads())
         return y
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 

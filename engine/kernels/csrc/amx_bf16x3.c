@@ -97,6 +97,9 @@ static void load_tiles(void) {
     _tile_loadconfig(&c);
 }
 
+/* the first n of 16 lanes (none for n <= 0, all for n >= 16) */
+static inline __mmask16 first_n(int n) { return n >= 16 ? 0xffff : n <= 0 ? 0 : (__mmask16)((1u << n) - 1); }
+
 /* round to nearest even at bit 16: the bf16 bits in the upper half */
 static inline __m512i rne_bits(__m512i u) {
     const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -106,7 +109,7 @@ static inline __m512i rne_bits(__m512i u) {
 /* one token row -> its hi and lo bf16 rows of Kp elements (zeros past K; all zeros when x is NULL) */
 static void split_row(const float *x, uint16_t *hi, uint16_t *lo, int K, int Kp) {
     for (int k = 0; k < Kp; k += 16) {
-        const __mmask16 m = x == NULL || k >= K ? 0 : (K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1));
+        const __mmask16 m = x == NULL ? 0 : first_n(K - k);
         const __m512 v = _mm512_maskz_loadu_ps(m, x + k);
         const __m512i h = rne_bits(_mm512_castps_si512(v));
         const __m512 rest = _mm512_sub_ps(v, _mm512_castsi512_ps(_mm512_and_si512(h, _mm512_set1_epi32((int)0xffff0000u))));
@@ -149,8 +152,7 @@ static inline void block16(const uint16_t *ah, const uint16_t *al, int64_t sa, c
 /* the C tiles (rows of 32 floats in c) into y's rows m0.. (those below M) and outputs n0.. (below N) */
 static inline void epilogue(const float *c, int rows, float *y, int M, int N, int m0, int n0, const float *b,
                             int accumulate) {
-    const __mmask16 m_lo = N - n0 >= 16 ? 0xffff : (__mmask16)((1u << (N - n0)) - 1);
-    const __mmask16 m_hi = N - n0 >= 32 ? 0xffff : (N - n0 <= 16 ? 0 : (__mmask16)((1u << (N - n0 - 16)) - 1));
+    const __mmask16 m_lo = first_n(N - n0), m_hi = first_n(N - n0 - 16);
     const __m512 b0 = b ? _mm512_maskz_loadu_ps(m_lo, b + n0) : _mm512_setzero_ps();
     const __m512 b1 = b ? _mm512_maskz_loadu_ps(m_hi, b + n0 + 16) : _mm512_setzero_ps();
     for (int r = 0; r < rows && m0 + r < M; r++) {
