@@ -242,6 +242,25 @@ def test_panel_products_with_more_threads_than_cores_compute_each_tile_once(M):
         assert cpu_native.panel_steals() > steals
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_decode_step_split_between_threads_matches_the_torch_layers(threads, monkeypatch):
+    """A decode step whose sequences are split between the threads, each taking its share through every layer
+    (decode_layers_split: 11 rows as 6 + 5 or 3 + 4 + 4), against the module path, same KV cache."""
+    from engine.kernels import fused_decode
+    monkeypatch.setattr(fused_decode, "SPLIT_MIN_ROWS", 3)
+    calls = []
+    split = fused_decode.FusedDecoder.splits
+    monkeypatch.setattr(fused_decode.FusedDecoder, "splits", lambda self, M, t: calls.append(split(self, M, t)) or
+                        calls[-1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        test_fused_decode_layers_match_the_torch_layers(True, "run_panels", 11, monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [True]
+
+
 def test_fused_decode_layers_with_more_threads_than_cores_match_the_torch_layers(monkeypatch):
     """The whole-layer native path on panel-packed weights with seven threads on fewer cores, so that tiles
     change hands inside its o and down products, which add into the residual: against the module path."""

@@ -99,6 +99,8 @@ def lib() -> Optional[ctypes.CDLL]:
         so.paged_decode.restype = None
         so.decode_layer.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _P, _I]
         so.decode_layer.restype = None
+        so.decode_layers_split.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _P, _I, _I]
+        so.decode_layers_split.restype = None
         so.hy_add_norm.argtypes = [_P, _P, _P, _P, _I, _I, _F, _I]
         so.hy_add_norm.restype = None
         so.hy_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I]

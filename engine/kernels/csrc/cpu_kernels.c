@@ -816,6 +816,28 @@ void decode_layer(float *x, const layer_weights *L, const float *cos, const floa
     free(xs);
 }
 
+/* Every layer of a decode step with the batch split between threads: thread t takes rows
+ * [M t / nt, M (t + 1) / nt) through all nlayers layers on its own (decode_layer's region nested inside is a
+ * team of one), so no thread waits for another until the end of the step, and one thread's attention (reads
+ * of the KV cache) runs beside the other's products (arithmetic). scratch: per_token floats per row. */
+void decode_layers_split(float *x, const layer_weights *Ls, int nlayers, const float *cos, const float *sin,
+                         const int64_t *k_caches, const int64_t *v_caches, const int32_t *slot_blocks,
+                         const int32_t *slot_offsets, const int32_t *block_tables, const int32_t *ctx_lens,
+                         int max_blocks, int M, int BS, float scale, float *scratch, int per_token, int nthreads) {
+    const int H = Ls[0].H, D = Ls[0].D;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const int m0 = (int)((int64_t)M * t / nt), m1 = (int)((int64_t)M * (t + 1) / nt);
+        if (m1 > m0)
+            for (int l = 0; l < nlayers; l++)
+                decode_layer(x + (int64_t)m0 * H, &Ls[l], cos + (int64_t)m0 * D, sin + (int64_t)m0 * D,
+                             (float *)(intptr_t)k_caches[l], (float *)(intptr_t)v_caches[l], slot_blocks + m0,
+                             slot_offsets + m0, block_tables + (int64_t)m0 * max_blocks, ctx_lens + m0, max_blocks,
+                             m1 - m0, BS, scale, scratch + (int64_t)m0 * per_token, 1);
+    }
+}
+
 /* ---- Phases of a decode layer for larger batches, between MKL matrix products ---------------------
  * The products run as W @ h^T and leave feature-major results [N, M]; these phases read them in that
  * layout. Checked against the torch layers in tests/test_cpu_kernels.py.
