@@ -63,7 +63,6 @@ class FusedDecoder:
                 a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size, int(self.panels),
                 x3(at.qkv), x3(at.o), x3(mlp.gate_up), x3(mlp.down)))
         self.layer_array = (_LayerWeights * len(self.structs))(*self.structs)  # for decode_layers_split
-        self._kv_arrays = None
         self.scale = a.head_dim ** -0.5
         self.per_token = a.hidden_size + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + \
             a.num_heads * a.head_dim + 3 * a.intermediate_size
@@ -72,18 +71,18 @@ class FusedDecoder:
         M = x.shape[0]
         blocks, offsets, cos, sin = _slots_and_rotary(meta)
         bt, ctx = _i32(meta.decode_block_tables), _i32(meta.decode_ctx_lens)
-        scratch = torch.empty(M * self.per_token, dtype=torch.float32)
+        scratch, threads = torch.empty(M * self.per_token, dtype=torch.float32), torch.get_num_threads()
         rotary = (cos.data_ptr(), sin.data_ptr())
-        step = (blocks.data_ptr(), offsets.data_ptr(), bt.data_ptr(), ctx.data_ptr(), bt.shape[1], M, kv.block_size,
-                self.scale, scratch.data_ptr(), torch.get_num_threads())
-        xp, layer = x.data_ptr(), self.so.decode_layer
-        if self.splits(M, step[-1]):
-            ks, vs = self._cache_pointers(kv)
+        rows = (blocks.data_ptr(), offsets.data_ptr(), bt.data_ptr(), ctx.data_ptr(), bt.shape[1], M, kv.block_size,
+                self.scale)
+        xp = x.data_ptr()
+        if self.splits(M, threads):
+            ks, vs = kv.pointer_arrays
             self.so.decode_layers_split(xp, self.layer_array, len(self.structs), *rotary, ks.data_ptr(), vs.data_ptr(),
-                                        *step[:-2], scratch.data_ptr(), self.per_token, step[-1])
+                                        *rows, scratch.data_ptr(), self.per_token, threads)
             return x
         for w, (k, v) in zip(self.structs, kv.pointers):
-            layer(xp, ctypes.byref(w), *rotary, k, v, *step)
+            self.so.decode_layer(xp, ctypes.byref(w), *rotary, k, v, *rows, scratch.data_ptr(), threads)
         return x
 
     def splits(self, M: int, threads: int) -> bool:
@@ -91,12 +90,6 @@ class FusedDecoder:
         on panel products (float32; not the bf16x3 copies, untried there) with SPLIT_MIN_ROWS rows a thread."""
         return self.panels and threads > 1 and M >= SPLIT_MIN_ROWS * threads and self.structs[0].x_qkv is None
 
-    def _cache_pointers(self, kv):
-        """Every layer's K and V cache addresses as int64 arrays (made once per cache)."""
-        if self._kv_arrays is None or self._kv_arrays[0] is not kv:
-            self._kv_arrays = (kv, torch.tensor([k for k, _ in kv.pointers], dtype=torch.int64),
-                               torch.tensor([v for _, v in kv.pointers], dtype=torch.int64))
-        return self._kv_arrays[1:]
 
     def run_mixed(self, x: torch.Tensor, meta, kv) -> torch.Tensor:
         """The layers for any step larger than MAX_TOKENS: token-major products between native phases."""

@@ -64,6 +64,9 @@ class KVCache:
         self._layers = [self._views(i) for i in range(num_layers)]
         # and their addresses, for the native decode layers (dense caches only)
         self.pointers = [] if quant_policy else [(k.data_ptr(), v.data_ptr()) for k, v in self._layers]
+        # the same addresses as two int64 arrays (every layer's K, every layer's V) for the native call that
+        # takes a whole decode step (fused_decode's decode_layers_split)
+        self.pointer_arrays = tuple(torch.tensor([p[j] for p in self.pointers], dtype=torch.int64) for j in (0, 1))
 
     def _views(self, i: int) -> Tuple:
         if self.quant_policy:
