@@ -41,8 +41,8 @@ class ModelRunner:
                 logger.info("W4A16 layers repacked to the %s layout", GPU_LAYOUT)
             self._use_triton_decode(quant_policy)
             self._use_gpu_fused(quant_policy)
-        elif quant_policy:  # quantized blocks on CPU: the torch path dequantizes gathered blocks
-            logger.info("paged decode: torch path over int%d KV blocks", quant_policy)
+        elif quant_policy:  # quantized blocks on CPU: the native layers where built, else the torch path
+            logger.info("paged attention over int%d KV blocks", quant_policy)
         if device == "cpu":
             from .host_memory import keep_freed_memory, params_to_huge_pages
             keep_freed_memory()  # a prefill step's large buffers come back from the heap, not fresh pages
@@ -52,8 +52,8 @@ class ModelRunner:
             packed = cpu_gemm.pack_model(model, matmul_precision)
             if packed:
                 logger.info("CPU float32 products: %s over %d packed weights", cpu_gemm.backend(), packed)
-        if device == "cpu" and not quant_policy and dtype == torch.float32:
-            self._use_native_decode()
+        if device == "cpu" and dtype == torch.float32:
+            self._use_native_decode(quant_policy)
         if graphs and not self.rope.dynamic_factor:  # dynamic NTK needs each step's lengths on the host
             from .cuda_graphs import DecodeGraphs
             max_blocks = max_blocks_per_seq or -(-a.max_position_embeddings // block_size)
@@ -79,12 +79,15 @@ class ModelRunner:
         for layer in self.model.layers:
             layer.attn.decode_fn = fn
 
-    def _use_native_decode(self) -> None:
+    def _use_native_decode(self, quant_policy: int) -> None:
+        """Native CPU steps: the attention kernel for the torch layers (float32 blocks), and the native layers
+        (kernels/fused_decode.py), which also write and read int8 / int4 blocks."""
         from .kernels import cpu_native
         if cpu_native.lib() is None or self.model.args.num_heads // self.model.args.num_kv_heads > cpu_native.MAX_GROUP:
             return
         for layer in self.model.layers:
-            layer.attn.decode_fn = cpu_native.native_decode
+            if not quant_policy:
+                layer.attn.decode_fn = cpu_native.native_decode
         from .kernels.fused_decode import fused_decoder_for
         self.model.fused_decoder = fused_decoder_for(self.model, self.dtype)
 

@@ -107,11 +107,17 @@ def test_fused_decode_layers_match_the_torch_layers(bias, path, rows, monkeypatc
     panel-packed weights: 8 + 3 token rows, 48-, 32- and 16-wide output tiles; one and two rows take the
     panel-by-panel stream) and the phased path (MKL products between native phases) against the module
     path, same KV cache."""
+    _check_decode_step(bias, path, rows, monkeypatch)
+
+
+def _check_decode_step(bias, path, rows, monkeypatch, quant_policy=0, heads=(6, 2, 8), bs=4):
+    """One decode step through the native path ``path`` and through the module layers (torch attention,
+    kv_quant's writes for quantized blocks) over two copies of one KV cache: same outputs, same cache.
+    Contexts of up to 4 blocks of ``bs`` tokens."""
     from engine.kernels import cpu_gemm
     from engine.kernels.fused_decode import fused_decoder_for
-    from engine.layers.attention import KVCache
 
-    model, rope = _random_model(bias, seed=0)
+    model, rope = _random_model(bias, seed=0, heads=heads)
     a = model.args
     if path == "run_panels":
         if not cpu_gemm.native_available():
@@ -121,11 +127,9 @@ def test_fused_decode_layers_match_the_torch_layers(bias, path, rows, monkeypatc
     fused = fused_decoder_for(model, torch.float32)
     assert fused is not None and fused.panels == (path == "run_panels")
     path = "run" if path == "run_panels" else path
-    bs, ctx_lens = 4, [5, 13, 1, 0, 9, 15, 2, 7, 11, 3, 6][:rows]  # tokens already cached per sequence
+    ctx_lens = [c * bs // 4 for c in [5, 13, 1, 0, 9, 15, 2, 7, 11, 3, 6][:rows]]  # tokens already cached
     B = len(ctx_lens)
-    caches = [KVCache(a.num_layers, 4 * B, bs, a.num_kv_heads, a.head_dim, torch.float32, "cpu") for _ in range(2)]
-    caches[0].data.normal_()
-    caches[1].data.copy_(caches[0].data)
+    caches = _two_caches(a, 4 * B, bs, quant_policy)
     bt = torch.randperm(4 * B).reshape(B, 4)
     x = torch.randn(B, a.hidden_size)
     pos = torch.tensor(ctx_lens)
@@ -137,8 +141,45 @@ def test_fused_decode_layers_match_the_torch_layers(bias, path, rows, monkeypatc
         for i, layer in enumerate(model.layers):
             ref = layer(ref, meta, *caches[0].layer(i))
         out = getattr(fused, path)(x.clone(), meta, caches[1])
+    _compare_steps(model, meta, x, out, ref, caches, monkeypatch)
+
+
+def _two_caches(a, num_blocks: int, bs: int, quant_policy: int = 0):
+    """Two KV caches with the same random contents; quantized: integers of any value, ranges (scale * (2^bits
+    - 1)) of 0.5 to 4 like the new tokens', any minimum."""
+    from engine.layers.attention import KVCache
+    caches = [KVCache(a.num_layers, num_blocks, bs, a.num_kv_heads, a.head_dim, torch.float32, "cpu", quant_policy)
+              for _ in range(2)]
+    if quant_policy:
+        caches[0].data.copy_(torch.randint(0, 256, caches[0].data.shape, dtype=torch.uint8))
+        caches[0].params[..., 0].uniform_(0.5 / (2 ** quant_policy - 1), 4 / (2 ** quant_policy - 1))
+        caches[0].params[..., 1].normal_()
+        caches[1].params.copy_(caches[0].params)
+    else:
+        caches[0].data.normal_()
+    caches[1].data.copy_(caches[0].data)
+    return caches
+
+
+def _compare_steps(model, meta, x, out, ref, caches, monkeypatch):
+    """A native step (out, caches[1]) against the module layers' (ref, caches[0]). Quantized blocks: the new
+    tokens' vectors differ in their last bits (products summed in other orders), so a few of their integers
+    may round the other way: the writes agree to one step; the attention is checked on what the native step
+    wrote, by the module layers again over that cache with their writes skipped."""
+    bits = caches[0].quant_policy
+    if not bits:
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(caches[1].data, caches[0].data, rtol=1e-5, atol=1e-5)  # same K/V written
+        return
+    torch.testing.assert_close(caches[1].params, caches[0].params, rtol=1e-5, atol=1e-6)
+    assert _unpacked(caches[1].data, bits).sub(_unpacked(caches[0].data, bits)).abs().max() <= 1
+    from engine.layers import attention
+    monkeypatch.setattr(attention, "write_slots", lambda *args: None)
+    ref = x.clone()
+    with torch.no_grad():
+        for i, layer in enumerate(model.layers):
+            ref = layer(ref, meta, *caches[1].layer(i))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(caches[1].data, caches[0].data, rtol=1e-5, atol=1e-5)  # same K/V written
 
 
 @pytest.mark.parametrize("gemm", ["mkl", "onednn", "native"])
@@ -149,9 +190,22 @@ def test_native_mixed_step_matches_the_torch_layers(bias, heads, gemm, monkeypat
     both longer than one 16-row attention tile) through the token-major native path, against the module
     path over the same KV cache; products on plain (MKL), oneDNN-packed and panel-packed weights. Head sizes 64 and 128
     take the 512-bit tile kernel where the CPU has it."""
+    _check_mixed_step(bias, heads, gemm, monkeypatch)
+
+
+@pytest.mark.parametrize("gemm", ["mkl", "native"])
+@pytest.mark.parametrize("heads", [(6, 2, 8), (8, 1, 64), (3, 3, 128)])
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_native_mixed_step_over_quantized_blocks_matches_the_torch_layers(quant_policy, heads, gemm, monkeypatch):
+    """The same mixed step over int8 / int4 blocks: the fresh prompt attends over its own float32 K/V, the
+    continuing chunk and the decodes over the dequantized cache, as in the module path."""
+    _check_mixed_step(False, heads, gemm, monkeypatch, quant_policy)
+
+
+def _check_mixed_step(bias, heads, gemm, monkeypatch, quant_policy=0):
     from engine.kernels import cpu_gemm
     from engine.kernels.fused_decode import fused_decoder_for
-    from engine.layers.attention import KVCache, PrefillChunk
+    from engine.layers.attention import PrefillChunk
 
     if gemm != "mkl" and not cpu_gemm.backend_available(gemm):
         pytest.skip(f"no {gemm} products on this machine")
@@ -166,9 +220,7 @@ def test_native_mixed_step_matches_the_torch_layers(bias, heads, gemm, monkeypat
     seqs = [(5, 1), (13, 1), (0, 17), (9, 20)]
     perm = torch.randperm(40).tolist()
     tables = [perm[10 * i:10 * i + 10] for i in range(len(seqs))]
-    caches = [KVCache(a.num_layers, 40, bs, a.num_kv_heads, a.head_dim, torch.float32, "cpu") for _ in range(2)]
-    caches[0].data.normal_()
-    caches[1].data.copy_(caches[0].data)
+    caches = _two_caches(a, 40, bs, quant_policy)
     pos = torch.cat([torch.arange(s, s + n) for s, n in seqs])
     tok_tables = torch.cat([torch.tensor(t)[None].expand(n, -1) for t, (_, n) in zip(tables, seqs)])
     cos, sin = rope.cos_sin(pos)
@@ -186,8 +238,7 @@ def test_native_mixed_step_matches_the_torch_layers(bias, heads, gemm, monkeypat
         for i, layer in enumerate(model.layers):
             ref = layer(ref, meta, *caches[0].layer(i))
         out = fused.run_mixed(x.clone(), meta, caches[1])
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(caches[1].data, caches[0].data, rtol=1e-5, atol=1e-5)  # same K/V written
+    _compare_steps(model, meta, x, out, ref, caches, monkeypatch)
 
 
 @pytest.mark.parametrize("gemm,M", [("onednn", 9), ("onednn", 64), ("native", 2), ("native", 9), ("native", 64),
@@ -259,6 +310,63 @@ def test_decode_step_split_between_threads_matches_the_torch_layers(threads, mon
     finally:
         torch.set_num_threads(before)
     assert calls == [True]
+
+
+def _unpacked(data: torch.Tensor, bits: int) -> torch.Tensor:
+    """Cached integers as int16, one per value (int4: two per byte, low nibble first)."""
+    d = data.to(torch.int16)
+    return d if bits == 8 else torch.stack([d & 15, d >> 4], dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("D", [8, 40, 64, 128])
+def test_native_kv_quantization_writes_the_bytes_of_kv_quant(bits, D):
+    """The native decode layers' quantized K/V writes against kv_quant.quantize_vectors on the same vectors:
+    identical integers and (scale, min) pairs, to the bit, ties in the rounding and constant vectors included."""
+    from engine.kernels import cpu_native
+    from engine.layers.kv_quant import quantize_vectors
+    so = cpu_native.lib()
+    if so is None:
+        pytest.skip("native kernels not built")
+    torch.manual_seed(D + bits)
+    x = torch.randn(300, D) * torch.rand(300, 1) * 4
+    x[0] = 0.5  # constant: scale clamped to 1e-8
+    x[1, : D // 2], x[1, D // 2:] = 0.0, 3.0  # (x - min) / scale lands on integers and on halves
+    x[2] = torch.arange(D) % 3 * 0.5
+    q = torch.empty(300, D if bits == 8 else D // 2, dtype=torch.uint8)
+    params = torch.empty(300, 2)
+    so.kvq_quantize(x.data_ptr(), 300, D, bits, q.data_ptr(), params.data_ptr())
+    ref_q, ref_p = quantize_vectors(x, bits)
+    assert torch.equal(q, ref_q)
+    assert torch.equal(params, ref_p)
+
+
+@pytest.mark.parametrize("path,rows,threads,bs", [("run", 11, 2, 4), ("run_phased", 11, 2, 4), ("run_panels", 11, 2, 4),
+                                                  ("run_panels", 11, 2, 16), ("run_panels", 11, 1, 4),
+                                                  ("run_panels", 2, 2, 4), ("run_panels", 11, "split", 4),
+                                                  ("run_panels", 11, "split", 16)])
+@pytest.mark.parametrize("heads", [(6, 2, 8), (6, 2, 64), (4, 1, 128), (6, 3, 40)])
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_fused_decode_layers_over_quantized_blocks_match_the_torch_layers(quant_policy, heads, path, rows, threads,
+                                                                        bs, monkeypatch):
+    """int8 / int4 KV blocks in the native decode layers (shared between threads, one thread, or split
+    between them; and the phased path): each new token quantized into its slot, and attention over the
+    dequantized context, matching the module path's; head sizes of the vector paths (64, 128) and of the
+    scalar ones (8, 40); blocks of 4 and of 16 tokens (whole 16-key vectors)."""
+    from engine.kernels import fused_decode
+    calls = []
+    split = fused_decode.FusedDecoder.splits
+    monkeypatch.setattr(fused_decode.FusedDecoder, "splits", lambda self, M, t: calls.append(split(self, M, t)) or
+                        calls[-1])
+    if threads == "split":
+        monkeypatch.setattr(fused_decode, "SPLIT_MIN_ROWS", 3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1 if threads == 1 else 2)
+    try:
+        _check_decode_step(True, path, rows, monkeypatch, quant_policy=quant_policy, heads=heads, bs=bs)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == ([] if path == "run_phased" else [threads == "split"])
 
 
 def test_fused_decode_layers_with_more_threads_than_cores_match_the_torch_layers(monkeypatch):

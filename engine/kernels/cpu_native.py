@@ -97,13 +97,15 @@ def lib() -> Optional[ctypes.CDLL]:
         so.skinny_linear.restype = None
         so.paged_decode.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _I]
         so.paged_decode.restype = None
-        so.decode_layer.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _P, _I]
+        so.decode_layer.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _P, _I, _P, _P, _I]
         so.decode_layer.restype = None
-        so.decode_layers_split.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _P, _I, _I]
+        so.decode_layers_split.argtypes = [_P, _P, _I, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _F, _P, _I, _I, _P, _P, _I]
         so.decode_layers_split.restype = None
+        so.kvq_quantize.argtypes = [_P, _I, _I, _I, _P, _P]
+        so.kvq_quantize.restype = None
         so.hy_add_norm.argtypes = [_P, _P, _P, _P, _I, _I, _F, _I]
         so.hy_add_norm.restype = None
-        so.hy_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I]
+        so.hy_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _F, _P, _I, _P, _P, _I]
         so.hy_attention.restype = None
         so.hy_silu_mul.argtypes = [_P, _P, _I, _I, _I]
         so.hy_silu_mul.restype = None
@@ -111,7 +113,7 @@ def lib() -> Optional[ctypes.CDLL]:
         so.tm_add_norm.restype = None
         so.tm_silu_mul.argtypes = [_P, _P, _I, _I, _I]
         so.tm_silu_mul.restype = None
-        so.tm_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _P, _I]
+        so.tm_attention.argtypes = [_P, _P, _P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _P, _I, _P, _P, _I]
         so.tm_attention.restype = None
         so.panel_linear.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
         so.panel_linear.restype = None

@@ -75,14 +75,15 @@ class FusedDecoder:
         rotary = (cos.data_ptr(), sin.data_ptr())
         rows = (blocks.data_ptr(), offsets.data_ptr(), bt.data_ptr(), ctx.data_ptr(), bt.shape[1], M, kv.block_size,
                 self.scale)
-        xp = x.data_ptr()
+        xp, bits = x.data_ptr(), kv.quant_policy  # int8 / int4 blocks: written and read quantized
         if self.splits(M, threads):
-            ks, vs = kv.pointer_arrays
+            ks, vs, kps, vps = kv.pointer_arrays
             self.so.decode_layers_split(xp, self.layer_array, len(self.structs), *rotary, ks.data_ptr(), vs.data_ptr(),
-                                        *rows, scratch.data_ptr(), self.per_token, threads)
+                                        *rows, scratch.data_ptr(), self.per_token, threads, kps.data_ptr(),
+                                        vps.data_ptr(), bits)
             return x
-        for w, (k, v) in zip(self.structs, kv.pointers):
-            self.so.decode_layer(xp, ctypes.byref(w), *rotary, k, v, *rows, scratch.data_ptr(), threads)
+        for w, (k, v), (kp, vp) in zip(self.structs, kv.pointers, kv.param_pointers):
+            self.so.decode_layer(xp, ctypes.byref(w), *rotary, k, v, *rows, scratch.data_ptr(), threads, kp, vp, bits)
         return x
 
     def splits(self, M: int, threads: int) -> bool:
@@ -109,9 +110,10 @@ class FusedDecoder:
             so.tm_add_norm(p(x), add, p(layer.input_norm.weight), p(h), T, H, layer.input_norm.eps, ew)
             qkv = at.qkv(h).contiguous()
             att = torch.empty(T, NH * D)
-            k_cache, v_cache = kv.layer(i)
-            so.tm_attention(p(qkv), p(cos), p(sin), p(k_cache), p(v_cache), p(blocks), p(offsets), p(spans), p(bt),
-                            spans.shape[0], bt.shape[1], T, NH, KVH, D, kv.block_size, self.scale, p(att), threads)
+            (k_cache, v_cache), (k_params, v_params) = kv.pointers[i], kv.param_pointers[i]
+            so.tm_attention(p(qkv), p(cos), p(sin), k_cache, v_cache, p(blocks), p(offsets), p(spans), p(bt),
+                            spans.shape[0], bt.shape[1], T, NH, KVH, D, kv.block_size, self.scale, p(att), threads,
+                            k_params, v_params, kv.quant_policy)
             o = at.o(att).contiguous()
             so.tm_add_norm(p(x), p(o), p(layer.post_norm.weight), p(h), T, H, layer.post_norm.eps, ew)
             gu = mlp.gate_up(h).contiguous()
@@ -141,9 +143,10 @@ class FusedDecoder:
             at, mlp = layer.attn, layer.mlp
             so.hy_add_norm(p(x), add, p(layer.input_norm.weight), p(h), M, H, layer.input_norm.eps, 1)
             _mm(at.qkv, h.t(), qkv_t)
-            k_cache, v_cache = kv.layer(i)
-            so.hy_attention(p(qkv_t), p(qkv), p(cos), p(sin), p(k_cache), p(v_cache), p(blocks), p(offsets), p(bt),
-                            p(ctx), bt.shape[1], M, NH, KVH, D, kv.block_size, self.scale, p(att), threads)
+            (k_cache, v_cache), (k_params, v_params) = kv.pointers[i], kv.param_pointers[i]
+            so.hy_attention(p(qkv_t), p(qkv), p(cos), p(sin), k_cache, v_cache, p(blocks), p(offsets), p(bt),
+                            p(ctx), bt.shape[1], M, NH, KVH, D, kv.block_size, self.scale, p(att), threads,
+                            k_params, v_params, kv.quant_policy)
             _mm(at.o, att.t(), o_t)
             so.hy_add_norm(p(x), p(o_t), p(layer.post_norm.weight), p(h), M, H, layer.post_norm.eps, 1)
             _mm(mlp.gate_up, h.t(), gu_t)

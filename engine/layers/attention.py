@@ -62,11 +62,16 @@ class KVCache:
         # each layer's (K, V) views, made once: a batch-1 decode step asks for all of them (60 views for
         # SmolLM2 took about 0.4 ms of a 21 ms step)
         self._layers = [self._views(i) for i in range(num_layers)]
-        # and their addresses, for the native decode layers (dense caches only)
-        self.pointers = [] if quant_policy else [(k.data_ptr(), v.data_ptr()) for k, v in self._layers]
-        # the same addresses as two int64 arrays (every layer's K, every layer's V) for the native call that
+        # and their addresses for the native decode layers: each layer's K and V blocks (the integers of
+        # quantized ones) and, quantized, their (scale, min) pairs (0 for dense blocks)
+        q = bool(quant_policy)
+        self.pointers = [(k.data.data_ptr(), v.data.data_ptr()) if q else (k.data_ptr(), v.data_ptr())
+                         for k, v in self._layers]
+        self.param_pointers = [(k.params.data_ptr(), v.params.data_ptr()) if q else (0, 0) for k, v in self._layers]
+        # the same addresses as int64 arrays (every layer's K, V, K pairs, V pairs) for the native call that
         # takes a whole decode step (fused_decode's decode_layers_split)
-        self.pointer_arrays = tuple(torch.tensor([p[j] for p in self.pointers], dtype=torch.int64) for j in (0, 1))
+        self.pointer_arrays = tuple(torch.tensor([p[j] for p in ptrs], dtype=torch.int64)
+                                    for ptrs in (self.pointers, self.param_pointers) for j in (0, 1))
 
     def _views(self, i: int) -> Tuple:
         if self.quant_policy:

@@ -237,6 +237,126 @@ void skinny_linear(const float *x, const float *w, const float *b, float *y, int
     }
 }
 
+/* ---- quantized K/V blocks (quant_policy 8 and 4; engine/layers/kv_quant.py) -------------------------
+ * A cached vector (one token, one KV head, D values) is stored as unsigned integers q = round((x - min) /
+ * scale), scale = (max - min) / (2^bits - 1) (at least 1e-8), with (scale, min) as two float32 beside it
+ * ([num_blocks, KVH, block_size, 2]); int4 holds element 2j in the low nibble of byte j, 2j+1 in the high.
+ * Written with the same float32 operations as kv_quant.quantize_vectors (the tests compare the bytes), read
+ * back as q * scale + min (a product, then a sum: no FMA, as torch's dequantize_vectors). */
+typedef struct {
+    const float *kp, *vp;  /* the K and V (scale, min) pairs; the data pointers travel as k_cache / v_cache */
+    int bits;              /* 8 or 4; 0: float32 blocks */
+} kv_quant;
+
+static void kvq_write_row(const float *x, int D, int bits, uint8_t *q, float *p) {
+    float mn = x[0], mx = x[0];
+    for (int i = 1; i < D; i++) {
+        mn = x[i] < mn ? x[i] : mn;
+        mx = x[i] > mx ? x[i] : mx;
+    }
+    const float qmax = (float)((1 << bits) - 1);
+    float scale = (mx - mn) / qmax;
+    if (scale < 1e-8f) scale = 1e-8f;
+    if (bits == 4) memset(q, 0, (size_t)D / 2);
+    for (int i = 0; i < D; i++) {
+        float r = nearbyintf((x[i] - mn) / scale);
+        r = r < 0.f ? 0.f : (r > qmax ? qmax : r);
+        if (bits == 8) q[i] = (uint8_t)r;
+        else q[i / 2] |= (uint8_t)((unsigned)r << (4 * (i & 1)));
+    }
+    p[0] = scale;
+    p[1] = mn;
+}
+
+/* rows vectors of D values -> their integers and (scale, min) pairs (tests compare it with kv_quant's) */
+void kvq_quantize(const float *x, int rows, int D, int bits, uint8_t *q, float *params) {
+    for (int r = 0; r < rows; r++)
+        kvq_write_row(x + (int64_t)r * D, D, bits, q + (int64_t)r * (bits == 8 ? D : D / 2), params + 2 * r);
+}
+
+/* n consecutive cache slots from slot0 on (one block's rows of one KV head) dequantized into out [n, D];
+ * params NULL: the integers themselves as floats (attend512 applies the scales and minimums to its sums) */
+static void kvq_dequant_rows(const uint8_t *q, const float *params, int64_t slot0, int n, int D, int bits,
+                             float *out) {
+    const int Dq = bits == 8 ? D : D / 2;
+    for (int t = 0; t < n; t++) {
+        const int64_t slot = slot0 + t;
+        const uint8_t *row = q + slot * Dq;
+        const float s = params ? params[2 * slot] : 1.f, m = params ? params[2 * slot + 1] : 0.f;
+        float *o = out + (int64_t)t * D;
+        int d = 0;
+#if defined(HAVE_AVX512)
+        const __m512 sv = _mm512_set1_ps(s), mv = _mm512_set1_ps(m);
+        if (bits == 8)
+            for (; d + 16 <= D; d += 16) {
+                const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + d))));
+                _mm512_storeu_ps(o + d, params ? _mm512_add_ps(_mm512_mul_ps(v, sv), mv) : v);
+            }
+        else
+            for (; d + 16 <= D; d += 16) {  /* 8 bytes: low nibble first, then high, byte by byte */
+                const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)(row + d / 2)));
+                const __m128i lo = _mm_and_si128(b, _mm_set1_epi16(15)), hi = _mm_srli_epi16(b, 4);
+                const __m256i w = _mm256_set_m128i(_mm_unpackhi_epi16(lo, hi), _mm_unpacklo_epi16(lo, hi));
+                const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(w));
+                _mm512_storeu_ps(o + d, params ? _mm512_add_ps(_mm512_mul_ps(v, sv), mv) : v);
+            }
+#endif
+        for (; d < D; d++) {
+            const int v = bits == 8 ? row[d] : (row[d / 2] >> (4 * (d & 1))) & 15;
+            o[d] = params ? (float)v * s + m : (float)v;
+        }
+    }
+}
+
+#if defined(HAVE_AVX512)
+/* 16 (scale, min) pairs from p on: the scales and the minimums as two vectors */
+static inline void kvq_pairs16(const float *p, __m512 *s, __m512 *m) {
+    const __m512 a = _mm512_loadu_ps(p), b = _mm512_loadu_ps(p + 16);
+    *s = _mm512_permutex2var_ps(a, _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0), b);
+    *m = _mm512_permutex2var_ps(a, _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1), b);
+}
+
+/* n scores of q against integer keys -> against the keys they stand for: s * scale + min * sum(q) */
+static inline void kvq_fix_scores(float *s, const float *p, int n, float qsum) {
+    const __m512 qs = _mm512_set1_ps(qsum);
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 sc, mn;
+        kvq_pairs16(p + 2 * j, &sc, &mn);
+        _mm512_storeu_ps(s + j, _mm512_fmadd_ps(_mm512_loadu_ps(s + j), sc, _mm512_mul_ps(mn, qs)));
+    }
+    for (; j < n; j++) s[j] = s[j] * p[2 * j] + p[2 * j + 1] * qsum;
+}
+
+/* n weights w of value rows: w *= scale (for the integer rows), and returns sum(w * min) (what the
+ * minimums add to every output element) */
+static inline float kvq_fold_weights(float *w, const float *p, int n) {
+    __m512 acc = _mm512_setzero_ps();
+    int j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512 sc, mn;
+        kvq_pairs16(p + 2 * j, &sc, &mn);
+        const __m512 x = _mm512_loadu_ps(w + j);
+        acc = _mm512_fmadd_ps(x, mn, acc);
+        _mm512_storeu_ps(w + j, _mm512_mul_ps(x, sc));
+    }
+    float c = _mm512_reduce_add_ps(acc);
+    for (; j < n; j++) {
+        c += w[j] * p[2 * j + 1];
+        w[j] *= p[2 * j];
+    }
+    return c;
+}
+#endif
+
+/* positions [0, ctx) of one (sequence, KV head) dequantized into out [ctx, D] (contiguous) */
+static void kvq_dequant(const uint8_t *q, const float *params, const int32_t *bt, int ctx, int kh, int KVH, int D,
+                        int BS, int bits, float *out) {
+    for (int b0 = 0; b0 < ctx; b0 += BS)
+        kvq_dequant_rows(q, params, ((int64_t)bt[b0 / BS] * KVH + kh) * BS, ctx - b0 < BS ? ctx - b0 : BS, D, bits,
+                         out + (int64_t)b0 * D);
+}
+
 #if defined(HAVE_AVX512)
 /* The decode attention of attend_kv_head for head_dim = 16 * NV (NV 4 or 8) with 512-bit vectors: each K and
  * V block is read from memory once (later query heads find it in L1), the next block is prefetched while
@@ -245,7 +365,7 @@ void skinny_linear(const float *x, const float *w, const float *b, float *y, int
 static inline __attribute__((always_inline)) void pv512(const float *sc, float *oh, const float *v_cache,
                                                         const int32_t *bt, int ctx, int kh, int BS, int64_t block_stride,
                                                         int64_t head_stride, const float *inv, kv_cursor *cur,
-                                                        const int NV, const int GN) {
+                                                        const kv_quant *kq, float *qbuf, const int NV, const int GN) {
     const int D = 16 * NV;
     __m512 acc[16];
     for (int a = 0; a < GN * NV; a++) acc[a] = _mm512_setzero_ps();
@@ -253,6 +373,12 @@ static inline __attribute__((always_inline)) void pv512(const float *sc, float *
         const int nk = ctx - b0 < BS ? ctx - b0 : BS;
         const float *vb = v_cache + bt[b] * block_stride + kh * head_stride;
         const float *vn = !cur && b0 + BS < ctx ? v_cache + bt[b + 1] * block_stride + kh * head_stride : NULL;
+        if (kq) {  /* quantized: this block's rows as float32 in an L1 buffer (the elements' offsets / D = slots) */
+            kvq_dequant_rows((const uint8_t *)v_cache, NULL, (bt[b] * block_stride + kh * head_stride) / D, nk, D,
+                             kq->bits, qbuf);
+            vb = qbuf;
+            vn = NULL;
+        }
         for (int j = 0; j < nk; j++) {
             const float *vr = vb + (int64_t)j * D;
             if (cur) kvc_ahead(cur, NV);
@@ -296,15 +422,21 @@ static inline __attribute__((always_inline)) __m512 scores16(const __m512 *q, co
 static inline __attribute__((always_inline)) void attend512(const float *qh, float *oh, const float *k_cache,
                                                             const float *v_cache, const int32_t *bt, int ctx, int kh,
                                                             int G, int BS, int64_t block_stride, int64_t head_stride,
-                                                            float scale, float *sc, kv_cursor *cur, const int NV) {
+                                                            float scale, float *sc, kv_cursor *cur, const kv_quant *kq,
+                                                            float *qbuf, const int NV) {
     const int D = 16 * NV;
     float inv[64];
     for (int b0 = 0, b = 0; b0 < ctx; b0 += BS, b++) {
         const int nk = ctx - b0 < BS ? ctx - b0 : BS;
         const float *kb = k_cache + bt[b] * block_stride + kh * head_stride;
+        const int64_t slot0 = (bt[b] * block_stride + kh * head_stride) / D;  /* quantized blocks' slot */
+        if (kq) {  /* quantized: this block's integers as floats in an L1 buffer, read by every query head */
+            kvq_dequant_rows((const uint8_t *)k_cache, NULL, slot0, nk, D, kq->bits, qbuf);
+            kb = qbuf;
+        }
         /* without a cursor (prefill steps' decode rows): while this block is scored, prefetch the next
          * block's keys and this block's values for the second pass (one cache line per 16 floats) */
-        if (!cur) {
+        else if (!cur) {
             const float *kn = b0 + BS < ctx ? k_cache + bt[b + 1] * block_stride + kh * head_stride : NULL;
             const float *vb = v_cache + bt[b] * block_stride + kh * head_stride;
             for (int j = 0; j < nk; j++)
@@ -329,6 +461,11 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
                 for (int i = 1; i < NV; i++) acc = _mm512_fmadd_ps(q[i], _mm512_loadu_ps(kr + 16 * i), acc);
                 s[j] = _mm512_reduce_add_ps(acc);
             }
+            if (kq) {  /* q . (k * scale + min) = (q . k) * scale + min * sum(q) */
+                __m512 qs = q[0];
+                for (int i = 1; i < NV; i++) qs = _mm512_add_ps(qs, q[i]);
+                kvq_fix_scores(s, kq->kp + 2 * slot0, nk, _mm512_reduce_add_ps(qs));
+            }
         }
     }
     for (int g = 0; g < G; g++) {
@@ -340,6 +477,15 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
         for (; j < ctx; j++) mx = s[j] > mx ? s[j] : mx;
         inv[g] = 1.f / exp_shift_sum(s, ctx, mx);
     }
+    float vmin[64];  /* quantized: sum over keys of weight * min, per query head */
+    if (kq)
+        for (int g = 0; g < G; g++) {
+            vmin[g] = 0.f;
+            for (int b0 = 0, b = 0; b0 < ctx; b0 += BS, b++) {
+                const int64_t slot0 = (bt[b] * block_stride + kh * head_stride) / D;
+                vmin[g] += kvq_fold_weights(sc + (int64_t)g * ctx + b0, kq->vp + 2 * slot0, ctx - b0 < BS ? ctx - b0 : BS);
+            }
+        }
     /* query heads per pass over V, at most 16 output registers (GN * NV): G = 3 (SmolLM2) takes one pass */
     for (int g = 0, gn; g < G; g += gn) {
         const int rem = G - g;
@@ -348,11 +494,17 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
         float *og = oh + (int64_t)g * D;
         /* GN and NV must be constants in each call for the accumulators to stay in registers */
         kv_cursor *c = g == 0 ? cur : NULL;  /* the first pass reads the values from memory */
-        if (NV == 4 && gn == 4) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, c, 4, 4);
-        else if (NV == 4 && gn == 3) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, c, 4, 3);
-        else if (gn == 2) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, c, NV, 2);
-        else pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, c, NV, 1);
+        if (NV == 4 && gn == 4) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, c, kq, qbuf, 4, 4);
+        else if (NV == 4 && gn == 3) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, c, kq, qbuf, 4, 3);
+        else if (gn == 2) pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, c, kq, qbuf, NV, 2);
+        else pv512(sg, og, v_cache, bt, ctx, kh, BS, block_stride, head_stride, inv + g, c, kq, qbuf, NV, 1);
     }
+    if (kq)
+        for (int g = 0; g < G; g++) {
+            const __m512 add = _mm512_set1_ps(vmin[g] * inv[g]);
+            for (int i = 0; i < NV; i++)
+                _mm512_storeu_ps(oh + (int64_t)g * D + 16 * i, _mm512_add_ps(_mm512_loadu_ps(oh + (int64_t)g * D + 16 * i), add));
+        }
 }
 #endif
 
@@ -364,9 +516,11 @@ static void attend_kv_head(const float *qh, float *oh, const float *k_cache, con
 #if defined(HAVE_AVX512)
     if (ctx > 0 && (D == 64 || D == 128)) {
         if (D == 64)
-            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, cur, 4);
+            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, cur,
+                      NULL, NULL, 4);
         else
-            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, cur, 8);
+            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, cur,
+                      NULL, NULL, 8);
         free(scores);
         return;
     }
@@ -397,18 +551,58 @@ static void attend_kv_head(const float *qh, float *oh, const float *k_cache, con
     free(scores);
 }
 
+/* One (sequence, KV head) over quantized blocks: its K and V context dequantized into kbuf / vbuf [ctx, D]
+ * (in cache from then on: the blocks are read from memory once, at a quarter or less of float32's bytes),
+ * then attended as one block of ctx rows. */
+static void attend_kv_head_q(const float *qh, float *oh, const float *k_cache, const float *v_cache,
+                             const kv_quant *kq, const int32_t *bt, int ctx, int kh, int KVH, int G, int D, int BS,
+                             float scale, float *kbuf, float *vbuf) {
+    static const int32_t one_block = 0;
+#if defined(HAVE_AVX512)
+    if (ctx > 0 && (D == 64 || D == 128)) {  /* block by block through an L1 buffer (kbuf: BS rows at least) */
+        const int64_t head_stride = (int64_t)BS * D, block_stride = KVH * head_stride;
+        float *scores = (float *)malloc(sizeof(float) * (size_t)G * ctx);
+        if (D == 64)
+            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, NULL, kq,
+                      kbuf, 4);
+        else
+            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, NULL, kq,
+                      kbuf, 8);
+        free(scores);
+        return;
+    }
+#endif
+    kvq_dequant((const uint8_t *)k_cache, kq->kp, bt, ctx, kh, KVH, D, BS, kq->bits, kbuf);
+    kvq_dequant((const uint8_t *)v_cache, kq->vp, bt, ctx, kh, KVH, D, BS, kq->bits, vbuf);
+    attend_kv_head(qh, oh, kbuf, vbuf, &one_block, ctx, 0, G, D, ctx > 0 ? ctx : 1, 0, 0, scale, NULL);
+}
+
 /* Decode attention of B sequences, one query row each (q rows q_stride apart, output rows out_stride apart),
  * as an orphaned omp-for: the (sequence, KV head) tasks go out in chunks, dynamically (a descheduled thread's
  * chunks move to the other), and each chunk reads its K/V rows behind a read-ahead cursor. */
 static void attend_decode_tasks(const float *q, int64_t q_stride, float *out, int64_t out_stride, const float *k_cache,
                                 const float *v_cache, const int32_t *block_tables, const int32_t *ctx_lens,
-                                int max_blocks, int B, int KVH, int G, int D, int BS, float scale) {
+                                int max_blocks, int B, int KVH, int G, int D, int BS, float scale,
+                                const kv_quant *kq) {
     const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
     const int ntask = B * KVH, per = ntask / (4 * omp_get_num_threads()), chunk = per > 1 ? per : 1;
     const int nchunk = (ntask + chunk - 1) / chunk;
     #pragma omp for schedule(dynamic, 1)
     for (int c = 0; c < nchunk; c++) {
         const int t0 = c * chunk, t1 = t0 + chunk < ntask ? t0 + chunk : ntask;
+        if (kq && kq->bits) {
+            int longest = 1;
+            for (int task = t0; task < t1; task++) longest = ctx_lens[task / KVH] > longest ? ctx_lens[task / KVH] : longest;
+            float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)longest * D);
+            for (int task = t0; task < t1; task++) {
+                const int b = task / KVH, kh = task % KVH;
+                attend_kv_head_q(q + b * q_stride + (int64_t)kh * G * D, out + b * out_stride + (int64_t)kh * G * D,
+                                 k_cache, v_cache, kq, block_tables + (int64_t)b * max_blocks, ctx_lens[b], kh, KVH,
+                                 G, D, BS, scale, buf, buf + (int64_t)longest * D);
+            }
+            free(buf);
+            continue;
+        }
         kv_cursor cur;
         kvc_init(&cur, k_cache, v_cache, block_tables, ctx_lens, max_blocks, KVH, D, BS, block_stride, head_stride,
                  t0, t1);
@@ -427,7 +621,7 @@ void paged_decode(const float *q, const float *k_cache, const float *v_cache, co
                   float scale, int nthreads) {
     #pragma omp parallel num_threads(nthreads)
     attend_decode_tasks(q, (int64_t)H * D, out, (int64_t)H * D, k_cache, v_cache, block_tables, ctx_lens, max_blocks,
-                        B, KVH, H / KVH, D, BS, scale);
+                        B, KVH, H / KVH, D, BS, scale, NULL);
 }
 
 /* ---- panel products ------------------------------------------------------------------------------
@@ -731,7 +925,8 @@ static void rope_inplace(float *v, const float *cos, const float *sin, int D) {
  * context into att [M, NH*D]. Orphaned omp-fors: called inside the caller's parallel region. */
 /* qkv [M, QKV] -> rotate the q and k heads in place, write k and v to their cache slots. An orphaned omp-for. */
 static void rotate_write(float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
-                         const int32_t *slot_blocks, const int32_t *slot_offsets, int M, int NH, int KVH, int D, int BS) {
+                         const int32_t *slot_blocks, const int32_t *slot_offsets, int M, int NH, int KVH, int D, int BS,
+                         const kv_quant *kq) {
     const int QKV = (NH + 2 * KVH) * D;
     const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
     #pragma omp for schedule(static)
@@ -739,7 +934,12 @@ static void rotate_write(float *qkv, const float *cos, const float *sin, float *
         int m = t / (NH + KVH), hd = t % (NH + KVH);
         float *v = qkv + (int64_t)m * QKV + (int64_t)hd * D;
         rope_inplace(v, cos + (int64_t)m * D, sin + (int64_t)m * D, D);
-        if (hd >= NH) {
+        if (hd >= NH && kq && kq->bits) {
+            const int kh = hd - NH, Dq = kq->bits == 8 ? D : D / 2;
+            const int64_t slot = ((int64_t)slot_blocks[m] * KVH + kh) * BS + slot_offsets[m];
+            kvq_write_row(v, D, kq->bits, (uint8_t *)k_cache + slot * Dq, (float *)kq->kp + 2 * slot);
+            kvq_write_row(v + (int64_t)KVH * D, D, kq->bits, (uint8_t *)v_cache + slot * Dq, (float *)kq->vp + 2 * slot);
+        } else if (hd >= NH) {
             int kh = hd - NH;
             int64_t off = slot_blocks[m] * block_stride + kh * head_stride + (int64_t)slot_offsets[m] * D;
             memcpy(k_cache + off, v, sizeof(float) * D);
@@ -751,11 +951,11 @@ static void rotate_write(float *qkv, const float *cos, const float *sin, float *
 static void rotate_write_attend(float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
                                 const int32_t *slot_blocks, const int32_t *slot_offsets, const int32_t *block_tables,
                                 const int32_t *ctx_lens, int max_blocks, int M, int NH, int KVH, int D, int BS,
-                                float scale, float *att) {
+                                float scale, float *att, const kv_quant *kq) {
     const int G = NH / KVH, QKV = (NH + 2 * KVH) * D;
-    rotate_write(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, M, NH, KVH, D, BS);
+    rotate_write(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, M, NH, KVH, D, BS, kq);
     attend_decode_tasks(qkv, QKV, att, (int64_t)NH * D, k_cache, v_cache, block_tables, ctx_lens, max_blocks, M, KVH,
-                        G, D, BS, scale);
+                        G, D, BS, scale, kq);
 }
 
 /* one of a layer's products inside its parallel region, in the layout its weights were given in */
@@ -779,7 +979,9 @@ static void layer_product(const layer_weights *L, const float *x, const float *w
 void decode_layer(float *x, const layer_weights *L, const float *cos, const float *sin,
                   float *k_cache, float *v_cache, const int32_t *slot_blocks, const int32_t *slot_offsets,
                   const int32_t *block_tables, const int32_t *ctx_lens, int max_blocks, int M, int BS,
-                  float scale, float *scratch, int nthreads) {
+                  float scale, float *scratch, int nthreads, const float *k_params, const float *v_params,
+                  int kv_bits) {
+    const kv_quant kq = {k_params, v_params, kv_bits};
     const int H = L->H, NH = L->NH, KVH = L->KVH, D = L->D, I = L->I;
     const int QKV = (NH + 2 * KVH) * D;
     float *h = scratch;                      /* [M, H]   normed input */
@@ -801,7 +1003,7 @@ void decode_layer(float *x, const layer_weights *L, const float *cos, const floa
         rmsnorm_rows(x, L->in_norm, h, M, H, L->eps);
         layer_product(L, h, L->w_qkv, L->b_qkv, qkv, M, QKV, H, 0, ranges, &epoch, L->x_qkv, xs);
         rotate_write_attend(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, block_tables, ctx_lens,
-                            max_blocks, M, NH, KVH, D, BS, scale, att);
+                            max_blocks, M, NH, KVH, D, BS, scale, att, &kq);
         layer_product(L, att, L->w_o, L->b_o, x, M, H, NH * D, 1, ranges, &epoch, L->x_o, xs);  /* x += o(att) */
         #pragma omp single
         rmsnorm_rows(x, L->post_norm, h, M, H, L->eps);
@@ -823,7 +1025,8 @@ void decode_layer(float *x, const layer_weights *L, const float *cos, const floa
 void decode_layers_split(float *x, const layer_weights *Ls, int nlayers, const float *cos, const float *sin,
                          const int64_t *k_caches, const int64_t *v_caches, const int32_t *slot_blocks,
                          const int32_t *slot_offsets, const int32_t *block_tables, const int32_t *ctx_lens,
-                         int max_blocks, int M, int BS, float scale, float *scratch, int per_token, int nthreads) {
+                         int max_blocks, int M, int BS, float scale, float *scratch, int per_token, int nthreads,
+                         const int64_t *k_params, const int64_t *v_params, int kv_bits) {
     const int H = Ls[0].H, D = Ls[0].D;
     #pragma omp parallel num_threads(nthreads)
     {
@@ -834,7 +1037,9 @@ void decode_layers_split(float *x, const layer_weights *Ls, int nlayers, const f
                 decode_layer(x + (int64_t)m0 * H, &Ls[l], cos + (int64_t)m0 * D, sin + (int64_t)m0 * D,
                              (float *)(intptr_t)k_caches[l], (float *)(intptr_t)v_caches[l], slot_blocks + m0,
                              slot_offsets + m0, block_tables + (int64_t)m0 * max_blocks, ctx_lens + m0, max_blocks,
-                             m1 - m0, BS, scale, scratch + (int64_t)m0 * per_token, 1);
+                             m1 - m0, BS, scale, scratch + (int64_t)m0 * per_token, 1,
+                             kv_bits ? (const float *)(intptr_t)k_params[l] : NULL,
+                             kv_bits ? (const float *)(intptr_t)v_params[l] : NULL, kv_bits);
     }
 }
 
@@ -855,15 +1060,17 @@ void hy_add_norm(float *x, const float *addT, const float *w, float *h, int M, i
 void hy_attention(const float *qkvT, float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
                   const int32_t *slot_blocks, const int32_t *slot_offsets, const int32_t *block_tables,
                   const int32_t *ctx_lens, int max_blocks, int M, int NH, int KVH, int D, int BS, float scale,
-                  float *att, int nthreads) {
+                  float *att, int nthreads,
+                  const float *k_params, const float *v_params, int kv_bits) {
     const int QKV = (NH + 2 * KVH) * D;
     #pragma omp parallel num_threads(nthreads)
     {
         #pragma omp for schedule(static)
         for (int j = 0; j < QKV; j++)
             for (int m = 0; m < M; m++) qkv[(int64_t)m * QKV + j] = qkvT[(int64_t)j * M + m];
+        const kv_quant kq = {k_params, v_params, kv_bits};
         rotate_write_attend(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, block_tables, ctx_lens,
-                            max_blocks, M, NH, KVH, D, BS, scale, att);
+                            max_blocks, M, NH, KVH, D, BS, scale, att, &kq);
     }
 }
 
@@ -1061,13 +1268,63 @@ static void attend_tile(const float *q, int64_t qstride, float *out, int64_t ost
     free(scores);
 }
 
+/* tm_attention over int8 / int4 blocks, as the module path attends: a fresh prompt's chunk (nothing cached
+ * before it) over its own float32 K/V, every other row over the dequantized cache, its own new tokens
+ * included. One task per (sequence, KV head): its context is made float32 once (dequantized, or copied out
+ * of qkv) into a contiguous buffer, then attended tile by tile as one block. */
+static void tm_attention_q(float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
+                           const int32_t *slot_blocks, const int32_t *slot_offsets, const int32_t *spans,
+                           const int32_t *block_tables, int S, int max_blocks, int T, int NH, int KVH, int D, int BS,
+                           float scale, float *att, int nthreads, const kv_quant *kq) {
+    static const int32_t one_block = 0;
+    const int G = NH / KVH, QKV = (NH + 2 * KVH) * D;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        rotate_write(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, T, NH, KVH, D, BS, kq);
+        #pragma omp for schedule(dynamic, 1)
+        for (int i = 0; i < S * KVH; i++) {
+            const int s = S - 1 - i / KVH, kh = i % KVH;  /* prefill chunks (last) first */
+            const int start = spans[3 * s], len = spans[3 * s + 1], pos0 = spans[3 * s + 2], ctx = pos0 + len;
+            float *kbuf = (float *)malloc(sizeof(float) * 2 * (size_t)ctx * D), *vbuf = kbuf + (int64_t)ctx * D;
+            if (pos0 == 0)
+                for (int r = 0; r < len; r++) {
+                    const float *src = qkv + (int64_t)(start + r) * QKV + (int64_t)(NH + kh) * D;
+                    memcpy(kbuf + (int64_t)r * D, src, sizeof(float) * D);
+                    memcpy(vbuf + (int64_t)r * D, src + (int64_t)KVH * D, sizeof(float) * D);
+                }
+            else {
+                const int32_t *bt = block_tables + (int64_t)s * max_blocks;
+                kvq_dequant((const uint8_t *)k_cache, kq->kp, bt, ctx, kh, KVH, D, BS, kq->bits, kbuf);
+                kvq_dequant((const uint8_t *)v_cache, kq->vp, bt, ctx, kh, KVH, D, BS, kq->bits, vbuf);
+            }
+            for (int r0 = 0; r0 < len; r0 += TILE_ROWS) {
+                const int R = len - r0 < TILE_ROWS ? len - r0 : TILE_ROWS, row = start + r0;
+                float *q = qkv + (int64_t)row * QKV + (int64_t)kh * G * D;
+                float *o = att + (int64_t)row * NH * D + (int64_t)kh * G * D;
+                if (R == 1)
+                    attend_kv_head(q, o, kbuf, vbuf, &one_block, pos0 + r0 + 1, 0, G, D, ctx, 0, 0, scale, NULL);
+                else
+                    attend_tile(q, QKV, o, (int64_t)NH * D, kbuf, vbuf, &one_block, pos0 + r0, R, 0, G, D, ctx, 0, 0,
+                                scale);
+            }
+            free(kbuf);
+        }
+    }
+}
+
 /* qkv [T, QKV] (bias added; rotated in place) -> K/V written to their slots, then att [T, NH*D].
  * spans [S, 3]: (first row, rows, position of the first row) per sequence; block_tables [S, max_blocks]. */
 void tm_attention(float *qkv, const float *cos, const float *sin, float *k_cache, float *v_cache,
                   const int32_t *slot_blocks, const int32_t *slot_offsets, const int32_t *spans,
                   const int32_t *block_tables, int S, int max_blocks, int T, int NH, int KVH, int D, int BS,
-                  float scale, float *att, int nthreads) {
+                  float scale, float *att, int nthreads, const float *k_params, const float *v_params, int kv_bits) {
     const int G = NH / KVH, QKV = (NH + 2 * KVH) * D;
+    if (kv_bits) {
+        const kv_quant kq = {k_params, v_params, kv_bits};
+        tm_attention_q(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, spans, block_tables, S, max_blocks,
+                       T, NH, KVH, D, BS, scale, att, nthreads, &kq);
+        return;
+    }
     const int64_t block_stride = (int64_t)KVH * BS * D, head_stride = (int64_t)BS * D;
     /* tasks: (span, tile of TILE_ROWS rows, kv head); prefill tiles first, largest context first */
     int ntask = 0;
@@ -1079,7 +1336,7 @@ void tm_attention(float *qkv, const float *cos, const float *sin, float *k_cache
             for (int kh = 0; kh < KVH; kh++) { tasks[3 * n] = s; tasks[3 * n + 1] = r0; tasks[3 * n + 2] = kh; n++; }
     #pragma omp parallel num_threads(nthreads)
     {
-        rotate_write(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, T, NH, KVH, D, BS);
+        rotate_write(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, T, NH, KVH, D, BS, NULL);
         #pragma omp for schedule(dynamic, 1)
         for (int i = 0; i < ntask; i++) {
             const int s = tasks[3 * i], r0 = tasks[3 * i + 1], kh = tasks[3 * i + 2];
