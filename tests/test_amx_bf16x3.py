@@ -59,6 +59,40 @@ def test_precision_field_is_checked():
         cpu_gemm.pack_model(torch.nn.Linear(2, 2), "low")
 
 
+def _tiny_linears():
+    from engine.layers.linear import Linear
+    model = torch.nn.Sequential(Linear(64, 96), Linear(96, 64))
+    for m in model:
+        m.weight.data.normal_()
+    return model
+
+
+@needs_amx
+def test_high_precision_packs_the_panels_after_another_backend_was_chosen(monkeypatch):
+    """An earlier engine in the process settled on oneDNN: a model asking for "high" still gets panels with
+    their bf16x3 copies (the products dispatch on each weight's packed type)."""
+    monkeypatch.delenv(cpu_gemm.ENV, raising=False)
+    monkeypatch.setattr(cpu_gemm, "_choice", "onednn")
+    model = _tiny_linears()
+    assert cpu_gemm.pack_model(model, "high") == 2
+    assert all(isinstance(m.packed, cpu_gemm.Panels) and m.packed.x3 is not None for m in model)
+
+
+def test_high_precision_that_cannot_apply_says_so(monkeypatch, caplog):
+    """Without AMX, or with RAYLM_CPU_GEMM naming a backend other than the panels, "high" changes nothing, and
+    the log says so instead of staying silent."""
+    monkeypatch.setattr(cpu_gemm, "_choice", cpu_gemm._choice)  # whatever pack_model settles stays in this test
+    if cpu_gemm.x3_available():
+        monkeypatch.setenv(cpu_gemm.ENV, "mkl")
+        monkeypatch.setattr(cpu_gemm, "_choice", None)
+        expect = "RAYLM_CPU_GEMM=mkl"
+    else:
+        expect = "no AMX"
+    with caplog.at_level("WARNING", logger=cpu_gemm.__name__):
+        cpu_gemm.pack_model(_tiny_linears(), "high")
+    assert any(expect in r.getMessage() and "IEEE float32" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_high_precision_engine_matches_hf(tmp_path, smol_dir, arch, monkeypatch):
     """Twenty prompts decoding together run whole native layers on the bf16x3 copies (20 >= X3_MIN_M rows) and

@@ -208,10 +208,21 @@ def pack_model(model: torch.nn.Module, precision: str = "highest") -> int:
     if not dense:
         return 0
     x3 = precision == "high" and x3_available()
+    if precision == "high" and not x3:
+        logger.warning("matmul_precision='high': this processor has no AMX tiles (or the native kernels are not "
+                       "built), so float32 products stay IEEE float32")
     global _choice
-    if x3 and _choice is None and os.environ.get(ENV, "auto").strip().lower() == "auto":
-        _choice = "native"  # the bf16x3 copies ride on the panels
-    choice = backend([m.weight for m in dense])
+    if x3 and os.environ.get(ENV, "auto").strip().lower() == "auto":
+        # the bf16x3 copies ride on the panels: this model takes them whatever an earlier engine in the process
+        # was measured to prefer (products dispatch on each weight's packed type)
+        _choice = _choice or "native"
+        choice = "native"
+    else:
+        choice = backend([m.weight for m in dense])
+    if x3 and choice != "native":
+        logger.warning("matmul_precision='high' needs the native panel products, but %s=%s: float32 products stay "
+                       "IEEE float32", ENV, choice)
+        x3 = False
     if choice == "mkl":
         return 0
     if choice == "native":  # one arena for all the panels, on huge pages: decode streams all of it every step
