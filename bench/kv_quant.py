@@ -1,8 +1,11 @@
 """KV-cache quantization on SmolLM2-135M-Instruct (float32 weights, CPU): memory at quant_policy 0/8/4 for
-batches of full-context sequences, sequences that fit a fixed budget, and accuracy through the engine
-(WikiText-2 perplexity with the context read back from the cache, and teacher-forced greedy agreement).
+batches of full-context sequences, sequences that fit a fixed budget, accuracy through the engine
+(WikiText-2 perplexity with the context read back from the cache, and teacher-forced greedy agreement), and
+offline throughput at each policy, with the native layers and with the torch layers (dequantizing gathered
+blocks; what int8 / int4 ran on before the native layers took quantized blocks).
 
     python bench/kv_quant.py [--context 512] [--batches 8,16,32,48] [--budget-gib 1] [--ppl-windows 8]
+                             [--speed-runs 3] [--only speed]
 """
 from __future__ import annotations
 
@@ -71,6 +74,43 @@ def accuracy(windows: int, seqlen: int, chunk: int) -> dict:
     return res
 
 
+# offline throughput runs: (prompt tokens, new tokens, batch cap, prompts)
+SPEED_SHAPES = ((128, 128, 32, 32), (896, 128, 16, 16))
+
+
+def speed(runs: int) -> list:
+    """Output tokens/s (whole runs, and their decode-only steps) per shape and policy, runs alternating between
+    the engines; policies 8 and 4 also with the torch layers (the native decoder switched off)."""
+    import statistics
+
+    from bench.common import token_prompts
+    from bench.offline_throughput import ours
+    from engine.llm_engine import LLMEngine
+    engines = {p: LLMEngine(quant_policy=p, max_batch_size=32, cache_max_entry_count=2) for p in POLICIES}
+    rows = []
+    for prompt_len, new, cap, n in SPEED_SHAPES:
+        prompts = token_prompts(engines[0].tokenizer, n, prompt_len)
+        runs_by = {}
+        for _ in range(runs):
+            for p, eng in engines.items():
+                for path in ("native", "torch") if p else ("native",):
+                    fd = eng.runner.model.fused_decoder
+                    if path == "torch":
+                        eng.runner.model.fused_decoder = None
+                    try:
+                        rates, decode_rates, _ = ours(eng, prompts, new, cap, 1)
+                    finally:
+                        eng.runner.model.fused_decoder = fd
+                    runs_by.setdefault((p, path), []).append((rates[0], decode_rates[0]))
+        for (p, path), rs in runs_by.items():
+            rows.append({"prompt": prompt_len, "new": new, "cap": cap, "prompts": n, "policy": p, "path": path,
+                         "tokens_per_s": statistics.median(r[0] for r in rs),
+                         "decode_tokens_per_s": statistics.median(r[1] for r in rs), "runs": rs})
+            print(f"  {prompt_len}+{new} cap {cap} policy {p} {path}: {rows[-1]['tokens_per_s']:.1f} tok/s "
+                  f"(decode-only steps {rows[-1]['decode_tokens_per_s']:.1f})", flush=True)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=512)
@@ -80,6 +120,8 @@ def main() -> int:
     ap.add_argument("--ppl-windows", type=int, default=8)
     ap.add_argument("--ppl-seqlen", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--speed-runs", type=int, default=3)
+    ap.add_argument("--only", choices=["speed"], help="run only this part (the others keep their saved results)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: policy,batch for a child process
     ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args()
@@ -88,6 +130,11 @@ def main() -> int:
         print("RESULT " + json.dumps(memory_run(p, b, a.context, a.out_tokens)))
         return 0
     batches = [int(b) for b in a.batches.split(",")]
+    if a.only == "speed":  # the memory and accuracy parts from the last full run
+        res = json.loads((Path(__file__).resolve().parent / "results" / "kv_quant.json").read_text())
+        res["speed"], res["speed_machine"] = speed(a.speed_runs), machine_description()
+        res["args"]["speed_runs"] = a.speed_runs
+        return _finish(res, batches, a.no_doc)
     mem = {}
     for b in batches:
         for p in POLICIES:
@@ -100,11 +147,16 @@ def main() -> int:
     per_seq = {p: KVCache.bytes_per_block(30, 64, 3, 64, torch.float32, p) * -(-a.context // 64) for p in POLICIES}
     fits = {p: int(a.budget_gib * 2 ** 30 // per_seq[p]) for p in POLICIES}
     acc = accuracy(a.ppl_windows, a.ppl_seqlen, a.chunk)
-    res = {"machine": machine_description(), "args": vars(a), "memory": mem, "fits": fits, "accuracy": acc}
+    res = {"machine": machine_description(), "args": vars(a), "memory": mem, "fits": fits, "accuracy": acc,
+           "speed": speed(a.speed_runs), "speed_machine": machine_description()}
+    return _finish(res, batches, a.no_doc)
+
+
+def _finish(res, batches, no_doc: bool) -> int:
     save_json("kv_quant", res)
     table = render(res, batches)
     print(table)
-    if not a.no_doc:
+    if not no_doc:
         write_section("kv_quant", table)
     return 0
 
@@ -122,7 +174,7 @@ def render(res, batches) -> str:
         kv = " / ".join("%.0f" % x["kv_MiB"] for x in m)
         peak = " / ".join("%.0f" % x["peak_MiB"] for x in m)
         lines.append(f"| {b} | {kv} | {peak} |")
-    f = res["fits"]
+    f = {int(k): v for k, v in res["fits"].items()}  # int keys, or str ones read back from the JSON
     lines += ["", f"Sequences of {a['context']} tokens that fit a {a['budget_gib']:g} GiB cache: "
               f"{f[0]} at fp32, {f[8]} at int8 ({f[8] / f[0]:.1f}x), {f[4]} at int4 ({f[4] / f[0]:.1f}x).", "",
               f"Accuracy through the engine: WikiText-2 test, {a['ppl_windows']} windows of {a['ppl_seqlen']} tokens "
@@ -134,7 +186,28 @@ def render(res, batches) -> str:
     for p in POLICIES:
         lines.append(f"| {p} | {acc[p]['ppl']:.4f} | {acc[p]['ppl'] / acc[0]['ppl'] - 1:+.2%} | "
                      f"{acc[p]['greedy_agreement']:.1%} |")
+    if res.get("speed"):
+        lines += _speed_table(res)
     return "\n".join(lines)
+
+
+def _speed_table(res) -> list:
+    by = {(r["prompt"], r["policy"], r["path"]): r for r in res["speed"]}
+    runs = len(res["speed"][0]["runs"])
+    lines = ["", f"Offline throughput (output tokens/s, greedy, medians of {runs} runs, the engines' runs alternating). "
+             f"Machine: {res['speed_machine']}. Native: the native CPU layers, which write each new token's K/V "
+             "quantized and attend block by block over the integers, converted to floats in an L1 buffer, with "
+             "each key's scale and minimum folded into the scores and the value weights; torch: the module layers "
+             "in the same engine, dequantizing gathered blocks (what int8 and int4 ran on before). In brackets: "
+             "the decode-only steps.", "",
+             "| prompt + new tokens, batch cap (prompts) | fp32 | int8 | int8, torch layers | int4 | "
+             "int4, torch layers |", "|---|---|---|---|---|---|"]
+    for prompt_len, new, cap, n in sorted({(r["prompt"], r["new"], r["cap"], r["prompts"]) for r in res["speed"]}):
+        cell = lambda p, path: (lambda r: f"{r['tokens_per_s']:.1f} ({r['decode_tokens_per_s']:.1f})")(  # noqa: E731
+            by[(prompt_len, p, path)])
+        lines.append(f"| {prompt_len} + {new}, {cap} ({n}) | {cell(0, 'native')} | {cell(8, 'native')} | "
+                     f"{cell(8, 'torch')} | {cell(4, 'native')} | {cell(4, 'torch')} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -241,8 +241,12 @@ void skinny_linear(const float *x, const float *w, const float *b, float *y, int
  * A cached vector (one token, one KV head, D values) is stored as unsigned integers q = round((x - min) /
  * scale), scale = (max - min) / (2^bits - 1) (at least 1e-8), with (scale, min) as two float32 beside it
  * ([num_blocks, KVH, block_size, 2]); int4 holds element 2j in the low nibble of byte j, 2j+1 in the high.
- * Written with the same float32 operations as kv_quant.quantize_vectors (the tests compare the bytes), read
- * back as q * scale + min (a product, then a sum: no FMA, as torch's dequantize_vectors). */
+ * Written with the same float32 operations as kv_quant.quantize_vectors (the tests compare the bytes). The
+ * 512-bit decode attention (attend512) reads a block's integers as floats into an L1 buffer and folds the
+ * scale and min into its sums: q . k = (q . k_int) scale + min sum(q) per key; the value weights are
+ * multiplied by the scales, and sum(weight * min) is added to every output element. Elsewhere (prefill
+ * contexts, other head sizes) the blocks are dequantized first, as q * scale + min like torch's
+ * dequantize_vectors (a product, then a sum). */
 typedef struct {
     const float *kp, *vp;  /* the K and V (scale, min) pairs; the data pointers travel as k_cache / v_cache */
     int bits;              /* 8 or 4; 0: float32 blocks */
@@ -373,7 +377,7 @@ static inline __attribute__((always_inline)) void pv512(const float *sc, float *
         const int nk = ctx - b0 < BS ? ctx - b0 : BS;
         const float *vb = v_cache + bt[b] * block_stride + kh * head_stride;
         const float *vn = !cur && b0 + BS < ctx ? v_cache + bt[b + 1] * block_stride + kh * head_stride : NULL;
-        if (kq) {  /* quantized: this block's rows as float32 in an L1 buffer (the elements' offsets / D = slots) */
+        if (kq) {  /* quantized: this block's integers as floats in an L1 buffer (element offset / D = slot) */
             kvq_dequant_rows((const uint8_t *)v_cache, NULL, (bt[b] * block_stride + kh * head_stride) / D, nk, D,
                              kq->bits, qbuf);
             vb = qbuf;
