@@ -45,7 +45,7 @@ def measure(tokens, repeats):
             xt = x.t().contiguous()
             fns = {"mkl": lambda i: torch.mm(weights[i], xt)}
             for b in packed:
-                if b != "bf16x3" or m >= cpu_gemm.X3_MIN_M:
+                if b != "bf16x3" or m >= cpu_gemm.x3_min_rows():
                     fns[b] = (lambda ps: lambda i: cpu_gemm.linear(x, ps[i], None))(packed[b])
             times = {b: [] for b in fns}
             for _ in range(repeats + 1):  # the first pass warms up and is dropped

@@ -43,12 +43,13 @@ def test_products_match_float64(n, k):
 
 @needs_amx
 def test_few_tokens_keep_the_float32_panels():
-    """Below X3_MIN_M rows the products stay IEEE float32 (the panels): float32-sized error only."""
+    """Below x3_min_rows() rows (X3_MIN_M in the C header) the products stay IEEE float32 (the panels):
+    float32-sized error only."""
     g = torch.Generator().manual_seed(7)
     w = torch.randn(96, 64, generator=g)
     packed = cpu_gemm.Panels(w)
     packed.x3 = cpu_gemm.X3Weight(w)
-    x = torch.randn(cpu_gemm.X3_MIN_M - 1, 64, generator=g)
+    x = torch.randn(cpu_gemm.x3_min_rows() - 1, 64, generator=g)
     assert _err(cpu_gemm.linear(x, packed, None), x, w) < 1e-6
 
 
@@ -95,7 +96,7 @@ def test_high_precision_that_cannot_apply_says_so(monkeypatch, caplog):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_high_precision_engine_matches_hf(tmp_path, smol_dir, arch, monkeypatch):
-    """Twenty prompts decoding together run whole native layers on the bf16x3 copies (20 >= X3_MIN_M rows) and
+    """Twenty prompts decoding together run whole native layers on the bf16x3 copies (20 >= x3_min_rows()) and
     their prefill chunks the token-major products: greedy tokens identical to transformers' float32 generate,
     last-position logits within 1e-4. Without AMX, "high" packs no copies and the same holds."""
     monkeypatch.setattr(cpu_gemm, "_choice", None if cpu_gemm.x3_available() else "native")

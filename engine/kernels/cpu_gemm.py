@@ -14,7 +14,7 @@ takes its AVX2 code even where AVX-512 is there. Two packed backends replace it:
 unless a packed backend is at least MIN_GAIN faster. ``RAYLM_CPU_GEMM=auto|native|onednn|mkl`` overrides it.
 
 Precision ``high`` (``EngineConfig.matmul_precision``, torch's name for it) adds a bf16x3 copy of each panel
-packed weight on processors with AMX (csrc/amx_bf16x3.c): products of X3_MIN_M or more token rows run as three
+packed weight on processors with AMX (csrc/amx_bf16x3.c): products of x3_min_rows() or more token rows run as three
 bfloat16 tile products, 2-3x the float32 rate, with about 1e-6 of the products' magnitudes as error instead of
 about 1e-7. ``highest`` (the default) keeps IEEE float32 products everywhere.
 """
@@ -36,14 +36,20 @@ ENV = "RAYLM_CPU_GEMM"
 CHOICES = ("auto", "native", "onednn", "mkl")
 MIN_GAIN = 1.1  # auto takes a packed backend only when it is at least this much faster than MKL
 PRECISIONS = ("highest", "high")
-X3_MIN_M = 16  # csrc/amx_bf16x3.h: fewer token rows stream the float32 panels (a weight stream either way)
 _choice: Optional[str] = None
 
 
-class X3Weight:
-    """A weight [N, K] packed for the bf16x3 AMX products: hi and lo bfloat16 tiles (csrc/amx_bf16x3.c)."""
+def x3_min_rows() -> int:
+    """Token rows from which the bf16x3 products take over (X3_MIN_M in csrc/amx_bf16x3.h; fewer stream the
+    float32 panels, a weight stream either way)."""
+    return int(cpu_native.lib().x3_min_rows())
 
-    __slots__ = ("data", "out_features", "in_features")
+
+class X3Weight:
+    """A weight [N, K] packed for the bf16x3 AMX products: hi and lo bfloat16 tiles (csrc/amx_bf16x3.c);
+    ``min_rows``: products of fewer token rows run on the float32 panels instead."""
+
+    __slots__ = ("data", "out_features", "in_features", "min_rows")
 
     def __init__(self, weight: torch.Tensor, out: Optional[torch.Tensor] = None):
         """``out``: a 64-byte aligned int16 slice of ``X3Weight.size(weight)`` elements; a fresh tensor without it."""
@@ -52,7 +58,7 @@ class X3Weight:
         w = weight.detach().float().contiguous()
         self.data = torch.empty(X3Weight.size(weight), dtype=torch.int16) if out is None else out
         so.x3_pack(w.data_ptr(), self.data.data_ptr(), n, k, torch.get_num_threads())
-        self.out_features, self.in_features = n, k
+        self.out_features, self.in_features, self.min_rows = n, k, x3_min_rows()
 
     @staticmethod
     def size(weight: torch.Tensor) -> int:
@@ -130,7 +136,7 @@ def linear(x: torch.Tensor, packed, bias: Optional[torch.Tensor]) -> torch.Tenso
     if isinstance(packed, Panels):
         m = x.shape[0]
         y = torch.empty(m, packed.out_features, dtype=torch.float32)
-        x3 = packed.x3 is not None and m >= X3_MIN_M
+        x3 = packed.x3 is not None and m >= packed.x3.min_rows
         fn = cpu_native.lib().x3_linear if x3 else cpu_native.lib().panel_linear
         fn(x.data_ptr(), (packed.x3 if x3 else packed).data.data_ptr(), None if bias is None else bias.data_ptr(),
            y.data_ptr(), m, packed.out_features, packed.in_features, torch.get_num_threads())
@@ -236,7 +242,7 @@ def pack_model(model: torch.nn.Module, precision: str = "highest") -> int:
             arena, at = huge_empty(sum(sizes) // 2).view(torch.int16), 0  # int16 elements in a float32 arena
             for module, n in zip(dense, sizes):
                 module.packed.x3, at = X3Weight(module.weight, arena[at:at + n]), at + n
-            logger.info("CPU products of %d+ tokens: bf16x3 on AMX tiles (matmul_precision=high)", X3_MIN_M)
+            logger.info("CPU products of %d+ tokens: bf16x3 on AMX tiles (matmul_precision=high)", x3_min_rows())
         return len(dense)
     for module in dense:
         module.packed = pack(module.weight, choice)

@@ -123,6 +123,8 @@ def lib() -> Optional[ctypes.CDLL]:
         so.panel_steals.restype = ctypes.c_int64
         so.x3_available.argtypes = []
         so.x3_available.restype = _I
+        so.x3_min_rows.argtypes = []
+        so.x3_min_rows.restype = _I
         so.x3_packed_elems.argtypes = [_I, _I]
         so.x3_packed_elems.restype = ctypes.c_int64
         so.x3_pack.argtypes = [_P, _P, _I, _I, _I]

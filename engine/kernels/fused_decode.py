@@ -51,7 +51,7 @@ class FusedDecoder:
         self.panels = all(isinstance(lin.packed, cpu_gemm.Panels) for layer in model.layers
                           for lin in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down))
         w = (lambda lin: lin.packed.data.data_ptr()) if self.panels else (lambda lin: lin.weight.data_ptr())
-        # their bf16x3 copies under matmul_precision="high" (AMX): products of X3_MIN_M+ rows run on those
+        # their bf16x3 copies under matmul_precision="high" (AMX): products of x3_min_rows()+ rows run on those
         x3 = lambda lin: lin.packed.x3.data.data_ptr() if self.panels and lin.packed.x3 is not None else None  # noqa: E731
         self.structs: List[_LayerWeights] = []
         for layer in model.layers:

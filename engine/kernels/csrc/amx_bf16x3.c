@@ -37,6 +37,7 @@
 static inline int up32(int v) { return (v + 31) / 32 * 32; }
 static inline int up16(int v) { return (v + 15) / 16 * 16; }
 
+int x3_min_rows(void) { return X3_MIN_M; }
 int64_t x3_packed_elems(int N, int K) { return (int64_t)up32(N) * up32(K) * 2; }
 int64_t x3_scratch_elems(int M, int K) { return (int64_t)up16(M) * up32(K) * 2; }
 

@@ -6,6 +6,7 @@
 #define X3_MIN_M 16 /* fewer token rows read the float32 panels instead (a weight stream either way) */
 
 int x3_available(void);
+int x3_min_rows(void); /* X3_MIN_M, for the Python side */
 int64_t x3_packed_elems(int N, int K);
 void x3_pack(const float *w, uint16_t *p, int N, int K, int nthreads);
 int64_t x3_scratch_elems(int M, int K);
