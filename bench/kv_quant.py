@@ -5,7 +5,7 @@ offline throughput at each policy, with the native layers and with the torch lay
 blocks; what int8 / int4 ran on before the native layers took quantized blocks).
 
     python bench/kv_quant.py [--context 512] [--batches 8,16,32,48] [--budget-gib 1] [--ppl-windows 8]
-                             [--speed-runs 3] [--only speed]
+                             [--speed-runs 3] [--only memory|speed]
 """
 from __future__ import annotations
 
@@ -111,6 +111,18 @@ def speed(runs: int) -> list:
     return rows
 
 
+def memory(batches, context: int, out_tokens: int) -> dict:
+    """memory_run for each batch and policy, each in a process of its own."""
+    mem = {}
+    for b in batches:
+        for p in POLICIES:
+            out = subprocess.run([sys.executable, __file__, "--one", f"{p},{b}", "--context", str(context),
+                                  "--out-tokens", str(out_tokens)], capture_output=True, text=True, check=True)
+            mem[f"{p},{b}"] = json.loads(out.stdout.strip().splitlines()[-1][len("RESULT "):])
+            print(f"  batch {b} policy {p}: {mem[f'{p},{b}']}", flush=True)
+    return mem
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--context", type=int, default=512)
@@ -121,7 +133,8 @@ def main() -> int:
     ap.add_argument("--ppl-seqlen", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--speed-runs", type=int, default=3)
-    ap.add_argument("--only", choices=["speed"], help="run only this part (the others keep their saved results)")
+    ap.add_argument("--only", choices=["memory", "speed"],
+                    help="run only this part (the others keep their results from the last run)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: policy,batch for a child process
     ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args()
@@ -130,18 +143,16 @@ def main() -> int:
         print("RESULT " + json.dumps(memory_run(p, b, a.context, a.out_tokens)))
         return 0
     batches = [int(b) for b in a.batches.split(",")]
-    if a.only == "speed":  # the memory and accuracy parts from the last full run
+    if a.only:  # the other parts from the last run
         res = json.loads((Path(__file__).resolve().parent / "results" / "kv_quant.json").read_text())
-        res["speed"], res["speed_machine"] = speed(a.speed_runs), machine_description()
-        res["args"]["speed_runs"] = a.speed_runs
+        if a.only == "speed":
+            res["speed"], res["speed_machine"] = speed(a.speed_runs), machine_description()
+            res["args"]["speed_runs"] = a.speed_runs
+        else:
+            res["memory"], res["machine"] = memory(batches, a.context, a.out_tokens), machine_description()
+            res["args"].update(batches=a.batches, context=a.context, out_tokens=a.out_tokens)
         return _finish(res, batches, a.no_doc)
-    mem = {}
-    for b in batches:
-        for p in POLICIES:
-            out = subprocess.run([sys.executable, __file__, "--one", f"{p},{b}", "--context", str(a.context),
-                                  "--out-tokens", str(a.out_tokens)], capture_output=True, text=True, check=True)
-            mem[f"{p},{b}"] = json.loads(out.stdout.strip().splitlines()[-1][len("RESULT "):])
-            print(f"  batch {b} policy {p}: {mem[f'{p},{b}']}", flush=True)
+    mem = memory(batches, a.context, a.out_tokens)
     from engine.layers.attention import KVCache
     import torch
     per_seq = {p: KVCache.bytes_per_block(30, 64, 3, 64, torch.float32, p) * -(-a.context // 64) for p in POLICIES}

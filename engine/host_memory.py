@@ -54,6 +54,19 @@ def keep_freed_memory() -> bool:
     return ok
 
 
+def trim_heap() -> bool:
+    """Hand the heap's free pages back to the system now (glibc's malloc_trim: the settings above otherwise keep
+    them); for memory freed once and not needed again, such as weights a packed copy replaced."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim(0) == 1
+
+
 def huge_pages_enabled() -> bool:
     return os.environ.get("RAYLM_HUGE_PAGES", "1") != "0" and hasattr(mmap, "MADV_HUGEPAGE")
 

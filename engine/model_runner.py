@@ -49,7 +49,7 @@ class ModelRunner:
             params_to_huge_pages(model)  # before anything keeps pointers to them (the fused decoder)
         if device == "cpu" and dtype == torch.float32:  # before the fused decoder, which takes the packed layout
             from .kernels import cpu_gemm
-            packed = cpu_gemm.pack_model(model, matmul_precision)
+            packed = cpu_gemm.pack_model(model, matmul_precision, release=True)
             if packed:
                 logger.info("CPU float32 products: %s over %d packed weights", cpu_gemm.backend(), packed)
         if device == "cpu" and dtype == torch.float32:

@@ -381,6 +381,35 @@ def test_fused_decode_layers_with_more_threads_than_cores_match_the_torch_layers
         torch.set_num_threads(threads)
 
 
+def test_released_weights_leave_every_product_to_the_panels(monkeypatch):
+    """pack_model(release=True) frees each panel-packed row-major weight (not one the model shares between two
+    modules, like a tied LM head); products of any number of rows, one included, then run on the panels,
+    against a float64 reference taken before."""
+    from engine.kernels import cpu_gemm
+    from engine.layers.linear import Linear
+    if not cpu_gemm.backend_available("native"):
+        pytest.skip("no panel products (AVX-512 native kernels) on this machine")
+    monkeypatch.setattr(cpu_gemm, "_choice", "native")
+    torch.manual_seed(3)
+    model = torch.nn.Module()
+    model.a, model.b, model.tied = Linear(40, 70, bias=True), Linear(70, 40), Linear(70, 40)
+    for m in (model.a, model.b):
+        m.weight.data.normal_()
+    model.a.bias.data.normal_()
+    model.tied.weight = model.b.weight  # one parameter in two modules: neither may free it
+    ref = {n: (m.weight.double().clone(), None if m.bias is None else m.bias.double().clone())
+           for n, m in (("a", model.a), ("b", model.b))}
+    assert cpu_gemm.pack_model(model, release=True) == 3
+    assert model.a.released and model.a.weight.numel() == 0
+    assert not model.b.released and not model.tied.released and model.b.weight.shape == (40, 70)
+    for M in (1, 2, 5, 20):
+        x = torch.randn(M, 40)
+        w, b = ref["a"]
+        y = model.a(x)
+        expect = x.double() @ w.t() + b
+        assert y.shape == (M, 70) and float((y.double() - expect).abs().max() / expect.abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("M", [1, 2])
 @pytest.mark.parametrize("bias", [False, True])
 def test_panel_stream_for_one_or_two_rows_matches_a_float64_reference(M, bias):

@@ -116,7 +116,8 @@ def test_dynamic_ntk_beyond_context_matches_hf(tmp_path, smol_dir):
 def test_decode_batches_beyond_the_fused_size_match_hf(tmp_path, smol_dir, arch, gemm, monkeypatch):
     """Twelve sequences decoding together take the phased native path under MKL (feature-major products),
     the token-major one under oneDNN, or whole native layers on the panel products, and every prefill step
-    the token-major native path (qwen2 adds the qkv bias): still token-identical to transformers."""
+    the token-major native path (qwen2 adds the qkv bias): still token-identical to transformers. On the
+    panels, the layers' row-major weights are released (the panels carry every product)."""
     from engine.kernels import cpu_gemm
     from engine.kernels.fused_decode import MAX_TOKENS
     if gemm != "mkl" and not cpu_gemm.backend_available(gemm):
@@ -129,6 +130,9 @@ def test_decode_batches_beyond_the_fused_size_match_hf(tmp_path, smol_dir, arch,
     if fused is None:
         pytest.skip("native CPU kernels unavailable")
     assert fused.panels == (gemm == "native")
+    released = [lin.released for layer in engine.runner.model.layers
+                for lin in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)]
+    assert all(released) if gemm == "native" else not any(released)
     calls = []
     for name in ("run", "run_phased", "run_mixed"):
         fn = getattr(fused, name)

@@ -144,6 +144,19 @@ def linear(x: torch.Tensor, packed, bias: Optional[torch.Tensor]) -> torch.Tenso
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
+def release_weight(module, uses: Counter) -> int:
+    """Free a Linear's row-major weight once its panels replace it everywhere (products of any size, the native
+    decode layers); returns the bytes freed. Not for a weight that another module shares (``uses``: how often
+    each parameter occurs in the model, ``named_parameters(remove_duplicate=False)``; an LM head tied to the
+    embedding), nor for oneDNN-packed ones, whose native decode layers stream the row-major weights."""
+    if not isinstance(module.packed, Panels) or module.released or uses[id(module.weight)] != 1:
+        return 0
+    freed = module.weight.numel() * module.weight.element_size()
+    module.weight = torch.nn.Parameter(module.weight.new_empty(0, module.in_features), requires_grad=False)
+    module.released = True
+    return freed
+
+
 def _interleaved_medians(fns, reps: int = 11) -> list:
     """Median seconds of each fn, run in turns (a drifting machine slows all of them alike)."""
     for fn in fns:
@@ -201,11 +214,13 @@ def backend(weights: Sequence[torch.Tensor] = (), tokens: int = 16) -> str:
     return _choice
 
 
-def pack_model(model: torch.nn.Module, precision: str = "highest") -> int:
+def pack_model(model: torch.nn.Module, precision: str = "highest", release: bool = False) -> int:
     """Give every dense float32 ``Linear`` of a CPU model its packed weight; returns how many got one.
 
     ``precision`` ``high`` also gives each panel packed weight its bf16x3 copy where AMX is there (it takes the
-    native backend then, unless RAYLM_CPU_GEMM names another); elsewhere it changes nothing."""
+    native backend then, unless RAYLM_CPU_GEMM names another); elsewhere it changes nothing. ``release``: free
+    each row-major weight as soon as its panels are written (``release_weight``), so that the model never
+    holds most of its weights twice, not even while packing."""
     from ..layers.linear import Linear
     if precision not in PRECISIONS:
         raise ValueError(f"matmul_precision={precision!r}: allowed values are {', '.join(PRECISIONS)}")
@@ -233,16 +248,24 @@ def pack_model(model: torch.nn.Module, precision: str = "highest") -> int:
         return 0
     if choice == "native":  # one arena for all the panels, on huge pages: decode streams all of it every step
         from ..host_memory import huge_empty
+        # (the arenas' pages are touched only as they are written, so a released weight's memory can serve the
+        # next panels)
         arena, at = huge_empty(sum(Panels.size(m.weight) for m in dense)), 0
-        for module in dense:
+        sizes = [X3Weight.size(m.weight) for m in dense] if x3 else [0] * len(dense)
+        x3_arena, x3_at = huge_empty(sum(sizes) // 2).view(torch.int16) if x3 else None, 0  # int16 in float32
+        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        for module, n3 in zip(dense, sizes):
             n = Panels.size(module.weight)
             module.packed, at = Panels(module.weight, arena[at:at + n]), at + n
+            if x3:
+                module.packed.x3, x3_at = X3Weight(module.weight, x3_arena[x3_at:x3_at + n3]), x3_at + n3
+            if release:
+                release_weight(module, uses)
         if x3:
-            sizes = [X3Weight.size(m.weight) for m in dense]
-            arena, at = huge_empty(sum(sizes) // 2).view(torch.int16), 0  # int16 elements in a float32 arena
-            for module, n in zip(dense, sizes):
-                module.packed.x3, at = X3Weight(module.weight, arena[at:at + n]), at + n
             logger.info("CPU products of %d+ tokens: bf16x3 on AMX tiles (matmul_precision=high)", x3_min_rows())
+        if release:
+            from ..host_memory import trim_heap
+            trim_heap()
         return len(dense)
     for module in dense:
         module.packed = pack(module.weight, choice)

@@ -39,11 +39,15 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.packed = None  # a packed copy of the weight (kernels/cpu_gemm.py), set after loading on CPU
+        self.released = False  # the row-major weight freed: the packed copy takes every product
 
     def packed_for(self, x: torch.Tensor):
-        """The packed weight when it serves x: CPU, 2-D, beyond the native skinny kernel's few tokens."""
+        """The packed weight when it serves x: CPU, 2-D, beyond the native skinny kernel's few tokens (any
+        number of them once the row-major weight is released)."""
         if self.packed is None or x.dim() != 2 or x.device.type != "cpu":
             return None
+        if self.released:
+            return self.packed
         few = CPU_NATIVE_MAX_TOKENS_PANELS if isinstance(self.packed, cpu_gemm.Panels) else CPU_NATIVE_MAX_TOKENS_ONEDNN
         return self.packed if x.shape[0] > few else None
 
