@@ -12,11 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import held_weight_bytes as weight_bytes  # noqa: E402
 from bench.common import machine_description, save_json, write_section  # noqa: E402
-
-
-def weight_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
 def main() -> int:

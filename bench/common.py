@@ -16,6 +16,34 @@ SHARED = ROOT.parent / "shared" / "data"
 DOC = ROOT / "docs" / "benchmarks.md"
 
 
+def param_count(model) -> int:
+    """The model's parameters as its checkpoint counts them (tied ones once): a Linear whose row-major weight
+    was released on CPU (its packed panels carry the products) counts at its full size."""
+    from engine.layers.linear import Linear
+    seen, n = set(), 0
+    for m in model.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                released = isinstance(m, Linear) and name == "weight" and m.released
+                n += m.in_features * m.out_features if released else p.numel()
+    return n
+
+
+def held_weight_bytes(model) -> int:
+    """Bytes of the weights a model holds in memory: parameters and buffers, and the packed copies of CPU
+    Linears (panels, their bf16x3 copies, oneDNN's blocked layout), each storage once."""
+    from engine.layers.linear import Linear
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        if isinstance(m, Linear) and m.packed is not None:
+            packed = getattr(m.packed, "data", m.packed)  # Panels hold .data; oneDNN's is the tensor itself
+            tensors.append(packed)
+            if getattr(m.packed, "x3", None) is not None:
+                tensors.append(m.packed.x3.data)
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
 def machine_description() -> str:
     """Cores, CPU (with family/model and the widest vector ISA: the same "AMD EPYC" name has covered
     machines twice apart in float32 rate), memory, torch and its threads."""

@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (PeerSession, best_read_gbs, machine_description, matmul_gflops,  # noqa: E402
-                          memory_bandwidth_gbs, run_peer, save_json, token_prompts, write_section)
+                          memory_bandwidth_gbs, param_count, run_peer, save_json, token_prompts, write_section)
 
 
 PROBE_EVERY = 16  # decode-only steps between bandwidth readings at batch 1
@@ -124,11 +124,13 @@ def main() -> int:
     high = LLMEngine(max_batch_size=64, cache_max_entry_count=1, num_speculative_tokens=max(a.spec_k, 1),
                      matmul_precision="high") if high_caps else None
     prompts = token_prompts(engine.tokenizer, a.num_prompts, a.prompt_len)
-    n_params = sum(p.numel() for p in engine.model.parameters())
+    n_params = param_count(engine.model)  # as the checkpoint counts them (the engine may hold them packed)
     weight_bytes = n_params * 4
-    flops_per_token = 2 * (n_params - engine.model.embed.weight.numel() + engine.model.lm_head.weight.numel())
+    lm_head = engine.model.lm_head
+    embed, head = engine.model.embed.weight.numel(), lm_head.in_features * lm_head.out_features
+    flops_per_token = 2 * (n_params - embed + head)
     # a prompt token goes through every layer but not the LM head (logits only where a token is sampled)
-    flops_per_prompt_token = 2 * (n_params - engine.model.embed.weight.numel())
+    flops_per_prompt_token = 2 * (n_params - embed)
     bound_compute = gflops * 1e9 / flops_per_token
     print(f"machine: {machine}\nmemory read {bw:.1f} GB/s; "
           f"matmul {gflops:.1f} GFLOP/s -> compute bound {bound_compute:.0f} tok/s", flush=True)
