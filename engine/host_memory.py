@@ -33,18 +33,26 @@ TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: trim the heap top only past 
 _done = False
 
 
+def _glibc(name: str):
+    """A glibc malloc function on Linux, or None (another libc: musl has no mallopt or malloc_trim)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def keep_freed_memory() -> bool:
     """Apply the settings once per process; True when glibc took them."""
     global _done
     if _done:
         return True
-    if os.environ.get("RAYLM_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    if os.environ.get("RAYLM_KEEP_FREED_MEMORY", "1") == "0":
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False  # not glibc (musl has no mallopt)
+    mallopt = _glibc("mallopt")
+    if mallopt is None:
+        return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     ok = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
     if ok:
@@ -57,11 +65,8 @@ def keep_freed_memory() -> bool:
 def trim_heap() -> bool:
     """Hand the heap's free pages back to the system now (glibc's malloc_trim: the settings above otherwise keep
     them); for memory freed once and not needed again, such as weights a packed copy replaced."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    trim = _glibc("malloc_trim")
+    if trim is None:
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return trim(0) == 1

@@ -47,12 +47,11 @@ class ModelRunner:
             from .host_memory import keep_freed_memory, params_to_huge_pages
             keep_freed_memory()  # a prefill step's large buffers come back from the heap, not fresh pages
             params_to_huge_pages(model)  # before anything keeps pointers to them (the fused decoder)
-        if device == "cpu" and dtype == torch.float32:  # before the fused decoder, which takes the packed layout
+        if device == "cpu" and dtype == torch.float32:
             from .kernels import cpu_gemm
-            packed = cpu_gemm.pack_model(model, matmul_precision, release=True)
+            packed = cpu_gemm.pack_model(model, matmul_precision, release=True)  # the fused decoder takes its layout
             if packed:
                 logger.info("CPU float32 products: %s over %d packed weights", cpu_gemm.backend(), packed)
-        if device == "cpu" and dtype == torch.float32:
             self._use_native_decode(quant_policy)
         if graphs and not self.rope.dynamic_factor:  # dynamic NTK needs each step's lengths on the host
             from .cuda_graphs import DecodeGraphs
@@ -85,8 +84,8 @@ class ModelRunner:
         from .kernels import cpu_native
         if cpu_native.lib() is None or self.model.args.num_heads // self.model.args.num_kv_heads > cpu_native.MAX_GROUP:
             return
-        for layer in self.model.layers:
-            if not quant_policy:
+        if not quant_policy:  # the kernel reads float32 blocks; quantized ones keep torch_decode in these layers
+            for layer in self.model.layers:
                 layer.attn.decode_fn = cpu_native.native_decode
         from .kernels.fused_decode import fused_decoder_for
         self.model.fused_decoder = fused_decoder_for(self.model, self.dtype)

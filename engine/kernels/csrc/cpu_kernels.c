@@ -513,23 +513,35 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
 #endif
 
 /* One (sequence, KV head): G query heads against ctx cached positions; writes G output rows. */
+/* whether attend_kv_head takes its 512-bit path (attend512) for this context and head size */
+static inline int attend512_takes(int ctx, int D) {
+#if defined(HAVE_AVX512)
+    return ctx > 0 && (D == 64 || D == 128);
+#else
+    (void)ctx; (void)D;
+    return 0;
+#endif
+}
+
+/* kq (quantized blocks; with qbuf, an L1 buffer of BS rows) only where attend512_takes: elsewhere the caller
+ * dequantizes the context first (attend_kv_head_q) */
 static void attend_kv_head(const float *qh, float *oh, const float *k_cache, const float *v_cache,
                            const int32_t *bt, int ctx, int kh, int G, int D, int BS, int64_t block_stride,
-                           int64_t head_stride, float scale, kv_cursor *cur) {
+                           int64_t head_stride, float scale, kv_cursor *cur, const kv_quant *kq, float *qbuf) {
     float *scores = (float *)malloc(sizeof(float) * (size_t)G * (ctx > 0 ? ctx : 1));
 #if defined(HAVE_AVX512)
-    if (ctx > 0 && (D == 64 || D == 128)) {
+    if (attend512_takes(ctx, D)) {
         if (D == 64)
             attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, cur,
-                      NULL, NULL, 4);
+                      kq, qbuf, 4);
         else
             attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, cur,
-                      NULL, NULL, 8);
+                      kq, qbuf, 8);
         free(scores);
         return;
     }
 #endif
-    (void)cur;
+    (void)cur; (void)kq; (void)qbuf;
     float mx[64], sum[64];  /* G <= 64 is checked by the caller */
     for (int g = 0; g < G; g++) mx[g] = -INFINITY;
     for (int t = 0; t < ctx; t++) {
@@ -562,23 +574,14 @@ static void attend_kv_head_q(const float *qh, float *oh, const float *k_cache, c
                              const kv_quant *kq, const int32_t *bt, int ctx, int kh, int KVH, int G, int D, int BS,
                              float scale, float *kbuf, float *vbuf) {
     static const int32_t one_block = 0;
-#if defined(HAVE_AVX512)
-    if (ctx > 0 && (D == 64 || D == 128)) {  /* block by block through an L1 buffer (kbuf: BS rows at least) */
-        const int64_t head_stride = (int64_t)BS * D, block_stride = KVH * head_stride;
-        float *scores = (float *)malloc(sizeof(float) * (size_t)G * ctx);
-        if (D == 64)
-            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, NULL, kq,
-                      kbuf, 4);
-        else
-            attend512(qh, oh, k_cache, v_cache, bt, ctx, kh, G, BS, block_stride, head_stride, scale, scores, NULL, kq,
-                      kbuf, 8);
-        free(scores);
+    if (attend512_takes(ctx, D)) {  /* block by block through an L1 buffer (kbuf: BS rows at least) */
+        attend_kv_head(qh, oh, k_cache, v_cache, bt, ctx, kh, G, D, BS, (int64_t)KVH * BS * D, (int64_t)BS * D, scale,
+                       NULL, kq, kbuf);
         return;
     }
-#endif
     kvq_dequant((const uint8_t *)k_cache, kq->kp, bt, ctx, kh, KVH, D, BS, kq->bits, kbuf);
     kvq_dequant((const uint8_t *)v_cache, kq->vp, bt, ctx, kh, KVH, D, BS, kq->bits, vbuf);
-    attend_kv_head(qh, oh, kbuf, vbuf, &one_block, ctx, 0, G, D, ctx > 0 ? ctx : 1, 0, 0, scale, NULL);
+    attend_kv_head(qh, oh, kbuf, vbuf, &one_block, ctx, 0, G, D, ctx > 0 ? ctx : 1, 0, 0, scale, NULL, NULL, NULL);
 }
 
 /* Decode attention of B sequences, one query row each (q rows q_stride apart, output rows out_stride apart),
@@ -615,7 +618,7 @@ static void attend_decode_tasks(const float *q, int64_t q_stride, float *out, in
             const int b = task / KVH, kh = task % KVH;
             attend_kv_head(q + b * q_stride + (int64_t)kh * G * D, out + b * out_stride + (int64_t)kh * G * D,
                            k_cache, v_cache, block_tables + (int64_t)b * max_blocks, ctx_lens[b], kh, G, D, BS,
-                           block_stride, head_stride, scale, &cur);
+                           block_stride, head_stride, scale, &cur, NULL, NULL);
         }
     }
 }
@@ -1306,7 +1309,8 @@ static void tm_attention_q(float *qkv, const float *cos, const float *sin, float
                 float *q = qkv + (int64_t)row * QKV + (int64_t)kh * G * D;
                 float *o = att + (int64_t)row * NH * D + (int64_t)kh * G * D;
                 if (R == 1)
-                    attend_kv_head(q, o, kbuf, vbuf, &one_block, pos0 + r0 + 1, 0, G, D, ctx, 0, 0, scale, NULL);
+                    attend_kv_head(q, o, kbuf, vbuf, &one_block, pos0 + r0 + 1, 0, G, D, ctx, 0, 0, scale, NULL, NULL,
+                                   NULL);
                 else
                     attend_tile(q, QKV, o, (int64_t)NH * D, kbuf, vbuf, &one_block, pos0 + r0, R, 0, G, D, ctx, 0, 0,
                                 scale);
@@ -1352,7 +1356,7 @@ void tm_attention(float *qkv, const float *cos, const float *sin, float *k_cache
             float *o = att + (int64_t)row * NH * D + (int64_t)kh * G * D;
             if (R == 1)
                 attend_kv_head(q, o, k_cache, v_cache, bt, pos0 + r0 + 1, kh, G, D, BS, block_stride, head_stride, scale,
-                               NULL);
+                               NULL, NULL, NULL);
             else
                 attend_tile(q, QKV, o, (int64_t)NH * D, k_cache, v_cache, bt, pos0 + r0, R, kh, G, D, BS,
                             block_stride, head_stride, scale);
