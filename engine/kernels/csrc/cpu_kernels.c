@@ -362,6 +362,12 @@ static void kvq_dequant(const uint8_t *q, const float *params, const int32_t *bt
 }
 
 #if defined(HAVE_AVX512)
+/* The slot (row of D values, counted over the whole cache) of block b's first row for KV head kh: the
+ * quantized blocks index their integers and (scale, min) pairs by it. */
+static inline int64_t kv_slot0(const int32_t *bt, int b, int kh, int64_t block_stride, int64_t head_stride, int D) {
+    return (bt[b] * block_stride + kh * head_stride) / D;
+}
+
 /* The decode attention of attend_kv_head for head_dim = 16 * NV (NV 4 or 8) with 512-bit vectors: each K and
  * V block is read from memory once (later query heads find it in L1), the next block is prefetched while
  * this one is used, and each group of GN query heads keeps its output rows in registers over all keys.
@@ -378,8 +384,8 @@ static inline __attribute__((always_inline)) void pv512(const float *sc, float *
         const float *vb = v_cache + bt[b] * block_stride + kh * head_stride;
         const float *vn = !cur && b0 + BS < ctx ? v_cache + bt[b + 1] * block_stride + kh * head_stride : NULL;
         if (kq) {  /* quantized: this block's integers as floats in an L1 buffer (element offset / D = slot) */
-            kvq_dequant_rows((const uint8_t *)v_cache, NULL, (bt[b] * block_stride + kh * head_stride) / D, nk, D,
-                             kq->bits, qbuf);
+            kvq_dequant_rows((const uint8_t *)v_cache, NULL, kv_slot0(bt, b, kh, block_stride, head_stride, D), nk,
+                             D, kq->bits, qbuf);
             vb = qbuf;
             vn = NULL;
         }
@@ -433,7 +439,7 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
     for (int b0 = 0, b = 0; b0 < ctx; b0 += BS, b++) {
         const int nk = ctx - b0 < BS ? ctx - b0 : BS;
         const float *kb = k_cache + bt[b] * block_stride + kh * head_stride;
-        const int64_t slot0 = (bt[b] * block_stride + kh * head_stride) / D;  /* quantized blocks' slot */
+        const int64_t slot0 = kv_slot0(bt, b, kh, block_stride, head_stride, D);
         if (kq) {  /* quantized: this block's integers as floats in an L1 buffer, read by every query head */
             kvq_dequant_rows((const uint8_t *)k_cache, NULL, slot0, nk, D, kq->bits, qbuf);
             kb = qbuf;
@@ -486,7 +492,7 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
         for (int g = 0; g < G; g++) {
             vmin[g] = 0.f;
             for (int b0 = 0, b = 0; b0 < ctx; b0 += BS, b++) {
-                const int64_t slot0 = (bt[b] * block_stride + kh * head_stride) / D;
+                const int64_t slot0 = kv_slot0(bt, b, kh, block_stride, head_stride, D);
                 vmin[g] += kvq_fold_weights(sc + (int64_t)g * ctx + b0, kq->vp + 2 * slot0, ctx - b0 < BS ? ctx - b0 : BS);
             }
         }
@@ -512,7 +518,6 @@ static inline __attribute__((always_inline)) void attend512(const float *qh, flo
 }
 #endif
 
-/* One (sequence, KV head): G query heads against ctx cached positions; writes G output rows. */
 /* whether attend_kv_head takes its 512-bit path (attend512) for this context and head size */
 static inline int attend512_takes(int ctx, int D) {
 #if defined(HAVE_AVX512)
@@ -523,7 +528,8 @@ static inline int attend512_takes(int ctx, int D) {
 #endif
 }
 
-/* kq (quantized blocks; with qbuf, an L1 buffer of BS rows) only where attend512_takes: elsewhere the caller
+/* One (sequence, KV head): G query heads against ctx cached positions; writes G output rows.
+ * kq (quantized blocks; with qbuf, an L1 buffer of BS rows) only where attend512_takes: elsewhere the caller
  * dequantizes the context first (attend_kv_head_q) */
 static void attend_kv_head(const float *qh, float *oh, const float *k_cache, const float *v_cache,
                            const int32_t *bt, int ctx, int kh, int G, int D, int BS, int64_t block_stride,
@@ -598,14 +604,17 @@ static void attend_decode_tasks(const float *q, int64_t q_stride, float *out, in
     for (int c = 0; c < nchunk; c++) {
         const int t0 = c * chunk, t1 = t0 + chunk < ntask ? t0 + chunk : ntask;
         if (kq && kq->bits) {
-            int longest = 1;
-            for (int task = t0; task < t1; task++) longest = ctx_lens[task / KVH] > longest ? ctx_lens[task / KVH] : longest;
-            float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)longest * D);
+            int rows = 1;  /* per buffer: one block where attend512 takes the task, else the whole context */
+            for (int task = t0; task < t1; task++) {
+                const int ctx = ctx_lens[task / KVH], need = attend512_takes(ctx, D) ? BS : ctx;
+                rows = need > rows ? need : rows;
+            }
+            float *buf = (float *)malloc(sizeof(float) * 2 * (size_t)rows * D);
             for (int task = t0; task < t1; task++) {
                 const int b = task / KVH, kh = task % KVH;
                 attend_kv_head_q(q + b * q_stride + (int64_t)kh * G * D, out + b * out_stride + (int64_t)kh * G * D,
                                  k_cache, v_cache, kq, block_tables + (int64_t)b * max_blocks, ctx_lens[b], kh, KVH,
-                                 G, D, BS, scale, buf, buf + (int64_t)longest * D);
+                                 G, D, BS, scale, buf, buf + (int64_t)rows * D);
             }
             free(buf);
             continue;
@@ -979,7 +988,7 @@ static void layer_product(const layer_weights *L, const float *x, const float *w
         return;
     }
 #endif
-    (void)ranges; (void)epoch;
+    (void)L; (void)ranges; (void)epoch;
     gemv_rows(x, w, b, y, M, N, K, accumulate);
 }
 
