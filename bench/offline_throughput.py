@@ -127,7 +127,8 @@ def main() -> int:
     n_params = param_count(engine.model)  # as the checkpoint counts them (the engine may hold them packed)
     weight_bytes = n_params * 4
     lm_head = engine.model.lm_head
-    embed, head = engine.model.embed.weight.numel(), lm_head.in_features * lm_head.out_features
+    embed = engine.model.embed.num_embeddings * engine.model.embed.embedding_dim  # may read the head's panels
+    head = lm_head.in_features * lm_head.out_features
     flops_per_token = 2 * (n_params - embed + head)
     # a prompt token goes through every layer but not the LM head (logits only where a token is sampled)
     flops_per_prompt_token = 2 * (n_params - embed)

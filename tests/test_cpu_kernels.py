@@ -167,6 +167,35 @@ def test_released_weights_leave_every_product_to_the_panels(monkeypatch):
         assert y.shape == (M, 70) and float((y.double() - expect).abs().max() / expect.abs().max()) < 1e-5
 
 
+def test_tied_head_is_released_and_its_embedding_reads_the_panels(monkeypatch):
+    """An LM head tied to an nn.Embedding (its only other use) is released too: the embedding is replaced by one
+    that gathers its rows out of the head's panels, bit for bit the table's rows (a vocabulary of 37: a
+    partial last panel), and the head's products of any size match a float64 reference."""
+    from engine.kernels import cpu_gemm
+    from engine.layers.linear import Linear
+    if not cpu_gemm.backend_available("native"):
+        pytest.skip("no panel products (AVX-512 native kernels) on this machine")
+    monkeypatch.setattr(cpu_gemm, "_choice", "native")
+    torch.manual_seed(4)
+    model = torch.nn.Module()
+    model.inner = torch.nn.Module()
+    model.inner.embed, model.head = torch.nn.Embedding(37, 24), Linear(24, 37)
+    model.head.weight = model.inner.embed.weight
+    table = model.inner.embed.weight.detach().clone()
+    assert cpu_gemm.pack_model(model, release=True) == 1
+    assert model.head.released and model.head.weight.numel() == 0
+    assert isinstance(model.inner.embed, cpu_gemm.PanelEmbedding)
+    assert [p.numel() for p in model.parameters()] == [0]  # the table is held once, in the panels
+    ids = torch.tensor([[0, 36, 15, 16], [17, 31, 32, 5]])
+    rows = model.inner.embed(ids)
+    assert rows.shape == (2, 4, 24) and torch.equal(rows, table[ids])
+    for M in (1, 3, 20):
+        x = torch.randn(M, 24)
+        expect = x.double() @ table.double().t()
+        y = model.head(x)
+        assert y.shape == (M, 37) and float((y.double() - expect).abs().max() / expect.abs().max()) < 1e-5
+
+
 @pytest.mark.parametrize("M", [1, 2])
 @pytest.mark.parametrize("bias", [False, True])
 def test_panel_stream_for_one_or_two_rows_matches_a_float64_reference(M, bias):

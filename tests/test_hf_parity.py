@@ -117,7 +117,8 @@ def test_decode_batches_beyond_the_fused_size_match_hf(tmp_path, smol_dir, arch,
     """Twelve sequences decoding together take the phased native path under MKL (feature-major products),
     the token-major one under oneDNN, or whole native layers on the panel products, and every prefill step
     the token-major native path (qwen2 adds the qkv bias): still token-identical to transformers. On the
-    panels, the layers' row-major weights are released (the panels carry every product)."""
+    panels, the layers' and the LM head's row-major weights are released (the panels carry every product, and
+    a tied head's embedding rows)."""
     from engine.kernels import cpu_gemm
     from engine.kernels.fused_decode import MAX_TOKENS
     if gemm != "mkl" and not cpu_gemm.backend_available(gemm):
@@ -133,6 +134,9 @@ def test_decode_batches_beyond_the_fused_size_match_hf(tmp_path, smol_dir, arch,
     released = [lin.released for layer in engine.runner.model.layers
                 for lin in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)]
     assert all(released) if gemm == "native" else not any(released)
+    model = engine.runner.model  # the LM head as well; a tied one's embedding then reads its panels (qwen2)
+    assert model.lm_head.released == (gemm == "native")
+    assert isinstance(model.embed, cpu_gemm.PanelEmbedding) == (gemm == "native" and model.args.tie_word_embeddings)
     calls = []
     for name in ("run", "run_phased", "run_mixed"):
         fn = getattr(fused, name)

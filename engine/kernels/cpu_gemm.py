@@ -96,6 +96,21 @@ class Panels:
         return _padded(n) * k
 
 
+class PanelEmbedding(torch.nn.Module):
+    """An embedding table read out of the panels of the LM head tied to it, once the head's row-major weight
+    is released (``release_tied_head``): token t's row is column t % 16 of panel t // 16, the same float32
+    values, so the model holds the table once."""
+
+    def __init__(self, panels: Panels):
+        super().__init__()
+        self.panels = panels
+        self.num_embeddings, self.embedding_dim = panels.out_features, panels.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        return self.panels.data[flat // 16, :, flat % 16].view(*ids.shape, self.embedding_dim)
+
+
 def _padded(n: int) -> int:
     """Output features rounded up to whole 16-wide panels."""
     return -(-n // 16) * 16
@@ -155,6 +170,21 @@ def release_weight(module, uses: Counter) -> int:
     module.weight = torch.nn.Parameter(module.weight.new_empty(0, module.in_features), requires_grad=False)
     module.released = True
     return freed
+
+
+def release_tied_head(model: torch.nn.Module, module, uses: Counter) -> int:
+    """Free an LM head's row-major weight that only an ``nn.Embedding`` shares with it (tie_word_embeddings),
+    putting a ``PanelEmbedding`` over the head's panels in the embedding's place; returns the bytes freed."""
+    if not isinstance(module.packed, Panels) or module.released or uses[id(module.weight)] != 2:
+        return 0
+    owners = [name for name, m in model.named_modules()
+              if isinstance(m, torch.nn.Embedding) and m.weight is module.weight and m.max_norm is None]
+    if len(owners) != 1:
+        return 0
+    parent, _, attr = owners[0].rpartition(".")
+    setattr(model.get_submodule(parent), attr, PanelEmbedding(module.packed))
+    uses[id(module.weight)] -= 1
+    return release_weight(module, uses)
 
 
 def _interleaved_medians(fns, reps: int = 11) -> list:
@@ -219,8 +249,9 @@ def pack_model(model: torch.nn.Module, precision: str = "highest", release: bool
 
     ``precision`` ``high`` also gives each panel packed weight its bf16x3 copy where AMX is there (it takes the
     native backend then, unless RAYLM_CPU_GEMM names another); elsewhere it changes nothing. ``release``: free
-    each row-major weight as soon as its panels are written (``release_weight``), so that the model never
-    holds most of its weights twice, not even while packing."""
+    each row-major weight as soon as its panels are written (``release_weight``; a tied LM head's too, its
+    embedding then reading the panels: ``release_tied_head``), so that the model never holds its weights
+    twice, not even while packing."""
     from ..layers.linear import Linear
     if precision not in PRECISIONS:
         raise ValueError(f"matmul_precision={precision!r}: allowed values are {', '.join(PRECISIONS)}")
@@ -260,7 +291,7 @@ def pack_model(model: torch.nn.Module, precision: str = "highest", release: bool
             if x3:
                 module.packed.x3, x3_at = X3Weight(module.weight, x3_arena[x3_at:x3_at + n3]), x3_at + n3
             if release:
-                release_weight(module, uses)
+                release_weight(module, uses) or release_tied_head(model, module, uses)
         if x3:
             logger.info("CPU products of %d+ tokens: bf16x3 on AMX tiles (matmul_precision=high)", x3_min_rows())
         if release:
