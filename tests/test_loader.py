@@ -45,3 +45,38 @@ def test_engine_config_rejects_bad_fields():
         EngineConfig(cache_max_entry_count=1.5)
     with pytest.raises(ValueError, match="unknown_field|extra"):
         EngineConfig(unknown_field=1)
+
+
+def test_safetensors_read_without_a_map_matches_the_library(tmp_path):
+    """read_tensors (plain reads into each tensor's own memory) gives what safetensors' own loader gives: every
+    dtype a checkpoint holds, a scalar, an empty tensor, metadata; a truncated file or a bad length is an error
+    naming the tensor."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from engine.models.safetensors_read import read_tensors
+    torch.manual_seed(0)
+    tensors = {"w.f32": torch.randn(7, 5), "w.bf16": torch.randn(3, 4).bfloat16(), "w.f16": torch.randn(9).half(),
+               "q.i32": torch.randint(-2**31, 2**31 - 1, (4, 2), dtype=torch.int32),
+               "z.u8": torch.randint(0, 255, (6,), dtype=torch.uint8), "flag": torch.tensor([True, False]),
+               "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    got, expect = dict(read_tensors(path)), load_file(str(path))
+    assert got.keys() == expect.keys() == tensors.keys()
+    for name, t in expect.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape and torch.equal(got[name], t), name
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:-10])
+    with pytest.raises(ValueError, match="truncated: tensor"):
+        list(read_tensors(tmp_path / "cut.safetensors"))
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    header["w.f32"]["shape"] = [7, 6]
+    bad = json.dumps(header).encode()
+    (tmp_path / "bad.safetensors").write_bytes(len(bad).to_bytes(8, "little") + bad + data[8 + n:])
+    with pytest.raises(ValueError, match=r"'w.f32' F32\[7, 6\] needs 168 bytes"):
+        list(read_tensors(tmp_path / "bad.safetensors"))
+    (tmp_path / "text.safetensors").write_text("not a checkpoint at all")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        list(read_tensors(tmp_path / "text.safetensors"))

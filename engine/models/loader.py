@@ -15,6 +15,7 @@ from .adapters import TRANSFORMS, get_adapter
 from .args import ModelArgs
 from .llama import LlamaModel
 from .quant_config import read_quant_config
+from .safetensors_read import read_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +76,8 @@ def _weight_files(model_dir: Path):
 def _iter_tensors(model_dir: Path):
     files, kind = _weight_files(model_dir)
     for f in files:
-        if kind == "safetensors":
-            from safetensors import safe_open
-            with safe_open(str(f), framework="pt") as fh:  # memory-mapped
-                for name in fh.keys():
-                    yield name, fh.get_tensor(name)
+        if kind == "safetensors":  # plain reads: a mapped file's pages would count as resident while loading
+            yield from read_tensors(f)
         else:
             state = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
             yield from state.items()
