@@ -36,6 +36,10 @@ ENV = "RAYLM_CPU_GEMM"
 CHOICES = ("auto", "native", "onednn", "mkl")
 MIN_GAIN = 1.1  # auto takes a packed backend only when it is at least this much faster than MKL
 PRECISIONS = ("highest", "high")
+# backend() times a wider weight on this many of its rows (times its share): packing a 49k-row LM head twice
+# to time it had taken the engine's peak memory 226 MiB above its steady state
+MAX_TIMED_ROWS = 8192
+TRIM_EVERY = 64 << 20  # pack_model(release=True) trims the heap each time this many bytes of weights are freed
 _choice: Optional[str] = None
 
 
@@ -205,8 +209,8 @@ def backend(weights: Sequence[torch.Tensor] = (), tokens: int = 16) -> str:
     per process).
 
     ``auto`` times the available backends at ``tokens`` rows, in turns, on one of each shape among
-    ``weights`` (a model passes all of its dense weights, so a shape counts as often as layers have it), and
-    takes the fastest packed one when the sum is at least MIN_GAIN faster than MKL's: one small product
+    ``weights`` (a model passes all of its dense weights, so a shape counts as often as layers have it; a wide
+    one on MAX_TIMED_ROWS of its rows, scaled), and takes the fastest packed one when the sum is at least MIN_GAIN faster than MKL's: one small product
     timed alone swung either way on a busy host.
     """
     global _choice
@@ -231,12 +235,14 @@ def backend(weights: Sequence[torch.Tensor] = (), tokens: int = 16) -> str:
     first = {tuple(w.shape): w for w in reversed(weights)}  # one weight of each shape, the model's own
     totals = dict.fromkeys(["mkl", *packed_backends], 0.0)
     for shape, w in first.items():
+        scale = max(1.0, w.shape[0] / MAX_TIMED_ROWS)  # a wide weight (an LM head) timed on a slice of its rows
+        w = w[:MAX_TIMED_ROWS]
         x = torch.randn(tokens, w.shape[1], generator=g)
         fns = [lambda: torch.mm(w, x.t())]
         for b in packed_backends:
             fns.append((lambda p: lambda: linear(x, p, None))(pack(w, b)))
         for name, t in zip(totals, _interleaved_medians(fns)):
-            totals[name] += counts[shape] * t
+            totals[name] += counts[shape] * t * scale
     best = min(packed_backends, key=totals.get)
     _choice = best if totals["mkl"] >= MIN_GAIN * totals[best] else "mkl"
     logger.info("CPU float32 products at %d tokens, %d weights: %s -> %s", tokens, len(weights),
@@ -285,17 +291,21 @@ def pack_model(model: torch.nn.Module, precision: str = "highest", release: bool
         sizes = [X3Weight.size(m.weight) for m in dense] if x3 else [0] * len(dense)
         x3_arena, x3_at = huge_empty(sum(sizes) // 2).view(torch.int16) if x3 else None, 0  # int16 in float32
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        from ..host_memory import trim_heap
+        freed = 0
         for module, n3 in zip(dense, sizes):
             n = Panels.size(module.weight)
             module.packed, at = Panels(module.weight, arena[at:at + n]), at + n
             if x3:
                 module.packed.x3, x3_at = X3Weight(module.weight, x3_arena[x3_at:x3_at + n3]), x3_at + n3
             if release:
-                release_weight(module, uses) or release_tied_head(model, module, uses)
+                freed += release_weight(module, uses) or release_tied_head(model, module, uses)
+                if freed >= TRIM_EVERY:  # the heap keeps freed blocks (host_memory): hand them back as we go
+                    trim_heap()
+                    freed = 0
         if x3:
             logger.info("CPU products of %d+ tokens: bf16x3 on AMX tiles (matmul_precision=high)", x3_min_rows())
         if release:
-            from ..host_memory import trim_heap
             trim_heap()
         return len(dense)
     for module in dense:
