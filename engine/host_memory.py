@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import mmap
 import os
@@ -106,4 +107,6 @@ def params_to_huge_pages(model: torch.nn.Module) -> int:
         if p.device.type == "cpu" and p.is_contiguous() and p.numel() * p.element_size() >= MMAP_THRESHOLD:
             p.data = huge_empty(p.numel(), p.dtype).view(p.shape).copy_(p.data)
             moved += 1
+    if moved:  # the loader's leftovers hold the old copies in reference cycles: without this the model's
+        gc.collect()  # embedding stayed resident twice until the collector's next run (measured +111 MiB)
     return moved
