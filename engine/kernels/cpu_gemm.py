@@ -102,7 +102,7 @@ class Panels:
 
 class PanelEmbedding(torch.nn.Module):
     """An embedding table read out of the panels of the LM head tied to it, once the head's row-major weight
-    is released (``release_tied_head``): token t's row is column t % 16 of panel t // 16, the same float32
+    is released (``release_weight``): token t's row is column t % 16 of panel t // 16, the same float32
     values, so the model holds the table once."""
 
     def __init__(self, panels: Panels):
@@ -163,12 +163,17 @@ def linear(x: torch.Tensor, packed, bias: Optional[torch.Tensor]) -> torch.Tenso
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def release_weight(module, uses: Counter) -> int:
+def release_weight(module, uses: Counter, model: Optional[torch.nn.Module] = None) -> int:
     """Free a Linear's row-major weight once its panels replace it everywhere (products of any size, the native
     decode layers); returns the bytes freed. Not for a weight that another module shares (``uses``: how often
-    each parameter occurs in the model, ``named_parameters(remove_duplicate=False)``; an LM head tied to the
-    embedding), nor for oneDNN-packed ones, whose native decode layers stream the row-major weights."""
-    if not isinstance(module.packed, Panels) or module.released or uses[id(module.weight)] != 1:
+    each parameter occurs in the model, ``named_parameters(remove_duplicate=False)``), unless that module is
+    ``model``'s one ``nn.Embedding`` (an LM head tied to it), which a ``PanelEmbedding`` over the head's panels
+    then replaces; nor for oneDNN-packed ones, whose native decode layers stream the row-major weights."""
+    if not isinstance(module.packed, Panels) or module.released:
+        return 0
+    if uses[id(module.weight)] == 2 and model is not None and _embed_from_panels(model, module):
+        uses[id(module.weight)] -= 1
+    if uses[id(module.weight)] != 1:
         return 0
     freed = module.weight.numel() * module.weight.element_size()
     module.weight = torch.nn.Parameter(module.weight.new_empty(0, module.in_features), requires_grad=False)
@@ -176,19 +181,16 @@ def release_weight(module, uses: Counter) -> int:
     return freed
 
 
-def release_tied_head(model: torch.nn.Module, module, uses: Counter) -> int:
-    """Free an LM head's row-major weight that only an ``nn.Embedding`` shares with it (tie_word_embeddings),
-    putting a ``PanelEmbedding`` over the head's panels in the embedding's place; returns the bytes freed."""
-    if not isinstance(module.packed, Panels) or module.released or uses[id(module.weight)] != 2:
-        return 0
+def _embed_from_panels(model: torch.nn.Module, head) -> bool:
+    """Put a PanelEmbedding over ``head``'s panels in place of the model's one nn.Embedding that shares the
+    head's weight (tie_word_embeddings); False where there is no such one."""
     owners = [name for name, m in model.named_modules()
-              if isinstance(m, torch.nn.Embedding) and m.weight is module.weight and m.max_norm is None]
+              if isinstance(m, torch.nn.Embedding) and m.weight is head.weight and m.max_norm is None]
     if len(owners) != 1:
-        return 0
+        return False
     parent, _, attr = owners[0].rpartition(".")
-    setattr(model.get_submodule(parent), attr, PanelEmbedding(module.packed))
-    uses[id(module.weight)] -= 1
-    return release_weight(module, uses)
+    setattr(model.get_submodule(parent), attr, PanelEmbedding(head.packed))
+    return True
 
 
 def _interleaved_medians(fns, reps: int = 11) -> list:
@@ -210,8 +212,8 @@ def backend(weights: Sequence[torch.Tensor] = (), tokens: int = 16) -> str:
 
     ``auto`` times the available backends at ``tokens`` rows, in turns, on one of each shape among
     ``weights`` (a model passes all of its dense weights, so a shape counts as often as layers have it; a wide
-    one on MAX_TIMED_ROWS of its rows, scaled), and takes the fastest packed one when the sum is at least MIN_GAIN faster than MKL's: one small product
-    timed alone swung either way on a busy host.
+    one on MAX_TIMED_ROWS of its rows, scaled), and takes the fastest packed one when the sum is at least
+    MIN_GAIN faster than MKL's: one small product timed alone swung either way on a busy host.
     """
     global _choice
     if _choice is not None:
@@ -256,8 +258,8 @@ def pack_model(model: torch.nn.Module, precision: str = "highest", release: bool
     ``precision`` ``high`` also gives each panel packed weight its bf16x3 copy where AMX is there (it takes the
     native backend then, unless RAYLM_CPU_GEMM names another); elsewhere it changes nothing. ``release``: free
     each row-major weight as soon as its panels are written (``release_weight``; a tied LM head's too, its
-    embedding then reading the panels: ``release_tied_head``), so that the model never holds its weights
-    twice, not even while packing."""
+    embedding then reading the panels), so that the model never holds its weights twice, not even while
+    packing."""
     from ..layers.linear import Linear
     if precision not in PRECISIONS:
         raise ValueError(f"matmul_precision={precision!r}: allowed values are {', '.join(PRECISIONS)}")
@@ -299,7 +301,7 @@ def pack_model(model: torch.nn.Module, precision: str = "highest", release: bool
             if x3:
                 module.packed.x3, x3_at = X3Weight(module.weight, x3_arena[x3_at:x3_at + n3]), x3_at + n3
             if release:
-                freed += release_weight(module, uses) or release_tied_head(model, module, uses)
+                freed += release_weight(module, uses, model)
                 if freed >= TRIM_EVERY:  # the heap keeps freed blocks (host_memory): hand them back as we go
                     trim_heap()
                     freed = 0

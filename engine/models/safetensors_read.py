@@ -46,7 +46,7 @@ def read_tensors(path: Path) -> Iterator[Tuple[str, torch.Tensor]]:
             if dtype is None:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']!r}; readable: {', '.join(DTYPES)}")
             shape, (begin, end) = list(info["shape"]), info["data_offsets"]
-            nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            nbytes = math.prod(shape) * dtype.itemsize
             if end - begin != nbytes:
                 raise ValueError(f"{path}: tensor {name!r} {info['dtype']}{shape} needs {nbytes} bytes, "
                                  f"its offsets give {end - begin}")
