@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Dict, List, Optional
 
 import torch
@@ -35,6 +36,7 @@ class ModelRunner:
         self.states: Dict[str, SamplingState] = {}
         self._seed_base = default_seed
         self.graphs = None
+        self.greedy_head = None  # CPU float32: greedy steps screen the LM head (kernels/greedy_head.py)
         if device == "cuda":
             from .layers.awq_linear import GPU_LAYOUT, use_gpu_layout
             if use_gpu_layout(model):
@@ -53,6 +55,7 @@ class ModelRunner:
             if packed:
                 logger.info("CPU float32 products: %s over %d packed weights", cpu_gemm.backend(), packed)
             self._use_native_decode(quant_policy)
+            self.greedy_head = _greedy_head(model)
         if graphs and not self.rope.dynamic_factor:  # dynamic NTK needs each step's lengths on the host
             from .cuda_graphs import DecodeGraphs
             max_blocks = max_blocks_per_seq or -(-a.max_position_embeddings // block_size)
@@ -185,7 +188,14 @@ class ModelRunner:
         if not sample_tokens:
             self.model(input_ids, meta, self.kv, sample_idx[:0])
             return out
-        logits = self.model(input_ids, meta, self.kv, sample_idx)
+        if self.greedy_head is not None and sample_ids and not verify and all(_plain_greedy(self.states[r]) for r in sample_ids):
+            h = self.model(input_ids, meta, self.kv, sample_idx, head=False)
+            tokens = self.greedy_head.tokens(h)
+            if tokens is not None:
+                return self._take(out, tokens.tolist(), sample_ids)
+            logits = self.model.lm_head.forward_wide(h).float()  # too close to call: every logit
+        else:
+            logits = self.model(input_ids, meta, self.kv, sample_idx)
         if verify:
             self._verify(out, logits[len(sample_ids):], verify)
         if not sample_ids:
@@ -215,13 +225,16 @@ class ModelRunner:
     def _sample(self, out: RunnerOutput, logits: torch.Tensor, sample_ids: List[str]) -> RunnerOutput:
         states = [self.states[r] for r in sample_ids]
         tokens, raw = sample(logits, states)
-        tok_list = tokens.tolist()
-        for rid, tok, st in zip(sample_ids, tok_list, states):
-            st.output_ids.append(tok)
-            out.sampled[rid] = tok
+        self._take(out, tokens.tolist(), sample_ids)
         if raw is not None:
             for i, lp in gather_logprobs(raw, tokens, states).items():
                 out.logprobs[sample_ids[i]] = lp
+        return out
+
+    def _take(self, out: RunnerOutput, tokens: List[int], sample_ids: List[str]) -> RunnerOutput:
+        for rid, tok in zip(sample_ids, tokens):
+            self.states[rid].output_ids.append(tok)
+            out.sampled[rid] = tok
         return out
 
     @torch.inference_mode()
@@ -258,6 +271,25 @@ def _decode_roles(msgs):
             sample_ids.append(m.request_id)
         row += len(m.token_ids)
     return sample_rows, sample_ids, verify_rows, verify
+
+
+def _plain_greedy(st: SamplingState) -> bool:
+    """Whether the request's next token is the argmax of the raw logits, read for nothing else: greedy, no
+    logprobs, no penalties, no ban of end tokens before min_new_tokens (sampler.sample's order)."""
+    p = st.params
+    return (p.greedy and p.logprobs is None and p.repetition_penalty == 1.0 and p.presence_penalty == 0.0
+            and p.frequency_penalty == 0.0 and not (len(st.output_ids) < p.min_new_tokens and st.blocked_until_min))
+
+
+def _greedy_head(model):
+    """The LM head's greedy screen, unless RAYLM_GREEDY_SCREEN=0 or the head or processor cannot take it."""
+    if os.environ.get("RAYLM_GREEDY_SCREEN", "1") == "0":
+        return None
+    from .kernels.greedy_head import greedy_head_for
+    gh = greedy_head_for(model.lm_head)
+    if gh is not None:
+        logger.info("greedy steps screen the LM head on an int8 copy (%.1f MiB)", gh.nbytes / 2**20)
+    return gh
 
 
 def accept_greedy(drafts: List[int], best: List[int]):

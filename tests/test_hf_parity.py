@@ -66,7 +66,10 @@ def test_smollm2_matches_hf(smol_engine, smol_hf, smol_tok):
     texts = ["Hello", "The capital of France is", "Write a long story about a dragon who learns to code. " * 6,
              "1, 2, 3, 5, 8, 13,"]
     prompts = [smol_tok.encode(t) for t in texts]
+    gh = smol_engine.runner.greedy_head  # greedy steps screen the LM head where it is panel-packed (VNNI)
+    screened = gh.screened if gh is not None else 0
     check_model(smol_engine, smol_hf, prompts, n_new=24)
+    assert gh is None or gh.screened > screened
 
 
 ROPES = {
@@ -137,12 +140,16 @@ def test_decode_batches_beyond_the_fused_size_match_hf(tmp_path, smol_dir, arch,
     model = engine.runner.model  # the LM head as well; a tied one's embedding then reads its panels (qwen2)
     assert model.lm_head.released == (gemm == "native")
     assert isinstance(model.embed, cpu_gemm.PanelEmbedding) == (gemm == "native" and model.args.tie_word_embeddings)
+    from engine.kernels import greedy_head
+    gh = engine.runner.greedy_head  # greedy steps screen the released head (random weights: or fall back)
+    assert (gh is not None) == (gemm == "native" and greedy_head.available())
     calls = []
     for name in ("run", "run_phased", "run_mixed"):
         fn = getattr(fused, name)
         setattr(fused, name, lambda x, meta, kv, fn=fn, name=name: (
             calls.append((name, x.shape[0], bool(meta.prefills))), fn(x, meta, kv))[1])
     check_model(engine, hf, random_prompts([3, 9, 14, 20, 5, 31, 7, 12, 26, 4, 17, 11], seed=5), n_new=10)
+    assert gh is None or gh.screened + gh.fallbacks > 0
     decode_path = {"mkl": "run_phased", "onednn": "run_mixed", "native": "run"}[gemm]
     assert max(n for name, n, pre in calls if name == decode_path and not pre) == 12 > MAX_TOKENS
     assert any(pre for name, _, pre in calls if name == "run_mixed")  # the prompts' prefill

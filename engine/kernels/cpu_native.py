@@ -23,8 +23,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SRCS = [CSRC / "cpu_kernels.c", CSRC / "amx_bf16x3.c"]
-HEADERS = [CSRC / "amx_bf16x3.h"]
+SRCS = [CSRC / "cpu_kernels.c", CSRC / "amx_bf16x3.c", CSRC / "greedy_head.c"]
+HEADERS = [CSRC / "amx_bf16x3.h", CSRC / "greedy_head.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 MAX_GROUP = 64  # query heads per KV head the decode kernel supports
 
@@ -131,6 +131,18 @@ def lib() -> Optional[ctypes.CDLL]:
         so.x3_pack.restype = None
         so.x3_linear.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
         so.x3_linear.restype = None
+        so.panel_columns.argtypes = [_P, _P, _I, _I, _P, _I, _P, _I]
+        so.panel_columns.restype = None
+        so.gh_available.argtypes = []
+        so.gh_available.restype = _I
+        so.gh_packed_bytes.argtypes = [_I, _I]
+        so.gh_packed_bytes.restype = ctypes.c_int64
+        so.gh_meta_floats.argtypes = [_I, _I]
+        so.gh_meta_floats.restype = ctypes.c_int64
+        so.gh_pack.argtypes = [_P, _I, _I, _P, _P, _I]
+        so.gh_pack.restype = _I
+        so.gh_greedy.argtypes = [_P, _I, _I, _I, _P, _P, _P, _I, _P, _I]
+        so.gh_greedy.restype = _I
         _lib = so
         return _lib
 

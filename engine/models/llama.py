@@ -110,8 +110,9 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv: KVCache,
-                sample_idx: torch.Tensor) -> torch.Tensor:
-        """input_ids: [T] -> logits [len(sample_idx), vocab] (float32)."""
+                sample_idx: torch.Tensor, head: bool = True) -> torch.Tensor:
+        """input_ids: [T] -> logits [len(sample_idx), vocab] (float32); ``head=False`` (CPU): the normed hidden
+        states of those rows instead, for the greedy screen (kernels/greedy_head.py)."""
         x = self.embed(input_ids)
         if self.gpu_fused:
             from ..kernels.gpu_fused import add_rmsnorm
@@ -128,4 +129,4 @@ class LlamaModel(nn.Module):
                 k_cache, v_cache = kv.layer(i)
                 x = layer(x, meta, k_cache, v_cache)
         x = self.norm(x[sample_idx])
-        return self.lm_head.forward_wide(x).float()
+        return self.lm_head.forward_wide(x).float() if head else x

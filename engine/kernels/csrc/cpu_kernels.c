@@ -16,6 +16,7 @@
 #include <string.h>
 #include <omp.h>
 #include "amx_bf16x3.h"
+#include "greedy_head.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define HAVE_AVX2 1
@@ -868,9 +869,39 @@ void panel_linear(const float *x, const float *p, const float *b, float *y, int 
         panel_rows(x, p, b, y, M, N, K, 0, ranges, &epoch);
     }
 }
+
+/* panel_linear's outputs for M rows in chosen panels only: y [M, 16 n] holds panel idx[i]'s 16 outputs at
+ * columns 16 i.. (the greedy head's candidates, greedy_head.c). Each output runs the code panel_linear runs
+ * for it at this M (panel_seq for one or two rows, else panel_tile), so the values are the same bit for bit. */
+void panel_columns(const float *x, const float *p, int M, int K, const int32_t *idx, int n, float *y, int nthreads) {
+    const int64_t ps = (int64_t)K * 16, ldy = (int64_t)16 * n;
+    #pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int i = 0; i < n; i++) {
+        const float *pi = p + idx[i] * ps;
+        float *yi = y + 16 * i;
+        if (M <= PANEL_SEQ_MAX) {
+            if (M == 1) panel_seq(x, K, pi, yi, ldy, NULL, 16, 0, 1);
+            else panel_seq(x, K, pi, yi, ldy, NULL, 16, 0, 2);
+            continue;
+        }
+        for (int m0 = 0; m0 < M; m0 += PANEL_MR) {
+            const float *xm = x + (int64_t)m0 * K;
+            float *ym = yi + m0 * ldy;
+            switch (M - m0 < PANEL_MR ? M - m0 : PANEL_MR) {
+#define PANEL_COL(R) case R: panel_tile(xm, K, pi, ps, ym, ldy, NULL, 16, 0, NULL, 0, 0, 0, 1, R, 1); break;
+                PANEL_COL(1) PANEL_COL(2) PANEL_COL(3) PANEL_COL(4) PANEL_COL(5) PANEL_COL(6) PANEL_COL(7) PANEL_COL(8)
+#undef PANEL_COL
+            }
+        }
+    }
+}
 #else
 int panel_available(void) { return 0; }
 int64_t panel_steals(void) { return 0; }
+
+void panel_columns(const float *x, const float *p, int M, int K, const int32_t *idx, int n, float *y, int nthreads) {
+    (void)x; (void)p; (void)M; (void)K; (void)idx; (void)n; (void)y; (void)nthreads;
+}
 
 void panel_linear(const float *x, const float *p, const float *b, float *y, int M, int N, int K, int nthreads) {
     (void)x; (void)p; (void)b; (void)y; (void)M; (void)N; (void)K; (void)nthreads;

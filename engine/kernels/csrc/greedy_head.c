@@ -1,0 +1,319 @@
+/* Greedy tokens from the LM head without computing every float32 logit.
+ *
+ * A greedy step only needs each row's argmax. A screen over an int8 copy of the head (a scale per vocabulary
+ * row; AVX-512 VNNI u8 x s8 dot products: four times float32's multiply-adds per instruction, a quarter of
+ * the bytes) gives every logit an estimate a and a bound B on |float32 logit - a|. The largest a - B is a
+ * floor under the row's largest logit, so only entries whose a + B reaches it can be the argmax. Their
+ * panels are then computed as panel_linear computes them (panel_columns, the same arithmetic bit for bit)
+ * and the argmax is taken over them, first index on ties as torch.argmax: the token the full head gives.
+ *
+ * The bound. With x = sx hx + dx and w = sw qw + dw, hx and qw integers, |dx| <= sx / 2, |dw| <= sw / 2
+ * (round to nearest; a hair more for the float rounding of x / sx and w / sw):
+ *     x.w - sx sw (hx.qw) = x.dw + sw (dx.qw),  |x.dw| <= sw |x|_1 / 2,  |sw dx.qw| <= sw sx |qw|_1 / 2.
+ * float32's own rounding of x.w adds at most K 2^-24 sum|x w| <= K 2^-24 |x|_1 127.5 sw, and the estimate's
+ * rounding about 2^-22 |a|; the code takes each term with a margin. */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "greedy_head.h"
+
+#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifndef GH_MR
+#define GH_MR 4  /* token rows per tile */
+#endif
+#ifndef GH_NV
+#define GH_NV 2  /* panels (16 vocabulary rows each) per tile */
+#endif
+#ifndef GH_GQ
+#define GH_GQ 8  /* k quads per group: one scale per 32 weights of a row, and per 32 elements of x */
+#endif
+
+int gh_available(void) { return 1; }
+
+static inline int gh_groups(int K) { return ((K + 3) / 4 + GH_GQ - 1) / GH_GQ; }
+
+int64_t gh_packed_bytes(int V, int K) { return (int64_t)((V + 15) / 16) * gh_groups(K) * GH_GQ * 64; }
+
+int64_t gh_meta_floats(int V, int K) { return (int64_t)((V + 15) / 16) * (gh_groups(K) * 48 + 16); }
+
+/* q: per panel of 16 rows, per 4 k, the 16 rows' 4 values as u8 (int8 + 128: vpdpbusd's unsigned operand);
+ * meta: per panel, per group of 32 k, the 16 rows' scale, largest rounding error and L1 norm of the scaled
+ * int8 values; then the 16 rows' largest |w| */
+int gh_pack(const float *panels, int V, int K, uint8_t *q, float *meta, int nthreads) {
+    const int NP = (V + 15) / 16, NG = gh_groups(K), KQ = NG * GH_GQ;  /* padded to whole groups */
+    int bad = 0;
+    #pragma omp parallel for num_threads(nthreads) schedule(static) reduction(+:bad)
+    for (int pi = 0; pi < NP; pi++) {
+        const float *p = panels + (int64_t)pi * K * 16;
+        uint8_t *qp = q + (int64_t)pi * KQ * 64;
+        float *mp = meta + (int64_t)pi * (NG * 48 + 16);
+        for (int c = 0; c < 16; c++) {
+            float wmax = 0.f;
+            for (int g = 0; g < NG; g++) {
+                const int k0 = g * GH_GQ * 4, k1 = k0 + GH_GQ * 4 < KQ * 4 ? k0 + GH_GQ * 4 : KQ * 4;
+                float mx = 0.f;
+                for (int k = k0; k < k1 && k < K; k++) {
+                    const float a = fabsf(p[(int64_t)k * 16 + c]);
+                    bad += !isfinite(a);
+                    mx = fmaxf(mx, a);
+                }
+                const float s = mx > 0.f ? mx / 127.f : 1.f;
+                double err = 0., l1 = 0.;
+                for (int k = k0; k < k1; k++) {
+                    int v = 0;
+                    if (k < K) {
+                        const float w = p[(int64_t)k * 16 + c];
+                        v = (int)lrintf(w / s);
+                        v = v > 127 ? 127 : v < -127 ? -127 : v;
+                        err = fmax(err, fabs((double)w - (double)s * v));
+                        l1 += fabs((double)s * v);
+                    }
+                    qp[(int64_t)(k / 4) * 64 + c * 4 + k % 4] = (uint8_t)(v + 128);
+                }
+                mp[g * 48 + c] = s;
+                mp[g * 48 + 16 + c] = (float)(err * (1 + 1e-6));  /* rounded up past float's own rounding */
+                mp[g * 48 + 32 + c] = (float)(l1 * (1 + 1e-6));
+                wmax = fmaxf(wmax, mx);
+            }
+            mp[NG * 48 + c] = wmax;
+        }
+    }
+    return bad;
+}
+
+/* estimates and error bounds of MR x NV tiles of logits, over all K, group by group:
+ *   a += (sum over the group of q x8 - 128 sum x8) sx sw,   b += err |x|_1 + dx l1   (per group)
+ * xw: x's int8 quads kq-major (xw[kq * ldx + m]), KQ whole groups */
+static inline __attribute__((always_inline)) void gh_tile(const uint32_t *xw, int64_t ldx, const float *xs,
+                                                          const int32_t *xc, int NG, const uint8_t *q, int64_t ps,
+                                                          const float *meta, int64_t ms, __m512 a[GH_MR][GH_NV],
+                                                          __m512 b[GH_MR][GH_NV], const int MR, const int NV) {
+    for (int m = 0; m < MR; m++)
+        for (int v = 0; v < NV; v++) a[m][v] = b[m][v] = _mm512_setzero_ps();
+    for (int g = 0; g < NG; g++) {
+        __m512i acc[GH_MR][GH_NV];
+        for (int m = 0; m < MR; m++)
+            for (int v = 0; v < NV; v++) acc[m][v] = _mm512_setzero_si512();
+        const uint8_t *qg = q + (int64_t)g * GH_GQ * 64;
+        const uint32_t *xg = xw + (int64_t)g * GH_GQ * ldx;
+        #pragma GCC unroll 8
+        for (int j = 0; j < GH_GQ; j++) {
+            __m512i w[GH_NV];
+            for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_si512((const void *)(qg + v * ps + j * 64));
+            for (int m = 0; m < MR; m++) {
+                const __m512i xb = _mm512_set1_epi32((int)xg[j * ldx + m]);
+                for (int v = 0; v < NV; v++) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], w[v], xb);
+            }
+        }
+        for (int v = 0; v < NV; v++) {
+            const float *mg = meta + v * ms + g * 48;
+            const __m512 sw = _mm512_loadu_ps(mg), err = _mm512_loadu_ps(mg + 16), l1 = _mm512_loadu_ps(mg + 32);
+            for (int m = 0; m < MR; m++) {
+                const float *x4 = xs + ((int64_t)m * NG + g) * 3;  /* sx, |x|_1, dx of this row's group */
+                const __m512i d = _mm512_sub_epi32(acc[m][v], _mm512_set1_epi32(xc[(int64_t)m * NG + g]));
+                a[m][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(x4[0])), a[m][v]);
+                b[m][v] = _mm512_fmadd_ps(err, _mm512_set1_ps(x4[1]), _mm512_fmadd_ps(l1, _mm512_set1_ps(x4[2]), b[m][v]));
+            }
+        }
+    }
+}
+
+#define GH_CASE(R, N) case (R) * 4 + (N): \
+    gh_tile(xw + m0, M, xs + (int64_t)m0 * NG * 3, xc + (int64_t)m0 * NG, NG, q + p0 * ps, ps, \
+            meta + p0 * ms, ms, a, b, R, N); break;
+#define GH_ROW(R) GH_CASE(R, 1) GH_CASE(R, 2)
+
+typedef struct {      /* what a thread keeps of one row: entries whose a + B reached the floor so far */
+    int32_t *idx;
+    float *up;
+    int n;
+    float floor;      /* the largest a - B it has seen */
+} gh_list;
+
+/* the bounds of a tile's outputs; raise the floors; keep the entries that reach them */
+static void gh_keep(__m512 a[GH_MR][GH_NV], __m512 b[GH_MR][GH_NV], int mr, int nv, int p0, int m0, int V,
+                    const float *meta, int64_t ms, int NG, const float *c3, gh_list *rows) {
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int v = 0; v < nv; v++) {
+        const int vb = (p0 + v) * 16;
+        const __mmask16 valid = vb + 16 <= V ? (__mmask16)0xFFFF : (__mmask16)((1u << (V - vb)) - 1);
+        const __m512 wmax = _mm512_loadu_ps(meta + v * ms + NG * 48);
+        for (int m = 0; m < mr; m++) {
+            gh_list *r = rows + m0 + m;
+            __m512 bound = _mm512_fmadd_ps(wmax, _mm512_set1_ps(c3[m0 + m]), _mm512_mul_ps(b[m][v], _mm512_set1_ps(1.001f)));
+            bound = _mm512_fmadd_ps(_mm512_abs_ps(a[m][v]), _mm512_set1_ps(1e-6f), bound);
+            const float lo = _mm512_mask_reduce_max_ps(valid, _mm512_sub_ps(a[m][v], bound));
+            if (lo > r->floor) r->floor = lo;
+            const __m512 up = _mm512_add_ps(a[m][v], bound);
+            const __mmask16 keep = _mm512_mask_cmp_ps_mask(valid, up, _mm512_set1_ps(r->floor), _CMP_GE_OQ);
+            if (keep) {
+                _mm512_mask_compressstoreu_epi32(r->idx + r->n, keep, _mm512_add_epi32(_mm512_set1_epi32(vb), iota));
+                _mm512_mask_compressstoreu_ps(r->up + r->n, keep, up);
+                r->n += __builtin_popcount((unsigned)keep);
+            }
+        }
+    }
+}
+
+/* x's rows quantized group by group: int8 four to a word (zero past K), and per group its scale, |x|_1 and
+ * largest rounding error (xs), 128 times its int8 sum (xc); c3: the bound's rounding term per row, per |w|max.
+ * Returns 2 for a non-finite x. */
+static int gh_rows(const float *x, int M, int K, int KQ, int NG, uint32_t *xw, float *xs, int32_t *xc, float *c3) {
+    for (int m = 0; m < M; m++) {
+        const float *xr = x + (int64_t)m * K;
+        int8_t *u = (int8_t *)xw;
+        double n1 = 0., dmax = 0.;
+        for (int g = 0; g < NG; g++) {
+            const int k0 = g * GH_GQ * 4, k1 = k0 + GH_GQ * 4 < KQ * 4 ? k0 + GH_GQ * 4 : KQ * 4;
+            float mx = 0.f;
+            double l1 = 0., err = 0.;
+            for (int k = k0; k < k1 && k < K; k++) {
+                const float v = fabsf(xr[k]);
+                if (!isfinite(v)) return 2;
+                mx = fmaxf(mx, v);
+                l1 += v;
+            }
+            const float s = mx > 0.f ? mx / 127.f : 1.f;
+            int32_t sum = 0;
+            for (int k = k0; k < k1; k++) {
+                int v = 0;
+                if (k < K) {
+                    v = (int)lrintf(xr[k] / s);
+                    v = v > 127 ? 127 : v < -127 ? -127 : v;
+                    err = fmax(err, fabs((double)xr[k] - (double)s * v));
+                }
+                u[((int64_t)(k / 4) * M + m) * 4 + k % 4] = (int8_t)v;
+                sum += v;
+            }
+            xs[((int64_t)m * NG + g) * 3] = s;
+            xs[((int64_t)m * NG + g) * 3 + 1] = (float)(l1 * (1 + 1e-6));
+            xs[((int64_t)m * NG + g) * 3 + 2] = (float)(err * (1 + 1e-6));
+            xc[(int64_t)m * NG + g] = 128 * sum;
+            n1 += l1;
+            dmax = fmax(dmax, err);
+        }
+        /* float32's rounding: of x.w, K 2^-24 sum |x w|; of the estimate's NG group terms and their sum,
+         * about (NG + 3) 2^-24 sum |x~ w~|; both at most (|x|_1 + K dx) |w|max (with margins) */
+        c3[m] = (float)((K + NG + 3) * 1.2e-7 * (n1 + K * dmax) * 1.01);
+    }
+    return 0;
+}
+
+int gh_greedy(const float *x, int M, int K, int V, const float *panels, const uint8_t *q, const float *meta,
+              int max_panels, int64_t *tokens, int nthreads) {
+    const int NP = (V + 15) / 16, NG = gh_groups(K), KQ = NG * GH_GQ, ntile = (NP + GH_NV - 1) / GH_NV;
+    const int64_t ps = (int64_t)KQ * 64, ms = (int64_t)NG * 48 + 16;
+    if (nthreads < 1) nthreads = 1;
+    uint32_t *xw = aligned_alloc(64, ((size_t)M * KQ * 4 + 63) / 64 * 64);
+    float *xs = malloc(sizeof(float) * ((size_t)M * NG * 3 + M)), *c3 = xs + (size_t)M * NG * 3;
+    int32_t *xc = malloc(sizeof(int32_t) * (size_t)M * NG);
+    int rc = gh_rows(x, M, K, KQ, NG, xw, xs, xc, c3);
+    if (rc) {
+        free(xw); free(xs); free(xc);
+        return rc;
+    }
+    const int cap = (ntile + nthreads - 1) / nthreads * GH_NV * 16;  /* a thread's share of the entries */
+    gh_list *lists = calloc((size_t)nthreads * M, sizeof(gh_list));
+    int32_t *idx = malloc(sizeof(int32_t) * (size_t)nthreads * M * cap);
+    float *ups = malloc(sizeof(float) * (size_t)nthreads * M * cap);
+    uint8_t *mark = calloc((size_t)NP, 1);
+    int bad = 0;
+    #pragma omp parallel num_threads(nthreads) reduction(|:bad)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        gh_list *rows = lists + (int64_t)t * M;
+        for (int m = 0; m < M; m++) {
+            rows[m].idx = idx + ((int64_t)t * M + m) * cap;
+            rows[m].up = ups + ((int64_t)t * M + m) * cap;
+            rows[m].floor = -INFINITY;
+        }
+        const int t0 = (int)((int64_t)ntile * t / nt), t1 = (int)((int64_t)ntile * (t + 1) / nt);
+        for (int tile = t0; tile < t1; tile++) {
+            const int p0 = tile * GH_NV, nv = NP - p0 < GH_NV ? NP - p0 : GH_NV;
+            for (int m0 = 0; m0 < M; m0 += GH_MR) {
+                const int mr = M - m0 < GH_MR ? M - m0 : GH_MR;
+                __m512 a[GH_MR][GH_NV], b[GH_MR][GH_NV];
+                switch (mr * 4 + nv) {
+                    GH_ROW(1) GH_ROW(2) GH_ROW(3) GH_ROW(4)
+                }
+                gh_keep(a, b, mr, nv, p0, m0, V, meta + p0 * ms, ms, NG, c3, rows);
+            }
+        }
+        #pragma omp barrier
+        /* each row's floor over all threads; what stays below it cannot be the argmax */
+        for (int m = 0; m < M; m++) {
+            float floor = -INFINITY;
+            for (int u = 0; u < nt; u++) floor = fmaxf(floor, lists[(int64_t)u * M + m].floor);
+            bad |= !isfinite(floor);
+            gh_list *r = rows + m;
+            int j = 0;
+            for (int i = 0; i < r->n; i++)
+                if (r->up[i] >= floor) {
+                    r->idx[j++] = r->idx[i];
+                    __atomic_store_n(&mark[r->idx[i] / 16], 1, __ATOMIC_RELAXED);
+                }
+            r->n = j;
+        }
+    }
+    int n = 0;
+    int32_t *pidx = malloc(sizeof(int32_t) * 2 * (size_t)NP), *pos = pidx + NP;
+    for (int pi = 0; pi < NP; pi++)
+        if (mark[pi]) {
+            pos[pi] = n;
+            pidx[n++] = pi;
+        }
+    if (bad) {
+        rc = 2;
+    } else if (n > max_panels || n == 0) {
+        rc = 1;
+    } else {  /* the candidates' panels, exactly; the first largest of each row's candidates */
+        const int64_t ldy = (int64_t)16 * n;
+        float *y = aligned_alloc(64, ((size_t)M * ldy * 4 + 63) / 64 * 64);
+        panel_columns(x, panels, M, K, pidx, n, y, nthreads);
+        for (int m = 0; m < M; m++) {
+            int64_t best_v = -1;
+            float best = 0.f;
+            for (int u = 0; u < nthreads; u++) {
+                const gh_list *r = lists + (int64_t)u * M + m;
+                for (int i = 0; i < r->n; i++) {
+                    const int v = r->idx[i];
+                    const float val = y[m * ldy + pos[v / 16] * 16 + v % 16];
+                    if (best_v < 0 || val > best || (val == best && v < best_v)) {
+                        best = val;
+                        best_v = v;
+                    }
+                }
+            }
+            tokens[m] = best_v;
+        }
+        free(y);
+    }
+    free(pidx);
+    free(mark);
+    free(ups);
+    free(idx);
+    free(lists);
+    free(xw);
+    free(xs);
+    free(xc);
+    return rc;
+}
+#else
+int gh_available(void) { return 0; }
+int64_t gh_packed_bytes(int V, int K) { (void)V; (void)K; return 0; }
+int64_t gh_meta_floats(int V, int K) { (void)V; (void)K; return 0; }
+int gh_pack(const float *panels, int V, int K, uint8_t *q, float *meta, int nthreads) {
+    (void)panels; (void)V; (void)K; (void)q; (void)meta; (void)nthreads;
+    return -1;
+}
+int gh_greedy(const float *x, int M, int K, int V, const float *panels, const uint8_t *q, const float *meta,
+              int max_panels, int64_t *tokens, int nthreads) {
+    (void)x; (void)M; (void)K; (void)V; (void)panels; (void)q; (void)meta; (void)max_panels; (void)tokens;
+    (void)nthreads;
+    return 1;
+}
+#endif
