@@ -188,11 +188,14 @@ class ModelRunner:
         if not sample_tokens:
             self.model(input_ids, meta, self.kv, sample_idx[:0])
             return out
-        if self.greedy_head is not None and sample_ids and not verify and all(_plain_greedy(self.states[r]) for r in sample_ids):
+        if self._screens(sample_ids, verify):
             h = self.model(input_ids, meta, self.kv, sample_idx, head=False)
             tokens = self.greedy_head.tokens(h)
             if tokens is not None:
-                return self._take(out, tokens.tolist(), sample_ids)
+                best = tokens.tolist()
+                if verify:
+                    self._verify(out, None, verify, best[len(sample_ids):])
+                return self._take(out, best[:len(sample_ids)], sample_ids)
             logits = self.model.lm_head.forward_wide(h).float()  # too close to call: every logit
         else:
             logits = self.model(input_ids, meta, self.kv, sample_idx)
@@ -202,11 +205,21 @@ class ModelRunner:
             return out
         return self._sample(out, logits[:len(sample_ids)], sample_ids)
 
-    def _verify(self, out: RunnerOutput, logits: torch.Tensor, verify) -> None:
+    def _screens(self, sample_ids: List[str], verify) -> bool:
+        """Whether this step's tokens come from the greedy screen: every row's token is the argmax of its raw
+        logits (plain greedy sampling rows; greedy requests' draft verification, see _verify)."""
+        return (self.greedy_head is not None and bool(sample_ids or verify)
+                and all(_plain_greedy(self.states[r]) for r in sample_ids)
+                and all(self.states[rid].params.greedy for rid, _, _ in verify))
+
+    def _verify(self, out: RunnerOutput, logits: Optional[torch.Tensor], verify,
+                best: Optional[List[int]] = None) -> None:
         """Verification of drafts. Greedy requests keep the longest run of drafts equal to the argmax before
         each, then the argmax after the last kept one (the token the step would have sampled without drafts);
-        sampled ones keep each draft with its probability (accept_sampled)."""
-        best = logits.argmax(-1).tolist()
+        sampled ones keep each draft with its probability (accept_sampled). ``best``: the rows' argmax tokens
+        when the greedy screen gave them (every request greedy; no logits then)."""
+        if best is None:
+            best = logits.argmax(-1).tolist()
         for rid, row, drafts in verify:
             st = self.states[rid]
             if st.params.greedy:

@@ -212,6 +212,8 @@ def test_smollm2_with_drafts_matches_hf_and_stops_inside_drafts(smol_dir, smol_h
     outs = pipe(prompts, G(max_new_tokens=40, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == refs
     assert engine.stats["accepted_draft_tokens"] > 20  # these texts repeat: most steps keep drafts
+    gh = engine.runner.greedy_head  # the drafts' rows were verified on the LM head's greedy screen (VNNI)
+    assert gh is None or gh.screened > 0
     # lengths that end inside a step's drafts
     for n in (1, 2, 7, 13):
         assert pipe(prompts[0], G(max_new_tokens=n, temperature=0, ignore_eos=True)).token_ids == refs[0][:n]
