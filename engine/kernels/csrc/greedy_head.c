@@ -87,44 +87,54 @@ int gh_pack(const float *panels, int V, int K, uint8_t *q, float *meta, int nthr
 
 /* estimates and error bounds of MR x NV tiles of logits, over all K, group by group:
  *   a += (sum over the group of q x8 - 128 sum x8) sx sw,   b += err |x|_1 + dx l1   (per group)
- * xw: x's int8 quads kq-major (xw[kq * ldx + m]), KQ whole groups */
-static inline __attribute__((always_inline)) void gh_tile(const uint32_t *xw, int64_t ldx, const float *xs,
-                                                          const int32_t *xc, int NG, const uint8_t *q, int64_t ps,
-                                                          const float *meta, int64_t ms, __m512 a[GH_MR][GH_NV],
+ * xb: the row block's int8 quads [KQ][GH_MR]; xs: its per-group sx, |x|_1 and dx [NG][3][GH_MR]; xc: 128 times
+ * its per-group int8 sums [NG][GH_MR] (rows past MR are zeros) */
+static inline __attribute__((always_inline)) void gh_tile(const uint32_t *xb, const float *xs, const int32_t *xc,
+                                                          int NG, const uint8_t *q, int64_t ps, const float *meta,
+                                                          int64_t ms, __m512 a[GH_MR][GH_NV],
                                                           __m512 b[GH_MR][GH_NV], const int MR, const int NV) {
+    const uint8_t *qv[GH_NV];
+    const float *mv[GH_NV];
+    for (int v = 0; v < NV; v++) {
+        qv[v] = q + v * ps;
+        mv[v] = meta + v * ms;
+    }
     for (int m = 0; m < MR; m++)
         for (int v = 0; v < NV; v++) a[m][v] = b[m][v] = _mm512_setzero_ps();
     for (int g = 0; g < NG; g++) {
         __m512i acc[GH_MR][GH_NV];
         for (int m = 0; m < MR; m++)
             for (int v = 0; v < NV; v++) acc[m][v] = _mm512_setzero_si512();
-        const uint8_t *qg = q + (int64_t)g * GH_GQ * 64;
-        const uint32_t *xg = xw + (int64_t)g * GH_GQ * ldx;
         #pragma GCC unroll 8
         for (int j = 0; j < GH_GQ; j++) {
             __m512i w[GH_NV];
-            for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_si512((const void *)(qg + v * ps + j * 64));
+            for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_si512((const void *)(qv[v] + j * 64));
             for (int m = 0; m < MR; m++) {
-                const __m512i xb = _mm512_set1_epi32((int)xg[j * ldx + m]);
-                for (int v = 0; v < NV; v++) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], w[v], xb);
+                const __m512i xv = _mm512_set1_epi32((int)xb[j * GH_MR + m]);
+                for (int v = 0; v < NV; v++) acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], w[v], xv);
             }
         }
+        xb += GH_GQ * GH_MR;
         for (int v = 0; v < NV; v++) {
-            const float *mg = meta + v * ms + g * 48;
-            const __m512 sw = _mm512_loadu_ps(mg), err = _mm512_loadu_ps(mg + 16), l1 = _mm512_loadu_ps(mg + 32);
+            qv[v] += GH_GQ * 64;
+            const __m512 sw = _mm512_loadu_ps(mv[v]), err = _mm512_loadu_ps(mv[v] + 16);
+            const __m512 l1 = _mm512_loadu_ps(mv[v] + 32);
+            mv[v] += 48;
             for (int m = 0; m < MR; m++) {
-                const float *x4 = xs + ((int64_t)m * NG + g) * 3;  /* sx, |x|_1, dx of this row's group */
-                const __m512i d = _mm512_sub_epi32(acc[m][v], _mm512_set1_epi32(xc[(int64_t)m * NG + g]));
-                a[m][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(x4[0])), a[m][v]);
-                b[m][v] = _mm512_fmadd_ps(err, _mm512_set1_ps(x4[1]), _mm512_fmadd_ps(l1, _mm512_set1_ps(x4[2]), b[m][v]));
+                const __m512i d = _mm512_sub_epi32(acc[m][v], _mm512_set1_epi32(xc[m]));
+                a[m][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sw, _mm512_set1_ps(xs[m])), a[m][v]);
+                b[m][v] = _mm512_fmadd_ps(err, _mm512_set1_ps(xs[GH_MR + m]),
+                                          _mm512_fmadd_ps(l1, _mm512_set1_ps(xs[2 * GH_MR + m]), b[m][v]));
             }
         }
+        xs += 3 * GH_MR;
+        xc += GH_MR;
     }
 }
 
 #define GH_CASE(R, N) case (R) * 4 + (N): \
-    gh_tile(xw + m0, M, xs + (int64_t)m0 * NG * 3, xc + (int64_t)m0 * NG, NG, q + p0 * ps, ps, \
-            meta + p0 * ms, ms, a, b, R, N); break;
+    gh_tile(xw + (int64_t)(m0 / GH_MR) * KQ * GH_MR, xs + (int64_t)(m0 / GH_MR) * NG * 3 * GH_MR, \
+            xc + (int64_t)(m0 / GH_MR) * NG * GH_MR, NG, q + p0 * ps, ps, meta + p0 * ms, ms, a, b, R, N); break;
 #define GH_ROW(R) GH_CASE(R, 1) GH_CASE(R, 2)
 
 typedef struct {      /* what a thread keeps of one row: entries whose a + B reached the floor so far */
@@ -159,13 +169,17 @@ static void gh_keep(__m512 a[GH_MR][GH_NV], __m512 b[GH_MR][GH_NV], int mr, int 
     }
 }
 
-/* x's rows quantized group by group: int8 four to a word (zero past K), and per group its scale, |x|_1 and
- * largest rounding error (xs), 128 times its int8 sum (xc); c3: the bound's rounding term per row, per |w|max.
- * Returns 2 for a non-finite x. */
+/* x's rows quantized group by group, in blocks of GH_MR rows (gh_tile's layouts; zeroed buffers, so rows past
+ * M stay zero): int8 four to a word (zero past K), and per group its scale, |x|_1 and largest rounding error
+ * (xs), 128 times its int8 sum (xc); c3: the bound's rounding term per row, per |w|max. Returns 2 for a
+ * non-finite x. */
 static int gh_rows(const float *x, int M, int K, int KQ, int NG, uint32_t *xw, float *xs, int32_t *xc, float *c3) {
     for (int m = 0; m < M; m++) {
         const float *xr = x + (int64_t)m * K;
-        int8_t *u = (int8_t *)xw;
+        const int64_t blk = m / GH_MR, r = m % GH_MR;
+        int8_t *u = (int8_t *)(xw + blk * KQ * GH_MR);
+        float *xsb = xs + blk * NG * 3 * GH_MR + r;
+        int32_t *xcb = xc + blk * NG * GH_MR + r;
         double n1 = 0., dmax = 0.;
         for (int g = 0; g < NG; g++) {
             const int k0 = g * GH_GQ * 4, k1 = k0 + GH_GQ * 4 < KQ * 4 ? k0 + GH_GQ * 4 : KQ * 4;
@@ -186,13 +200,13 @@ static int gh_rows(const float *x, int M, int K, int KQ, int NG, uint32_t *xw, f
                     v = v > 127 ? 127 : v < -127 ? -127 : v;
                     err = fmax(err, fabs((double)xr[k] - (double)s * v));
                 }
-                u[((int64_t)(k / 4) * M + m) * 4 + k % 4] = (int8_t)v;
+                u[((int64_t)(k / 4) * GH_MR + r) * 4 + k % 4] = (int8_t)v;
                 sum += v;
             }
-            xs[((int64_t)m * NG + g) * 3] = s;
-            xs[((int64_t)m * NG + g) * 3 + 1] = (float)(l1 * (1 + 1e-6));
-            xs[((int64_t)m * NG + g) * 3 + 2] = (float)(err * (1 + 1e-6));
-            xc[(int64_t)m * NG + g] = 128 * sum;
+            xsb[(int64_t)g * 3 * GH_MR] = s;
+            xsb[((int64_t)g * 3 + 1) * GH_MR] = (float)(l1 * (1 + 1e-6));
+            xsb[((int64_t)g * 3 + 2) * GH_MR] = (float)(err * (1 + 1e-6));
+            xcb[(int64_t)g * GH_MR] = 128 * sum;
             n1 += l1;
             dmax = fmax(dmax, err);
         }
@@ -208,9 +222,10 @@ int gh_greedy(const float *x, int M, int K, int V, const float *panels, const ui
     const int NP = (V + 15) / 16, NG = gh_groups(K), KQ = NG * GH_GQ, ntile = (NP + GH_NV - 1) / GH_NV;
     const int64_t ps = (int64_t)KQ * 64, ms = (int64_t)NG * 48 + 16;
     if (nthreads < 1) nthreads = 1;
-    uint32_t *xw = aligned_alloc(64, ((size_t)M * KQ * 4 + 63) / 64 * 64);
-    float *xs = malloc(sizeof(float) * ((size_t)M * NG * 3 + M)), *c3 = xs + (size_t)M * NG * 3;
-    int32_t *xc = malloc(sizeof(int32_t) * (size_t)M * NG);
+    const size_t MB = (size_t)(M + GH_MR - 1) / GH_MR * GH_MR;  /* rows in whole blocks */
+    uint32_t *xw = calloc(MB * KQ, sizeof(uint32_t));
+    float *xs = calloc(MB * NG * 3 + M, sizeof(float)), *c3 = xs + MB * NG * 3;
+    int32_t *xc = calloc(MB * NG, sizeof(int32_t));
     int rc = gh_rows(x, M, K, KQ, NG, xw, xs, xc, c3);
     if (rc) {
         free(xw); free(xs); free(xc);
