@@ -117,6 +117,7 @@ def main() -> int:
     bw = memory_bandwidth_gbs()
     gflops = matmul_gflops()
     engine = LLMEngine(max_batch_size=64, cache_max_entry_count=1, num_speculative_tokens=max(a.spec_k, 1))
+    screen = engine.runner.greedy_head is not None  # greedy steps screen the LM head (kernels/greedy_head.py)
     spec = engine.proposer if a.spec_k else None  # ours() switches it on for the speculative runs only
     from engine.kernels import cpu_gemm
     high_caps = {int(c) for c in a.high_caps.split(",") if c} if cpu_gemm.x3_available() else set()
@@ -218,7 +219,7 @@ def main() -> int:
     result = {"machine": machine, "memory_gbs": bw, "matmul_gflops": gflops, "bound_batch1": bound_b1,
               "bound_compute": bound_compute, "flops_per_token": flops_per_token,
               "flops_per_prompt_token": flops_per_prompt_token, "rows": rows, "args": vars(a),
-              "greedy_screen": engine.runner.greedy_head is not None}
+              "greedy_screen": screen}
     table = render(result)
     print(table)
     if not a.no_doc:  # a trial run (--no-doc) leaves the recorded results alone
