@@ -1,14 +1,14 @@
 """Greedy tokens from a panel-packed LM head without every float32 logit (csrc/greedy_head.c).
 
-An int8 copy of the head (a scale per vocabulary row, AVX-512 VNNI products) screens the vocabulary: each
-logit gets an estimate and a rigorous bound on its distance from the float32 logit, and only the entries
-that can still be the largest are computed in float32, by the same arithmetic as the full head's. The token
-is the one ``argmax`` over the full head's logits gives, bit for bit; what it saves is most of the head's
-products (a fifth of a batch-32 decode step on SmolLM2) and three quarters of its bytes at batch 1.
+An int8 copy of the head (a scale per 32 weights of a row, AVX-512 VNNI products) screens the vocabulary:
+each logit gets an estimate and a rigorous bound on its distance from the float32 logit, and only the
+entries that can still be the largest are computed in float32, by the same arithmetic as the full head's.
+The token is the one ``argmax`` over the full head's logits gives, bit for bit; what it saves is most of the
+head's products (about a sixth of a batch-32 decode step on SmolLM2) and two thirds of its bytes at batch 1.
 
 The runner takes it for steps whose every row samples greedily with nothing that reads the logits
-(logprobs, penalties, a min_new_tokens ban); any other step, or one whose candidates would cover more than
-MAX_PANEL_SHARE of the head, takes the full head.
+(logprobs, penalties, a min_new_tokens ban), and for greedy requests' draft verification; any other step,
+or one whose candidates would cover more than MAX_PANEL_SHARE of the head, takes the full head.
 """
 from __future__ import annotations
 
