@@ -1,17 +1,18 @@
 /* Greedy tokens from the LM head without computing every float32 logit.
  *
- * A greedy step only needs each row's argmax. A screen over an int8 copy of the head (a scale per vocabulary
- * row; AVX-512 VNNI u8 x s8 dot products: four times float32's multiply-adds per instruction, a quarter of
- * the bytes) gives every logit an estimate a and a bound B on |float32 logit - a|. The largest a - B is a
- * floor under the row's largest logit, so only entries whose a + B reaches it can be the argmax. Their
- * panels are then computed as panel_linear computes them (panel_columns, the same arithmetic bit for bit)
- * and the argmax is taken over them, first index on ties as torch.argmax: the token the full head gives.
+ * A greedy step only needs each row's argmax. A screen over an int8 copy of the head (a scale per 32 weights
+ * of a row; the hidden state rounded to int8 with a scale per 32 of its elements; AVX-512 VNNI u8 x s8 dot
+ * products: four times float32's multiply-adds per instruction, a quarter of the bytes) gives every logit an
+ * estimate a and a bound B on |float32 logit - a|. The largest a - B is a floor under the row's largest
+ * logit, so only entries whose a + B reaches it can be the argmax. Their panels are then computed as
+ * panel_linear computes them (panel_columns, the same arithmetic bit for bit) and the argmax is taken over
+ * them, first index on ties as torch.argmax: the token the full head gives.
  *
- * The bound. With x = sx hx + dx and w = sw qw + dw, hx and qw integers, |dx| <= sx / 2, |dw| <= sw / 2
- * (round to nearest; a hair more for the float rounding of x / sx and w / sw):
- *     x.w - sx sw (hx.qw) = x.dw + sw (dx.qw),  |x.dw| <= sw |x|_1 / 2,  |sw dx.qw| <= sw sx |qw|_1 / 2.
- * float32's own rounding of x.w adds at most K 2^-24 sum|x w| <= K 2^-24 |x|_1 127.5 sw, and the estimate's
- * rounding about 2^-22 |a|; the code takes each term with a margin. */
+ * The bound, group by group (32 k): with x = sx hx + dx and w = sw qw + dw, hx and qw integers,
+ *     x.w - sx sw (hx.qw) = x.dw + sw (dx.qw),  |x.dw| <= err |x|_1,  |sw dx.qw| <= dx |sw qw|_1,
+ * err and dx the largest rounding errors of the group's w and x, measured (about sw / 2 and sx / 2; nil for a
+ * head that is int8 on such groups already). float32's own rounding of x.w adds at most K 2^-24 sum|x w|,
+ * the estimate's about (groups + 3) 2^-24 sum|x w|; the code takes each term with a margin. */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -22,15 +23,10 @@
 #include "greedy_head.h"
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#ifndef GH_MR
-#define GH_MR 4  /* token rows per tile */
-#endif
-#ifndef GH_NV
-#define GH_NV 2  /* panels (16 vocabulary rows each) per tile */
-#endif
-#ifndef GH_GQ
+#define GH_MR 4  /* token rows per tile (gh_greedy's switch has the cases up to 4) */
+#define GH_NV 2  /* panels (16 vocabulary rows each) per tile (GH_ROW's cases: 1 and 2) */
 #define GH_GQ 8  /* k quads per group: one scale per 32 weights of a row, and per 32 elements of x */
-#endif
+#define GH_GK (GH_GQ * 4)
 
 int gh_available(void) { return 1; }
 
@@ -39,6 +35,41 @@ static inline int gh_groups(int K) { return ((K + 3) / 4 + GH_GQ - 1) / GH_GQ; }
 int64_t gh_packed_bytes(int V, int K) { return (int64_t)((V + 15) / 16) * gh_groups(K) * GH_GQ * 64; }
 
 int64_t gh_meta_floats(int V, int K) { return (int64_t)((V + 15) / 16) * (gh_groups(K) * 48 + 16); }
+
+typedef struct {
+    float scale, absmax;
+    double err;  /* the largest |value - scale v| */
+    int bad;     /* values that are not finite */
+} gh_group;
+
+/* One group of GH_GK values, `stride` apart, rounded to int8 on its own scale (max |value| / 127; 1 for all
+ * zeros): v[i] = round(value / scale) within +-127; positions from `valid` on are zeros. */
+static gh_group gh_round(const float *src, int64_t stride, int valid, int v[GH_GK]) {
+    gh_group g = {1.f, 0.f, 0., 0};
+    for (int i = 0; i < valid; i++) {
+        const float a = fabsf(src[i * stride]);
+        g.bad += !isfinite(a);
+        g.absmax = fmaxf(g.absmax, a);
+    }
+    if (g.absmax > 0.f) g.scale = g.absmax / 127.f;
+    for (int i = 0; i < GH_GK; i++) {
+        int q = 0;
+        if (i < valid) {
+            const float w = src[i * stride];
+            q = (int)lrintf(w / g.scale);
+            q = q > 127 ? 127 : q < -127 ? -127 : q;
+            g.err = fmax(g.err, fabs((double)w - (double)g.scale * q));
+        }
+        v[i] = q;
+    }
+    return g;
+}
+
+/* values of group g of a K-long vector that lie inside it */
+static inline int gh_valid(int K, int g) {
+    const int n = K - g * GH_GK;
+    return n < 0 ? 0 : n < GH_GK ? n : GH_GK;
+}
 
 /* q: per panel of 16 rows, per 4 k, the 16 rows' 4 values as u8 (int8 + 128: vpdpbusd's unsigned operand);
  * meta: per panel, per group of 32 k, the 16 rows' scale, largest rounding error and L1 norm of the scaled
@@ -54,30 +85,19 @@ int gh_pack(const float *panels, int V, int K, uint8_t *q, float *meta, int nthr
         for (int c = 0; c < 16; c++) {
             float wmax = 0.f;
             for (int g = 0; g < NG; g++) {
-                const int k0 = g * GH_GQ * 4, k1 = k0 + GH_GQ * 4 < KQ * 4 ? k0 + GH_GQ * 4 : KQ * 4;
-                float mx = 0.f;
-                for (int k = k0; k < k1 && k < K; k++) {
-                    const float a = fabsf(p[(int64_t)k * 16 + c]);
-                    bad += !isfinite(a);
-                    mx = fmaxf(mx, a);
+                int v[GH_GK];
+                const gh_group r = gh_round(p + (int64_t)g * GH_GK * 16 + c, 16, gh_valid(K, g), v);
+                double l1 = 0.;
+                for (int i = 0; i < GH_GK; i++) {
+                    const int k = g * GH_GK + i;
+                    qp[(int64_t)(k / 4) * 64 + c * 4 + k % 4] = (uint8_t)(v[i] + 128);
+                    l1 += fabs((double)r.scale * v[i]);
                 }
-                const float s = mx > 0.f ? mx / 127.f : 1.f;
-                double err = 0., l1 = 0.;
-                for (int k = k0; k < k1; k++) {
-                    int v = 0;
-                    if (k < K) {
-                        const float w = p[(int64_t)k * 16 + c];
-                        v = (int)lrintf(w / s);
-                        v = v > 127 ? 127 : v < -127 ? -127 : v;
-                        err = fmax(err, fabs((double)w - (double)s * v));
-                        l1 += fabs((double)s * v);
-                    }
-                    qp[(int64_t)(k / 4) * 64 + c * 4 + k % 4] = (uint8_t)(v + 128);
-                }
-                mp[g * 48 + c] = s;
-                mp[g * 48 + 16 + c] = (float)(err * (1 + 1e-6));  /* rounded up past float's own rounding */
+                bad += r.bad;
+                mp[g * 48 + c] = r.scale;
+                mp[g * 48 + 16 + c] = (float)(r.err * (1 + 1e-6));  /* rounded up past float's own rounding */
                 mp[g * 48 + 32 + c] = (float)(l1 * (1 + 1e-6));
-                wmax = fmaxf(wmax, mx);
+                wmax = fmaxf(wmax, r.absmax);
             }
             mp[NG * 48 + c] = wmax;
         }
@@ -182,33 +202,24 @@ static int gh_rows(const float *x, int M, int K, int KQ, int NG, uint32_t *xw, f
         int32_t *xcb = xc + blk * NG * GH_MR + r;
         double n1 = 0., dmax = 0.;
         for (int g = 0; g < NG; g++) {
-            const int k0 = g * GH_GQ * 4, k1 = k0 + GH_GQ * 4 < KQ * 4 ? k0 + GH_GQ * 4 : KQ * 4;
-            float mx = 0.f;
-            double l1 = 0., err = 0.;
-            for (int k = k0; k < k1 && k < K; k++) {
-                const float v = fabsf(xr[k]);
-                if (!isfinite(v)) return 2;
-                mx = fmaxf(mx, v);
-                l1 += v;
-            }
-            const float s = mx > 0.f ? mx / 127.f : 1.f;
+            int v[GH_GK];
+            const int valid = gh_valid(K, g);
+            const gh_group q = gh_round(xr + g * GH_GK, 1, valid, v);
+            if (q.bad) return 2;
+            double l1 = 0.;
             int32_t sum = 0;
-            for (int k = k0; k < k1; k++) {
-                int v = 0;
-                if (k < K) {
-                    v = (int)lrintf(xr[k] / s);
-                    v = v > 127 ? 127 : v < -127 ? -127 : v;
-                    err = fmax(err, fabs((double)xr[k] - (double)s * v));
-                }
-                u[((int64_t)(k / 4) * GH_MR + r) * 4 + k % 4] = (int8_t)v;
-                sum += v;
+            for (int i = 0; i < GH_GK; i++) {
+                const int k = g * GH_GK + i;
+                if (i < valid) l1 += fabsf(xr[k]);
+                u[((int64_t)(k / 4) * GH_MR + r) * 4 + k % 4] = (int8_t)v[i];
+                sum += v[i];
             }
-            xsb[(int64_t)g * 3 * GH_MR] = s;
+            xsb[(int64_t)g * 3 * GH_MR] = q.scale;
             xsb[((int64_t)g * 3 + 1) * GH_MR] = (float)(l1 * (1 + 1e-6));
-            xsb[((int64_t)g * 3 + 2) * GH_MR] = (float)(err * (1 + 1e-6));
+            xsb[((int64_t)g * 3 + 2) * GH_MR] = (float)(q.err * (1 + 1e-6));
             xcb[(int64_t)g * GH_MR] = 128 * sum;
             n1 += l1;
-            dmax = fmax(dmax, err);
+            dmax = fmax(dmax, q.err);
         }
         /* float32's rounding: of x.w, K 2^-24 sum |x w|; of the estimate's NG group terms and their sum,
          * about (NG + 3) 2^-24 sum |x~ w~|; both at most (|x|_1 + K dx) |w|max (with margins) */
