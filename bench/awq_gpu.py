@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
 import sys
 import time
 import traceback
@@ -27,32 +27,9 @@ from bench.common import save_json, write_section  # noqa: E402
 
 
 def gpu_time(fn, device: str, calls: int = 20, replays: int = 7) -> float:
-    """Median seconds per call of fn."""
-    fn()
-    if device != "cuda":
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    torch.cuda.synchronize()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / calls)
-    return statistics.median(times)
+    """Median seconds per call of fn (awq_tune.graph_time: a CUDA graph of ``calls`` calls, replayed)."""
+    from engine.kernels.awq_tune import graph_time
+    return graph_time(fn, calls, replays)
 
 
 def bandwidth(device: str) -> dict:
@@ -72,44 +49,16 @@ def random_awq(K: int, N: int, G: int, device: str):
 
 
 def gemv_sweep(shapes, device, tiles):
-    """One-row W4A16 products (decode) over tiles per layout: ("awq", packed columns, K rows, warps) and
-    ("kpack", columns, K rows, warps, nibble loop); -> (rows, {layout: the tile with the least total time over
-    the shapes})."""
-    from engine.kernels.awq_torch import dequantize_awq, repack_kpack
-    from engine.kernels.awq_triton import awq_gemv, kpack_gemv
+    """The K-packed one-row kernel (decode) over candidate tiles at each shape, as the engine's tuner times
+    them at load (kernels/awq_tune.py) -> (rows, {"KxN": the tile picked}); the picks are installed."""
+    from engine.kernels import awq_tune
     dtype = torch.float16 if device == "cuda" else torch.float32
-    rows, totals = [], {}
-    for K, N in shapes:
-        G = 128 if K % 128 == 0 else 32
-        qw, qz, s = random_awq(K, N, G, device)
-        qk, zk = repack_kpack(qw, qz)
-        x = torch.randn(1, K, device=device, dtype=dtype)
-        ref = x.float() @ dequantize_awq(qw, qz, s, torch.float32)
-        for tile in tiles:
-            layout, b, bk, warps = tile[:4]
-            if bk % G:
-                continue
-            if layout == "awq":
-                fn = lambda: awq_gemv(x, qw, qz, s, block_p=b, block_k=bk, num_warps=warps)  # noqa: E731
-            else:
-                fn = lambda: kpack_gemv(x, qk, zk, s, block_n=b, block_k=bk, num_warps=warps,  # noqa: E731
-                                        nibble_loop=tile[4])
-            try:
-                t = gpu_time(fn, device)
-                err = (fn().float() - ref).abs().max()
-            except Exception as e:  # a tile the compiler refuses: note it, go on
-                print(f"gemv tile {tile}: {type(e).__name__}: {e}", flush=True)
-                totals[tile] = float("inf")
-                continue
-            rows.append({"K": K, "N": N, "layout": layout, "block": b, "BK": bk, "warps": warps, "us": t * 1e6,
-                         "max_abs_err": float(err), **({"nibble_loop": tile[4]} if layout == "kpack" else {})})
-            totals[tile] = totals.get(tile, 0.0) + t
-            print(json.dumps(rows[-1]), flush=True)
-    best = {}
-    for tile, t in totals.items():
-        if t < float("inf") and (tile[0] not in best or t < totals[best[tile[0]]]):
-            best[tile[0]] = tile
-    return rows, best
+    rows = []
+    chosen = awq_tune.tune([(K, N, 128 if K % 128 == 0 else 32) for K, N in shapes], device, dtype, tiles,
+                           use_cache=False, record=rows)
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return rows, {f"{K}x{N}": list(t) for (K, N, _), t in chosen.items()}
 
 
 def dots_sweep(shapes, ms, device):
@@ -220,9 +169,11 @@ LLAMA7B = dict(architecture="LlamaForCausalLM", vocab_size=32000, hidden_size=40
                max_position_embeddings=4096, rope_theta=10000.0)
 SMOKE = dict(LLAMA7B, vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
              num_kv_heads=2, head_dim=64)
-GEMV_TILES = [("awq", 8, 512, 4), ("kpack", 256, 128, 4, 0), ("kpack", 128, 256, 4, 0), ("kpack", 32, 128, 1, 0),
-              ("kpack", 256, 128, 4, 1), ("kpack", 128, 128, 4, 1), ("kpack", 512, 128, 8, 1), ("kpack", 256, 256, 4, 1),
-              ("kpack", 128, 256, 2, 1), ("kpack", 64, 128, 2, 1)]
+# The decode model's fused layers beside the table's shapes: q/k/v 4096 x 12288, gate/up 4096 x 22016
+DECODE_SHAPES = [(4096, 12288), (4096, 22016)]
+DOTS_NOTE = {0: ", the K-packed one with the nibbles reshaped into one dot (the faster form here).",
+             1: ", the K-packed one with a dot per nibble (the faster form here)."}
+DEFAULT_TILE = (256, 128, 4, 0, 0, 0, 0)  # KPACK_GEMV_TILE, timed on an H200 on 2026-12-04
 DECODE = [("float16", False), ("W4A16", "awq"), ("W4A16", "kpack")]
 
 
@@ -242,15 +193,26 @@ def render(res: dict) -> str:
         cells = [f"{r[k + '_us']:.1f} | {r[k + '_GBs']:.0f} | {r[k + '_speedup']:.2f}x" if k + "_us" in r
                  else "– | – | –" for k in ("awq", "kpack")]
         lines.append(f"| {r['K']}x{r['N']} | {r['M']} | {r['fp16_us']:.1f} | {cells[0]} | {cells[1]} |")
-    if res.get("gemv_tile"):
-        t = res["gemv_tile"]
+    t = res.get("gemv_tile") or {}
+    if t and "kpack" in t:  # results of the runs before per-shape tiles: one tile per layout
         n = len({(r["layout"], r["block"], r["BK"], r["warps"], r.get("nibble_loop")) for r in res.get("gemv_sweep", [])})
         lines += ["", "M = 1 runs the one-row kernels with the tiles (columns, K rows, warps[, nibble loop]; AutoAWQ's "
                   f"layout counts packed columns) {', '.join(f'{k} {tuple(v[1:])}' for k, v in t.items())}, the fastest over the "
                   f"three shapes of the {n} tried in this run (times in the results JSON); larger M run the tiled "
-                  "`tl.dot` kernels" + ({0: ", the K-packed one with the nibbles reshaped into one dot (the faster "
-                                         "form here).", 1: ", the K-packed one with a dot per nibble (the faster "
-                                         "form here)."}.get(res.get("kpack_nibble_dots"), "."))]
+                  "`tl.dot` kernels" + DOTS_NOTE.get(res.get("kpack_nibble_dots"), ".")]
+    elif t:
+        n = len({tuple(r["tile"]) for r in res.get("gemv_sweep", [])})
+        sweep = {(r["K"], r["N"], tuple(r["tile"])): r["us"] for r in res.get("gemv_sweep", [])}
+        default = [sweep.get((*map(int, k.split("x")), tuple(DEFAULT_TILE))) for k in t]
+        lines += ["", f"M = 1 on the K-packed layout runs the tile the engine's tuner picks per shape at load "
+                  f"(`engine/kernels/awq_tune.py`, {n} candidates timed in this run, all times in the results JSON): "
+                  "(columns, K rows per program (0: all), warps, nibble loop, step, unroll, 1 + q/16 form):", "",
+                  "| K x N | tile | us | the former default tile (us) |", "|---|---|---|---|"]
+        for (k, v), d in zip(t.items(), default):
+            us = sweep.get((*map(int, k.split("x")), tuple(v)))
+            lines.append(f"| {k} | {tuple(v)} | {f'{us:.1f}' if us else '–'} | {f'{d:.1f}' if d else '–'} |")
+        lines += ["", "M = 1 over AutoAWQ's layout runs its fixed tile; larger M run the tiled `tl.dot` kernels"
+                  + DOTS_NOTE.get(res.get("kpack_nibble_dots"), ".")]
     dec = res.get("decode", [])
     if dec:
         ctx = res.get("context", 128)
@@ -290,11 +252,13 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.smoke:
         shapes, ms, cfg, steps, ctx, batches = [(128, 64)], [1, 4], SMOKE, 3, 16, [1, 2]
-        tiles = [("awq", 8, 128, 4), ("kpack", 64, 128, 4, 0), ("kpack", 64, 128, 4, 1)]
+        from engine.kernels.awq_triton import GemvTile
+        tiles, sweep_shapes = [GemvTile(64, 128, 4, 0), GemvTile(32, 0, 4, 1, magic=1)], shapes
     else:
         shapes, ms, cfg, steps, ctx, batches = [(4096, 4096), (4096, 11008), (11008, 4096)], [1, 4, 16, 64, 256], \
             LLAMA7B, 64, 128, [1, 32]
-        tiles = GEMV_TILES
+        from engine.kernels.awq_tune import CANDIDATES as tiles
+        sweep_shapes = shapes + DECODE_SHAPES
     import triton
     res = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)",
            "torch": torch.__version__, "triton": triton.__version__, "context": ctx}
@@ -304,15 +268,10 @@ def main() -> int:
     def dump():
         if a.json_out:
             Path(a.json_out).write_text(json.dumps(res, indent=2))
-    if "sweep" not in skip:  # the decode tiles first: the table and the decode runs below use the best
+    if "sweep" not in skip:  # the decode tiles first: the table and the decode runs below use the picks
         try:
-            from engine.kernels import awq_triton
-            res["gemv_sweep"], best = gemv_sweep(shapes, device, tiles)
-            if "awq" in best:
-                awq_triton.GEMV_TILE = best["awq"][1:]
-            if "kpack" in best:
-                awq_triton.KPACK_GEMV_TILE = best["kpack"][1:]
-            res["gemv_tile"] = {k: list(v) for k, v in best.items()}
+            res["gemv_sweep"], res["gemv_tile"] = gemv_sweep(sweep_shapes, device, tiles)
+            os.environ["RAYLM_W4A16_TUNE"] = "0"  # installed in this process: the decode runners need not tune
         except Exception:
             traceback.print_exc()
         dump()

@@ -53,7 +53,7 @@ def test_one_row_w4a16_kernels_match_reference(K, N, G, block):
     """The decode kernels over both layouts, with 1 to 3 whole groups per program (3 leaves the last program
     a group past K); each shape runs every kernel in turn, so later calls find the split-K workspace zeroed."""
     from engine.kernels.awq_torch import repack_kpack
-    from engine.kernels.awq_triton import HAVE_TRITON, awq_gemv, kpack_gemv
+    from engine.kernels.awq_triton import HAVE_TRITON, GemvTile, awq_gemv, kpack_gemv
     if not HAVE_TRITON:
         pytest.skip("triton not installed")
     _, _, s, qw, qz = random_awq(K, N, G, seed=K)
@@ -63,9 +63,47 @@ def test_one_row_w4a16_kernels_match_reference(K, N, G, block):
     for groups in (1, 2, 3):
         out = awq_gemv(x, qw, qz, s, block_p=block // 8, block_k=groups * G)
         assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
-        for nibble_loop in (0, 1):
-            out = kpack_gemv(x, qk, zk, s, block_n=block, block_k=groups * G, nibble_loop=nibble_loop)
+        for nibble_loop, magic in ((0, 0), (1, 0), (1, 1)):
+            out = kpack_gemv(x, qk, zk, s, GemvTile(block or 32, groups * G, 4, nibble_loop, magic=magic))
             assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tile", [(64, 0, 4, 1, 0, 0, 1),  # all of K in one program: no split, no atomics
+                                  (32, 0, 2, 1, 32, 3, 1),  # a loop of 3 unrolled steps of 32 rows (steps past K)
+                                  (64, 32, 2, 1, 0, 0, 1),  # a quarter group per program: split 12 ways
+                                  (16, 128, 1, 0, 32, 2, 0),  # two iterations of two steps, the 3-D form
+                                  (64, 256, 4, 1, 64, 2, 1)])  # two iterations of two half-group steps
+def test_one_row_kernel_steps_loops_and_splits(tile):
+    """The K-packed one-row kernel's other forms against the reference at a shape (K 384, group 128) where
+    steps, loop iterations and splits do not divide K evenly."""
+    from engine.kernels.awq_torch import repack_kpack
+    from engine.kernels.awq_triton import HAVE_TRITON, GemvTile, gemv_plan, kpack_gemv
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    K, N, G = 384, 80, 128
+    _, _, s, qw, qz = random_awq(K, N, G, seed=11)
+    qk, zk = repack_kpack(qw, qz)
+    x = torch.randn(1, K, generator=torch.Generator().manual_seed(4))
+    ref = awq_matmul_reference(x, qw, qz, s.float())
+    tile = GemvTile(*tile)
+    gemv_plan(tile, K, N, G)
+    for _ in range(2):  # the second call finds the split-K workspace the first left zeroed
+        assert torch.allclose(kpack_gemv(x, qk, zk, s, tile), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_one_row_tile_that_does_not_fit_is_refused():
+    from engine.kernels.awq_triton import HAVE_TRITON, GemvTile, gemv_plan
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    with pytest.raises(ValueError, match="dividing the group size 128"):
+        gemv_plan(GemvTile(64, 0, 4, 1, 48), 384, 64, 128)
+    with pytest.raises(ValueError, match="whole steps of 64"):
+        gemv_plan(GemvTile(64, 96, 4, 1, 64), 384, 64, 128)
+    with pytest.raises(ValueError, match="do not split into 3"):
+        gemv_plan(GemvTile(64, 256, 4, 1, 64, 3), 384, 64, 128)
+    # (step, unroll, iterations, split, programs): 3 steps of 128 in one program; 384 rows of 64 in 6 programs
+    assert gemv_plan(GemvTile(64, 0, 4, 1), 384, 64, 128) == (128, 3, 1, 1, 1)
+    assert gemv_plan(GemvTile(32, 64, 4, 1), 384, 64, 128) == (64, 1, 1, 6, 2)
 
 
 def test_prefill_rows_dequantize_then_multiply():
@@ -208,3 +246,53 @@ def test_bad_quantization_config_is_a_clear_error(awq_tiny, tmp_path, patch, mes
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=message):
         LLMEngine(model=str(bad), num_cpu_blocks=8)
+
+
+def test_tuner_picks_the_fastest_sound_tile_and_caches_it(tmp_path, monkeypatch):
+    """The per-shape tile choice (kernels/awq_tune.py) under the interpreter: every candidate that fits is
+    timed and checked against the torch product, one that fails to compile is dropped, the fastest sound one
+    is installed (the default call then uses it and still matches the reference) and written to the cache,
+    which a second start reads without timing anything."""
+    from engine.kernels import awq_triton, awq_tune
+    if not awq_triton.HAVE_TRITON:
+        pytest.skip("triton not installed")
+    from engine.kernels.awq_torch import repack_kpack
+    from engine.kernels.awq_triton import GemvTile, kpack_gemv
+    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(awq_triton, "KPACK_GEMV_TILES", {})
+    monkeypatch.setattr(awq_tune, "KPACK_GEMV_TILES", awq_triton.KPACK_GEMV_TILES)
+    cands = [GemvTile(64, 64, 4, 0), GemvTile(32, 0, 2, 1, magic=1), GemvTile(48, 64, 4, 1),  # 48: not a power of 2
+             GemvTile(64, 0, 4, 1, 48)]  # a step that does not divide the group: not timed at all
+    record = []
+    chosen = awq_tune.tune([(256, 96, 64)], "cpu", torch.float32, cands, record=record)
+    assert [r["tile"] for r in record] == [list(t) for t in cands[:3]]
+    assert [r["ok"] for r in record] == [True, True, False]
+    fastest = min(record[:2], key=lambda r: r["us"])
+    assert chosen == {(256, 96, 64): GemvTile(*fastest["tile"])}
+    assert awq_triton.KPACK_GEMV_TILES[(256, 96, 64, torch.float32)] == chosen[(256, 96, 64)]
+    _, _, s, qw, qz = random_awq(256, 96, 64, seed=9)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(kpack_gemv(x, *repack_kpack(qw, qz), s), awq_matmul_reference(x, qw, qz, s.float()),
+                          atol=1e-4, rtol=1e-4)
+    saved = json.loads((tmp_path / "w4a16_tiles.json").read_text())
+    assert list(saved.values())[0] == {"256x96 g64 float32": fastest["tile"]}
+    awq_triton.KPACK_GEMV_TILES.clear()
+
+    def no_timing(fn):
+        raise AssertionError("the cached choice should need no timing")
+    assert awq_tune.tune([(256, 96, 64)], "cpu", torch.float32, cands, timer=no_timing) == chosen
+    assert awq_triton.KPACK_GEMV_TILES[(256, 96, 64, torch.float32)] == chosen[(256, 96, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_every_candidate_tile_is_sound_on_gpu(tmp_path, monkeypatch):
+    """Every candidate tile of the tuner, compiled for the GPU, against the dequantized torch product at a
+    Llama-7B shape whose K (11008) no program span divides evenly; the pick is then what a default call runs."""
+    from engine.kernels import awq_triton, awq_tune
+    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path))
+    record = []
+    chosen = awq_tune.tune([(11008, 4096, 128)], "cuda", torch.float16, use_cache=False, record=record)
+    bad = [(r["tile"], r["max_abs_err"]) for r in record if not r["ok"]]
+    assert not bad and len(record) == len(awq_tune.CANDIDATES)
+    assert awq_triton.KPACK_GEMV_TILES[(11008, 4096, 128, torch.float16)] == chosen[(11008, 4096, 128)]
