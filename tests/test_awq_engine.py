@@ -63,7 +63,7 @@ def test_one_row_w4a16_kernels_match_reference(K, N, G, block):
     for groups in (1, 2, 3):
         out = awq_gemv(x, qw, qz, s, block_p=block // 8, block_k=groups * G)
         assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
-        for nibble_loop, magic in ((0, 0), (1, 0), (1, 1)):
+        for nibble_loop, magic in ((0, 0), (1, 0), (1, 1), (2, 0), (2, 1)):
             out = kpack_gemv(x, qk, zk, s, GemvTile(block or 32, groups * G, 4, nibble_loop, magic=magic))
             assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
 
@@ -72,7 +72,9 @@ def test_one_row_w4a16_kernels_match_reference(K, N, G, block):
                                   (32, 0, 2, 1, 32, 3, 1),  # a loop of 3 unrolled steps of 32 rows (steps past K)
                                   (64, 32, 2, 1, 0, 0, 1),  # a quarter group per program: split 12 ways
                                   (16, 128, 1, 0, 32, 2, 0),  # two iterations of two steps, the 3-D form
-                                  (64, 256, 4, 1, 64, 2, 1)])  # two iterations of two half-group steps
+                                  (64, 256, 4, 1, 64, 2, 1),  # two iterations of two half-group steps
+                                  (128, 128, 4, 2, 32, 2, 1),  # x split into columns, two iterations
+                                  (32, 0, 2, 2, 64, 2, 0)])  # the same, exact form, no split
 def test_one_row_kernel_steps_loops_and_splits(tile):
     """The K-packed one-row kernel's other forms against the reference at a shape (K 384, group 128) where
     steps, loop iterations and splits do not divide K evenly."""

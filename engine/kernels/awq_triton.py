@@ -186,6 +186,14 @@ if HAVE_TRITON:
         return (((qw >> (4 * i)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
 
     @triton.jit
+    def _nibble_mul(qw, i: tl.constexpr, xi, MAGIC: tl.constexpr):
+        """Nibble i of each word [R, BN] times xi [R] (less 2^23 in the exact form); added up, the compiler
+        fuses the adds into FMAs."""
+        if MAGIC:
+            return _nibble_bits(qw, i, MAGIC) * xi[:, None]
+        return (_nibble_bits(qw, i, MAGIC) - 8388608.0) * xi[:, None]
+
+    @triton.jit
     def _kpack_gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, ITERS, sqw, szg, ssg,
                            BN: tl.constexpr, G: tl.constexpr, STEP: tl.constexpr, UNROLL: tl.constexpr,
                            SPLIT_K: tl.constexpr, NIBBLE_LOOP: tl.constexpr, MAGIC: tl.constexpr):
@@ -195,7 +203,9 @@ if HAVE_TRITON:
         x values inside its thread; zero and scale apply once per word row and step:
         sum_k x_k (q_k - z) s = s (sum_k x_k q_k - z sum_k x_k).
         NIBBLE_LOOP 0: the nibbles as a third dimension [STEP/8, 8, BN] summed over; 1: a loop over the 8
-        nibbles, each [STEP/8, BN] in the words' own layout, into one sum (no third dimension in registers).
+        nibbles, each [STEP/8, BN] in the words' own layout, into one sum (no third dimension in registers),
+        x loaded per nibble; 2: the same sum, x loaded once per step as [STEP/8, 8] and split into its 8
+        columns.
         MAGIC 1 (with the loop) sums (1 + q/16) x, since
         sum_k x_k (q_k - z) = 16 sum_k x_k (1 + q_k/16) - (16 + z) sum_k x_k."""
         pn = tl.program_id(0)
@@ -212,15 +222,29 @@ if HAVE_TRITON:
                 rmask = rows < K // 8
                 qw = tl.load(qw_ptr + rows[:, None] * sqw + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
                              other=0, eviction_policy="evict_first")  # [STEP/8, BN]
-                if NIBBLE_LOOP:
+                if NIBBLE_LOOP == 2:
+                    x = tl.load(x_ptr + rows[:, None] * 8 + i8[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+                    xsum = tl.sum(x, axis=1)
+                    ev, od = tl.split(tl.reshape(x, (STEP // 8, 4, 2)))  # x values 0 2 4 6 | 1 3 5 7 of each row
+                    e0, e1 = tl.split(tl.reshape(ev, (STEP // 8, 2, 2)))  # 0 4 | 2 6
+                    o0, o1 = tl.split(tl.reshape(od, (STEP // 8, 2, 2)))  # 1 5 | 3 7
+                    x0, x4 = tl.split(e0)
+                    x2, x6 = tl.split(e1)
+                    x1, x5 = tl.split(o0)
+                    x3, x7 = tl.split(o1)
+                    t = _nibble_mul(qw, 0, x0, MAGIC) + _nibble_mul(qw, 1, x1, MAGIC)
+                    t += _nibble_mul(qw, 2, x2, MAGIC)
+                    t += _nibble_mul(qw, 3, x3, MAGIC)
+                    t += _nibble_mul(qw, 4, x4, MAGIC)
+                    t += _nibble_mul(qw, 5, x5, MAGIC)
+                    t += _nibble_mul(qw, 6, x6, MAGIC)
+                    t += _nibble_mul(qw, 7, x7, MAGIC)
+                elif NIBBLE_LOOP:
                     t = tl.zeros((STEP // 8, BN), dtype=tl.float32)
                     xsum = tl.zeros((STEP // 8,), dtype=tl.float32)
                     for i in tl.static_range(8):
                         xi = tl.load(x_ptr + rows * 8 + i, mask=rmask, other=0.0).to(tl.float32)  # [STEP/8]
-                        if MAGIC:
-                            t += _nibble_bits(qw, i, MAGIC) * xi[:, None]
-                        else:
-                            t += (_nibble_bits(qw, i, MAGIC) - 8388608.0) * xi[:, None]
+                        t += _nibble_mul(qw, i, xi, MAGIC)
                         xsum += xi
                 else:
                     x = tl.load(x_ptr + rows[:, None] * 8 + i8[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
@@ -231,11 +255,13 @@ if HAVE_TRITON:
                 g = k0 // G
                 gmask = mask_n & ((offs_n * 0 + k0) < K)  # a step past K (the last program's unroll)
                 z = tl.load(z_ptr + g * szg + offs_n, mask=gmask, other=0.0).to(tl.float32)
-                if MAGIC and NIBBLE_LOOP:
-                    t = t * 16.0
-                    z += 16.0
                 sc = tl.load(s_ptr + g * ssg + offs_n, mask=gmask, other=0.0).to(tl.float32)
-                acc += sc[None, :] * (t - z[None, :] * xsum[:, None])
+                if MAGIC and NIBBLE_LOOP:  # per column once: 16 s and -(16 + z) s; then two FMAs a word
+                    c1, c2 = sc * 16.0, -(z + 16.0) * sc
+                else:
+                    c1, c2 = sc, -z * sc
+                acc += c1[None, :] * t
+                acc += c2[None, :] * xsum[:, None]
         _store_out(tl.sum(acc, axis=0), out_ptr + offs_n, ws_ptr + offs_n, mask_n, cnt_ptr, pn, SPLIT_K)
 
     @triton.jit

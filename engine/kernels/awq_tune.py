@@ -29,13 +29,17 @@ logger = logging.getLogger(__name__)
 T = GemvTile
 # Families: the timed default (groups per program, split-K); the nibble loop and the 1 + q/16 form; many
 # small programs of 32-64 K rows (split-K as GemLite's GEMV); a few groups per program; all of K in each
-# program (no split, no atomics) looping over unrolled groups; split in two to four with a loop.
+# program (no split, no atomics) looping over unrolled groups; split in two to four with a loop; and x loaded
+# once per step and split into its 8 columns (nibble form 2) over wide tiles, which bench/sass_gemv.py's
+# static count finds the fewest instructions per weight word in.
 CANDIDATES: List[GemvTile] = [
     KPACK_GEMV_TILE, T(256, 128, 4, 1), T(256, 128, 4, 1, magic=1), T(128, 128, 4, 1, magic=1),
     T(256, 32, 2, 1, magic=1), T(256, 64, 2, 1, magic=1), T(512, 64, 4, 1, magic=1), T(128, 64, 1, 1, magic=1),
     T(128, 512, 4, 1, 128, 4, 1), T(64, 512, 2, 1, 128, 4, 1), T(128, 1024, 8, 1, 128, 8, 1),
     T(32, 0, 4, 1, 128, 4, 1), T(64, 0, 8, 1, 128, 4, 1), T(16, 0, 2, 1, 128, 8, 1), T(32, 0, 8, 1, 128, 8, 1),
     T(64, 2048, 4, 1, 128, 4, 1), T(128, 2048, 8, 1, 128, 4, 1),
+    T(1024, 32, 4, 2, magic=1), T(512, 64, 4, 2, magic=1), T(512, 32, 2, 2, magic=1),
+    T(1024, 128, 4, 2, 32, 4, 1), T(512, 128, 4, 2, 32, 4, 1), T(256, 128, 2, 2, 32, 4, 1),
 ]
 
 
