@@ -48,17 +48,19 @@ def random_awq(K: int, N: int, G: int, device: str):
     return qw, qz, s
 
 
-def gemv_sweep(shapes, device, tiles):
-    """The K-packed one-row kernel (decode) over candidate tiles at each shape, as the engine's tuner times
-    them at load (kernels/awq_tune.py) -> (rows, {"KxN": the tile picked}); the picks are installed."""
+def gemv_sweep(shapes, device, tiles, tc_tiles):
+    """The one-row kernels (decode) over candidate tiles at each shape, as the engine's tuner times them at
+    load (kernels/awq_tune.py): K-packed FMA tiles and, in float16, the tensor-core kernel over AutoAWQ's
+    layout -> (rows, {"KxN": {"kpack": tile, "kpack_us", "tc": tile, "tc_us"}}); the picks are installed."""
     from engine.kernels import awq_tune
-    dtype = torch.float16 if device == "cuda" else torch.float32
+    dtype = torch.float16  # the interpreter runs float16 too, so a smoke run covers both kernels
     rows = []
-    chosen = awq_tune.tune([(K, N, 128 if K % 128 == 0 else 32) for K, N in shapes], device, dtype, tiles,
+    chosen = awq_tune.tune([(K, N, 128 if K % 128 == 0 else 32) for K, N in shapes], device, dtype, tiles, tc_tiles,
                            use_cache=False, record=rows)
     for r in rows:
         print(json.dumps(r), flush=True)
-    return rows, {f"{K}x{N}": list(t) for (K, N, _), t in chosen.items()}
+    return rows, {f"{K}x{N}": {k: (list(v) if isinstance(v, tuple) else v) for k, v in c._asdict().items()}
+                  for (K, N, _), c in chosen.items()}
 
 
 def dots_sweep(shapes, ms, device):
@@ -201,18 +203,25 @@ def render(res: dict) -> str:
                   f"three shapes of the {n} tried in this run (times in the results JSON); larger M run the tiled "
                   "`tl.dot` kernels" + DOTS_NOTE.get(res.get("kpack_nibble_dots"), ".")]
     elif t:
-        n = len({tuple(r["tile"]) for r in res.get("gemv_sweep", [])})
-        sweep = {(r["K"], r["N"], tuple(r["tile"])): r["us"] for r in res.get("gemv_sweep", [])}
-        default = [sweep.get((*map(int, k.split("x")), tuple(DEFAULT_TILE))) for k in t]
-        lines += ["", f"M = 1 on the K-packed layout runs the tile the engine's tuner picks per shape at load "
-                  f"(`engine/kernels/awq_tune.py`, {n} candidates timed in this run, all times in the results JSON): "
-                  "(columns, K rows per program (0: all), warps, nibble loop, step, unroll, 1 + q/16 form):", "",
-                  "| K x N | tile | us | the former default tile (us) |", "|---|---|---|---|"]
-        for (k, v), d in zip(t.items(), default):
-            us = sweep.get((*map(int, k.split("x")), tuple(v)))
-            lines.append(f"| {k} | {tuple(v)} | {f'{us:.1f}' if us else '–'} | {f'{d:.1f}' if d else '–'} |")
-        lines += ["", "M = 1 over AutoAWQ's layout runs its fixed tile; larger M run the tiled `tl.dot` kernels"
-                  + DOTS_NOTE.get(res.get("kpack_nibble_dots"), ".")]
+        n = len({(r.get("kind"), tuple(r["tile"])) for r in res.get("gemv_sweep", [])})
+        sweep = {(r["K"], r["N"], tuple(r["tile"])): r["us"] for r in res.get("gemv_sweep", [])
+                 if r.get("kind", "kpack") == "kpack"}
+        lines += ["", f"M = 1: the tiles the engine's tuner picks per shape at load (`engine/kernels/awq_tune.py`, "
+                  f"{n} candidates timed in this run, all times in the results JSON). K-packed FMA kernel: "
+                  "(columns, K rows per program (0: all), warps, nibble form, step, unroll, 1 + q/16 form); "
+                  "tensor cores over AutoAWQ's layout (`engine/kernels/awq_tc.py`): (columns, K rows per step, "
+                  "warps, split, folded form):", "",
+                  "| K x N | K-packed tile | us | the former default tile (us) | tensor-core tile | us |",
+                  "|---|---|---|---|---|---|"]
+        for k, v in t.items():
+            d = sweep.get((*map(int, k.split("x")), DEFAULT_TILE))
+            tc = f"{tuple(v['tc'])} | {v['tc_us']:.1f}" if v.get("tc") else "– | –"
+            lines.append(f"| {k} | {tuple(v['kpack'])} | {v['kpack_us']:.1f} | {f'{d:.1f}' if d else '–'} | {tc} |")
+        if res.get("layout"):
+            lines += ["", f"The tuner's layout for the decode model below (its layers' one-row times summed): "
+                      f"**{res['layout']}**."]
+        lines += ["", "M > 1 over AutoAWQ's layout runs the tensor-core kernel (float16); over the K-packed one "
+                  "the tiled `tl.dot` kernel" + DOTS_NOTE.get(res.get("kpack_nibble_dots"), ".")]
     dec = res.get("decode", [])
     if dec:
         ctx = res.get("context", 128)
@@ -252,12 +261,15 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.smoke:
         shapes, ms, cfg, steps, ctx, batches = [(128, 64)], [1, 4], SMOKE, 3, 16, [1, 2]
+        from engine.kernels.awq_tc import TcTile
         from engine.kernels.awq_triton import GemvTile
         tiles, sweep_shapes = [GemvTile(64, 128, 4, 0), GemvTile(32, 0, 4, 1, magic=1)], shapes
+        tc_tiles = [TcTile(64, 64, 4, 0, 1), TcTile(64, 128, 4)]
     else:
         shapes, ms, cfg, steps, ctx, batches = [(4096, 4096), (4096, 11008), (11008, 4096)], [1, 4, 16, 64, 256], \
             LLAMA7B, 64, 128, [1, 32]
         from engine.kernels.awq_tune import CANDIDATES as tiles
+        from engine.kernels.awq_tune import TC_CANDIDATES as tc_tiles
         sweep_shapes = shapes + DECODE_SHAPES
     import triton
     res = {"device": torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke)",
@@ -270,7 +282,15 @@ def main() -> int:
             Path(a.json_out).write_text(json.dumps(res, indent=2))
     if "sweep" not in skip:  # the decode tiles first: the table and the decode runs below use the picks
         try:
-            res["gemv_sweep"], res["gemv_tile"] = gemv_sweep(sweep_shapes, device, tiles)
+            res["gemv_sweep"], res["gemv_tile"] = gemv_sweep(sweep_shapes, device, tiles, tc_tiles)
+            from engine.kernels.awq_tune import Choice, GemvTile, TcTile, pick_layout
+            h, i = cfg["hidden_size"], cfg["intermediate_size"]
+            layers = {(h, 3 * h): 1, (h, h): 1, (h, 2 * i): 1, (i, h): 1}  # q/k/v, o, gate/up, down
+            got = {(K, N, 128 if K % 128 == 0 else 32): Choice(GemvTile(*c["kpack"]), c["kpack_us"],
+                                                                 TcTile(*c["tc"]) if c.get("tc") else None, c.get("tc_us"))
+                   for K, N, c in ((*map(int, k.split("x")), c) for k, c in res["gemv_tile"].items())}
+            if all(s in got for s in layers):
+                res["layout"] = pick_layout({s: got[s] for s in layers}, layers)
             os.environ["RAYLM_W4A16_TUNE"] = "0"  # installed in this process: the decode runners need not tune
         except Exception:
             traceback.print_exc()

@@ -12,7 +12,7 @@ fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia_smi.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused.py \
+timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused.py \
     "tests/test_kernels.py" "tests/test_kv_quant.py" "tests/test_awq_engine.py" -m "gpu or not gpu" \
     -k "${TEST_K:-gpu or fused or static}" 2>&1 | tee "$OUT/tests.log" | tail -40
 timeout "${BENCH_TIMEOUT:-330}" python3 bench/awq_gpu.py --no-doc --json-out "$OUT/awq_gpu.json" ${BENCH_ARGS:-} \

@@ -43,6 +43,27 @@ def compile_tile(tile, K: int, N: int, G: int, arch: int):
     return c, dict(step=step, unroll=unroll, iters=iters, split=split)
 
 
+TC_SIG = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": "*fp16",
+          "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "KS": "i32", "sxm": "i32",
+          "sqk": "i32", "szg": "i32", "ssg": "i32", "som": "i32"}
+
+
+def compile_tc(tile, K: int, N: int, G: int, arch: int, sms: int = 132):
+    """The tensor-core kernel (awq_tc.py) at one row, as awq_tc_matmul would launch it on ``sms`` SMs."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from engine.kernels.awq_tc import _awq_tc_kernel, tc_plan
+    BM, BK, split = tc_plan(tile, 1, K, N, G, sms)
+    const = {"G": G, "BM": BM, "BN": tile.block_n, "BK": BK, "SPLIT_K": split, "FOLD": tile.fold}
+    sig = dict(TC_SIG, **{k: "constexpr" for k in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(TC_SIG) if name not in ("M", "KS")}
+    src = ASTSource(fn=_awq_tc_kernel, signature=sig, constexprs=const, attrs=attrs)
+    opts = {"num_warps": tile.warps, **({"num_stages": tile.stages} if tile.stages else {})}
+    c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+    return c, dict(step=BK, unroll=1, iters=-(-K // (split * BK)), split=split)
+
+
 def sass_counts(cubin: bytes):
     bindir = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -58,7 +79,9 @@ def sass_counts(cubin: bytes):
 
 
 def analyse(tile, K, N, G, arch):
-    c, plan = compile_tile(tile, K, N, G, arch)
+    from engine.kernels.awq_tc import TcTile
+    tc = isinstance(tile, TcTile)
+    c, plan = (compile_tc if tc else compile_tile)(tile, K, N, G, arch)
     usage, ops = sass_counts(c.asm["cubin"])
     base = collections.Counter()
     for op, n in ops.items():
@@ -67,25 +90,29 @@ def analyse(tile, K, N, G, arch):
     ldg = {op: n for op, n in ops.items() if op.startswith("LDG")}
     wide = sum(n for op, n in ldg.items() if ".128" in op)
     alu = sum(base[o] for o in ALU)
-    return {"tile": list(tile), **plan, "regs": usage.get("REG"), "local": usage.get("LOCAL"),
+    return {"kind": "tc" if tc else "kpack", "tile": list(tile), **plan, "regs": usage.get("REG"), "local": usage.get("LOCAL"),
             "shared": usage.get("SHARED"), "ldg": sum(ldg.values()), "ldg128": wide,
             "shfl": base["SHFL"], "bar": base["BAR"], "alu": alu, "words_per_thread": words,
             "alu_per_word": alu / words if words else None, "ffma": base["FFMA"], "lop3": base["LOP3"],
             "shf": base["SHF"], "fadd": base["FADD"]}
 
 
+KINDS = {"kpack": "K-packed FMA", "tc": "tensor cores, AutoAWQ layout"}
+
+
 def render(rows, arch, shape) -> str:
     lines = [f"## W4A16 one-row kernel tiles, static SASS view (`bench/sass_gemv.py`, sm_{arch}, {shape})", "",
              "Compiled by Triton for the GPU on a machine without one; counts are of the SASS (the loop body "
-             "once). ALU per word: the instructions a thread runs per packed weight word it reads (8 weights); "
-             "a word needs 8 FMAs at least.", "",
-             "| tile | regs | spill (B) | shared (B) | global loads (128-bit) | shuffles | barriers | ALU per word |",
-             "|---|---|---|---|---|---|---|---|"]
+             "once; a split-K program runs its loop several times, its epilogue once). ALU per word: the "
+             "instructions a thread runs per packed weight word it reads (8 weights). Tiles as in "
+             "`engine/kernels/awq_tune.py`.", "",
+             "| kernel | tile | regs | spill (B) | shared (B) | global loads (128-bit) | shuffles | barriers | "
+             "ALU per word |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {tuple(r['tile'])} | {r['error']} | | | | | | |")
+            lines.append(f"| {KINDS.get(r['kind'], r['kind'])} | {tuple(r['tile'])} | {r['error']} | | | | | | |")
             continue
-        lines.append(f"| {tuple(r['tile'])} | {r['regs']} | {r['local']} | {r['shared']} | {r['ldg']} "
+        lines.append(f"| {KINDS[r['kind']]} | {tuple(r['tile'])} | {r['regs']} | {r['local']} | {r['shared']} | {r['ldg']} "
                      f"({r['ldg128']}) | {r['shfl']} | {r['bar']} | {r['alu_per_word']:.1f} |")
     return "\n".join(lines)
 
@@ -96,14 +123,15 @@ def main() -> int:
     ap.add_argument("--shape", default="4096x4096", help="KxN (group size 128)")
     ap.add_argument("--no-doc", action="store_true")
     a = ap.parse_args()
-    from engine.kernels.awq_tune import CANDIDATES
+    from engine.kernels.awq_tune import CANDIDATES, TC_CANDIDATES
     K, N = map(int, a.shape.split("x"))
     rows = []
-    for tile in CANDIDATES:
+    for tile in CANDIDATES + TC_CANDIDATES:
         try:
             rows.append(analyse(tile, K, N, 128, a.arch))
         except Exception as e:  # noqa: BLE001 - a tile the compiler refuses: say so
-            rows.append({"tile": list(tile), "error": f"{type(e).__name__}: {str(e)[:80]}"})
+            rows.append({"kind": type(tile).__name__, "tile": list(tile),
+                         "error": f"{type(e).__name__}: {str(e)[:80]}"})
         print(rows[-1], flush=True)
     save_json("sass_gemv", {"arch": a.arch, "shape": a.shape, "rows": rows})
     table = render(rows, a.arch, a.shape)

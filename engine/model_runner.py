@@ -38,11 +38,11 @@ class ModelRunner:
         self.graphs = None
         self.greedy_head = None  # CPU float32: greedy steps screen the LM head (kernels/greedy_head.py)
         if device == "cuda":
+            from .kernels.awq_tune import tune_model
             from .layers.awq_linear import GPU_LAYOUT, use_gpu_layout
-            if use_gpu_layout(model):
-                logger.info("W4A16 layers repacked to the %s layout", GPU_LAYOUT)
-                from .kernels.awq_tune import tune_model
-                tune_model(model, device, dtype)  # the decode kernel's tile per layer shape (cached on disk)
+            layout = tune_model(model, device, dtype)  # one-row tiles per layer shape and the layout (cached)
+            if use_gpu_layout(model, layout):
+                logger.info("W4A16 layers repacked to the %s layout", layout or GPU_LAYOUT)
             self._use_triton_decode(quant_policy)
             self._use_gpu_fused(quant_policy)
         elif quant_policy:  # quantized blocks on CPU: the native layers where built, else the torch path

@@ -142,6 +142,7 @@ def test_k_packing_keeps_the_weights():
 @pytest.mark.parametrize("M", [1, 4, 16, 64, 300])
 def test_triton_w4a16_kernel_on_gpu(M):
     from engine.kernels.awq_torch import repack_kpack
+    from engine.kernels.awq_tc import TcTile, awq_tc_matmul
     from engine.kernels.awq_triton import awq_matmul, kpack_matmul
     _, _, s, qw, qz = random_awq(4096, 4096, 128)
     x = torch.randn(M, 4096, device="cuda", dtype=torch.float16)
@@ -150,6 +151,9 @@ def test_triton_w4a16_kernel_on_gpu(M):
     for _ in range(2):  # the second call finds the split-K workspace the first left zeroed
         assert torch.allclose(awq_matmul(x, qw, qz, s).float(), ref, atol=2e-2, rtol=2e-2)
         assert torch.allclose(kpack_matmul(x, *repack_kpack(qw, qz), s).float(), ref, atol=2e-2, rtol=2e-2)
+        for fold in (0, 1):  # the tensor-core kernel's two forms (awq_matmul takes it from 2 rows on)
+            out = awq_tc_matmul(x, qw, qz, s, TcTile(128, 128, 4, 0, fold))
+            assert torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
@@ -270,31 +274,102 @@ def test_tuner_picks_the_fastest_sound_tile_and_caches_it(tmp_path, monkeypatch)
     assert [r["tile"] for r in record] == [list(t) for t in cands[:3]]
     assert [r["ok"] for r in record] == [True, True, False]
     fastest = min(record[:2], key=lambda r: r["us"])
-    assert chosen == {(256, 96, 64): GemvTile(*fastest["tile"])}
-    assert awq_triton.KPACK_GEMV_TILES[(256, 96, 64, torch.float32)] == chosen[(256, 96, 64)]
+    pick = chosen[(256, 96, 64)]
+    assert pick.kpack == GemvTile(*fastest["tile"]) and pick.kpack_us == fastest["us"] and pick.tc is None
+    assert awq_triton.KPACK_GEMV_TILES[(256, 96, 64, torch.float32)] == pick.kpack
     _, _, s, qw, qz = random_awq(256, 96, 64, seed=9)
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(kpack_gemv(x, *repack_kpack(qw, qz), s), awq_matmul_reference(x, qw, qz, s.float()),
                           atol=1e-4, rtol=1e-4)
     saved = json.loads((tmp_path / "w4a16_tiles.json").read_text())
-    assert list(saved.values())[0] == {"256x96 g64 float32": fastest["tile"]}
+    assert list(saved.values())[0]["256x96 g64 float32"]["kpack"] == fastest["tile"]
     awq_triton.KPACK_GEMV_TILES.clear()
 
     def no_timing(fn):
         raise AssertionError("the cached choice should need no timing")
     assert awq_tune.tune([(256, 96, 64)], "cpu", torch.float32, cands, timer=no_timing) == chosen
-    assert awq_triton.KPACK_GEMV_TILES[(256, 96, 64, torch.float32)] == chosen[(256, 96, 64)]
+    assert awq_triton.KPACK_GEMV_TILES[(256, 96, 64, torch.float32)] == pick.kpack
+
+
+def test_tuner_times_both_layouts_for_float16_and_picks_the_faster(tmp_path, monkeypatch):
+    """float16: the tuner also times the tensor-core kernel over AutoAWQ's layout; the layout it picks is
+    the one whose fastest one-row times, summed over the model's layers, are the least (summed by hand from
+    the timings here); a default float16 call of awq_matmul then takes the picked tensor-core tile."""
+    from engine.kernels import awq_tc, awq_triton, awq_tune
+    if not awq_triton.HAVE_TRITON:
+        pytest.skip("triton not installed")
+    from engine.kernels.awq_tc import TcTile
+    from engine.kernels.awq_triton import GemvTile, awq_matmul
+    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(awq_triton, "KPACK_GEMV_TILES", {})
+    monkeypatch.setattr(awq_tune, "KPACK_GEMV_TILES", awq_triton.KPACK_GEMV_TILES)
+    monkeypatch.setattr(awq_tc, "TC_TILES", {})
+    monkeypatch.setattr(awq_tune, "TC_TILES", awq_tc.TC_TILES)
+    shapes = {(128, 64, 32): 3, (256, 128, 64): 1}
+    record = []
+    chosen = awq_tune.tune(shapes, "cpu", torch.float16, [GemvTile(64, 64, 4, 1)],
+                           [TcTile(64, 64, 4), TcTile(32, 32, 1)], record=record)
+    assert all(r["ok"] for r in record) and {r["kind"] for r in record} == {"kpack", "tc"}
+    best = {}
+    for r in record:
+        k = (r["K"], r["N"], r["G"], r["kind"])
+        best[k] = min(best.get(k, float("inf")), r["us"])
+    for shape, c in chosen.items():
+        assert c.kpack_us == best[(*shape, "kpack")] and c.tc_us == best[(*shape, "tc")]
+        assert awq_tc.TC_TILES[shape] == c.tc
+    kpack = sum(best[(*s, "kpack")] * n for s, n in shapes.items())
+    tc = sum(best[(*s, "tc")] * n for s, n in shapes.items())
+    assert awq_tune.pick_layout(chosen, shapes) == ("awq" if tc < kpack else "kpack")
+    _, _, s, qw, qz = random_awq(256, 128, 64, seed=12)
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6)).half()
+    ref = x.float() @ dequantize_awq(qw, qz, s, torch.float16).float()
+    assert torch.allclose(awq_matmul(x, qw, qz, s).float(), ref, atol=4e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("M,K,N,G,tile", [(1, 256, 128, 64, (64, 64, 4)), (3, 256, 136, 32, (64, 128, 4, 2)),
+                                          (17, 384, 64, 128, (64, 64, 4, 3)), (40, 128, 128, 128, (128, 128, 4)),
+                                          (1, 512, 128, 128, None), (5, 256, 136, 64, (64, 64, 4, 2, 1)),
+                                          (33, 128, 64, 32, (64, 128, 4, 0, 1)), (70, 384, 64, 128, (64, 128, 4, 3, 1))])
+def test_tensor_core_kernel_matches_the_float16_reference(M, K, N, G, tile):
+    """The tensor-core kernel over AutoAWQ's layout, both forms (half2 dequantization into tl.dot; 1 + q/16
+    into tl.dot with scale and zero after it), against x @ the float16 dequantized weight: rows padded to
+    16, 32 or 64, columns past N (136 of 64-column tiles), splits of K that leave the last split short, K
+    rows per step capped at the group."""
+    from engine.kernels.awq_tc import TcTile, awq_tc_matmul
+    from engine.kernels.awq_triton import HAVE_TRITON
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    _, _, s, qw, qz = random_awq(K, N, G, seed=M + K)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).half()
+    ref = x.float() @ dequantize_awq(qw, qz, s, torch.float16).float()
+    for _ in range(2):  # the second call finds the split-K workspace the first left zeroed
+        out = awq_tc_matmul(x, qw, qz, s, TcTile(*tile) if tile else None)
+        assert out.dtype == torch.float16 and torch.allclose(out.float(), ref, atol=4e-3, rtol=2e-3)
+
+
+def test_tensor_core_kernel_refuses_what_it_cannot_run():
+    from engine.kernels.awq_tc import TcTile, awq_tc_matmul
+    from engine.kernels.awq_triton import HAVE_TRITON
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    _, _, s, qw, qz = random_awq(64, 32, 32)
+    with pytest.raises(ValueError, match="x must be float16"):
+        awq_tc_matmul(torch.zeros(1, 64), qw, qz, s)
+    with pytest.raises(ValueError, match="must divide the group size 32"):
+        awq_tc_matmul(torch.zeros(1, 64).half(), qw, qz, s, TcTile(32, 24, 4))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_every_candidate_tile_is_sound_on_gpu(tmp_path, monkeypatch):
-    """Every candidate tile of the tuner, compiled for the GPU, against the dequantized torch product at a
-    Llama-7B shape whose K (11008) no program span divides evenly; the pick is then what a default call runs."""
+    """Every candidate tile of the tuner (both kernels), compiled for the GPU, against the dequantized torch
+    product at a Llama-7B shape whose K (11008) no program span divides evenly; the picks are installed."""
     from engine.kernels import awq_triton, awq_tune
     monkeypatch.setenv("RAYLM_CACHE", str(tmp_path))
+    from engine.kernels import awq_tc
     record = []
     chosen = awq_tune.tune([(11008, 4096, 128)], "cuda", torch.float16, use_cache=False, record=record)
-    bad = [(r["tile"], r["max_abs_err"]) for r in record if not r["ok"]]
-    assert not bad and len(record) == len(awq_tune.CANDIDATES)
-    assert awq_triton.KPACK_GEMV_TILES[(11008, 4096, 128, torch.float16)] == chosen[(11008, 4096, 128)]
+    bad = [(r["kind"], r["tile"], r["max_abs_err"]) for r in record if not r["ok"]]
+    assert not bad and len(record) == len(awq_tune.CANDIDATES) + len(awq_tune.TC_CANDIDATES)
+    assert awq_triton.KPACK_GEMV_TILES[(11008, 4096, 128, torch.float16)] == chosen[(11008, 4096, 128)].kpack
+    assert awq_tc.TC_TILES[(11008, 4096, 128)] == chosen[(11008, 4096, 128)].tc

@@ -435,11 +435,16 @@ def _check(x: torch.Tensor) -> torch.Tensor:
 def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                split_k: int = 0, block_n: int = 0, block_k: int = 0) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype over AutoAWQ's layout. ``split_k``, ``block_n``, ``block_k``: 0 picks
-    from the shape. One row (decode) goes to awq_gemv unless a tile is asked for."""
+    from the shape. Unless a tile is asked for: float16 runs the tensor-core kernel (awq_tc.py), but one row
+    only where the tuner picked it for this shape; other one-row products go to awq_gemv."""
     x = _check(x)
     K, N = x.shape[1], scales.shape[1]
-    if x.shape[0] == 1 and not (split_k or block_n or block_k):
-        return awq_gemv(x, qweight, qzeros, scales)
+    if not (split_k or block_n or block_k):
+        from .awq_tc import TC_TILES, awq_tc_matmul
+        if x.dtype == torch.float16 and (x.shape[0] > 1 or (K, N, K // scales.shape[0]) in TC_TILES):
+            return awq_tc_matmul(x, qweight, qzeros, scales)
+        if x.shape[0] == 1:
+            return awq_gemv(x, qweight, qzeros, scales)
     return _tiled(_awq_kernel, x, qweight, qzeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0])
 
 

@@ -1,14 +1,17 @@
-"""Per-shape choice of the W4A16 one-row (decode) kernel's tile, made once per device and cached on disk.
+"""Per-shape choice of the W4A16 one-row (decode) kernel's tile and of the layout, made once per device
+and cached on disk.
 
-The fastest tile of ``kpack_gemv`` depends on the shape and the GPU (how many SMs, how much bandwidth), as
-it does for every Triton GEMV; so, as Triton's autotuner does, each candidate is timed on each of the
-model's layer shapes and the fastest is kept. A candidate whose output strays from the dequantized torch
-product is dropped. Timings are GPU times of a CUDA graph of repeated calls (launch cost from Python is not
-in them); on CPU (the interpreter) wall time.
+The fastest tile of a Triton GEMV depends on the shape and the GPU (how many SMs, how much bandwidth), so,
+as Triton's autotuner does, each candidate is timed on each of the model's layer shapes and the fastest is
+kept: the K-packed FMA kernel's tiles (awq_triton.kpack_gemv) and, for float16, the tensor-core kernel's over
+AutoAWQ's layout (awq_tc.awq_tc_matmul). The layout whose one-row products, summed over the model's layers,
+take less time is the one the layers keep (awq_linear.use_gpu_layout). A candidate whose output strays from
+the dequantized torch product is dropped. Timings are GPU times of a CUDA graph of repeated calls (launch
+cost from Python is not in them); on CPU (the interpreter) wall time.
 
-The choices go to ``awq_triton.KPACK_GEMV_TILES`` and to ``$RAYLM_CACHE/w4a16_tiles.json`` keyed by device,
-Triton version, shape and dtype, so later starts skip the timing. ``RAYLM_W4A16_TUNE=0`` turns it off (the
-default tile is used).
+The choices go to ``awq_triton.KPACK_GEMV_TILES`` / ``awq_tc.TC_TILES`` and to
+``$RAYLM_CACHE/w4a16_tiles.json`` keyed by device, Triton version, shape and dtype, so later starts skip the
+timing. ``RAYLM_W4A16_TUNE=0`` turns it off (the default tiles and the K-packed layout are used).
 """
 from __future__ import annotations
 
@@ -18,10 +21,11 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from .awq_tc import TC_TILES, TcTile
 from .awq_triton import KPACK_GEMV_TILE, KPACK_GEMV_TILES, GemvTile, gemv_plan, kpack_gemv
 
 logger = logging.getLogger(__name__)
@@ -41,6 +45,12 @@ CANDIDATES: List[GemvTile] = [
     T(1024, 32, 4, 2, magic=1), T(512, 64, 4, 2, magic=1), T(512, 32, 2, 2, magic=1),
     T(1024, 128, 4, 2, 32, 4, 1), T(512, 128, 4, 2, 32, 4, 1), T(256, 128, 2, 2, 32, 4, 1),
 ]
+# The tensor-core kernel over AutoAWQ's layout (awq_tc.py): columns, K rows per step, warps, split (0: fill
+# the device), form (1: 1 + q/16 into the dot, scale and zero after it), pipelining depth (0: Triton's);
+# 128-256 x 128 x 4 folded have the fewest instructions per word in the static count.
+TC_CANDIDATES: List[TcTile] = [TcTile(128, 128, 4, 0, 1), TcTile(128, 128, 4, 0, 1, 1), TcTile(128, 128, 4),
+                               TcTile(256, 128, 4, 0, 1, 1), TcTile(256, 128, 8, 0, 1), TcTile(64, 128, 4, 0, 1),
+                               TcTile(128, 64, 4, 0, 1), TcTile(128, 128, 4, 4, 1, 1), TcTile(64, 128, 4)]
 
 
 def graph_time(fn: Callable[[], object], calls: int = 20, replays: int = 5) -> float:
@@ -106,92 +116,153 @@ def _write_cache(path: Path, data: dict) -> None:
         logger.warning("W4A16 tiles not cached at %s: %s", path, e)
 
 
-def _random_kpack(K: int, N: int, G: int, device: torch.device, seed: int = 0):
+def _random_weights(K: int, N: int, G: int, device: torch.device, seed: int = 0):
+    """Random AutoAWQ tensors and the same weight K-packed: (qweight, qzeros, scales, qweight_k, zeros)."""
+    from .awq_torch import repack_kpack
     g = torch.Generator(device="cpu").manual_seed(seed)
-    qk = torch.randint(-2 ** 31, 2 ** 31 - 1, (K // 8, N), generator=g, dtype=torch.int32).to(device)
-    zk = torch.randint(0, 16, (K // G, N), generator=g).to(device=device, dtype=torch.float16)
+    qw = torch.randint(-2 ** 31, 2 ** 31 - 1, (K, N // 8), generator=g, dtype=torch.int32).to(device)
+    qz = torch.randint(-2 ** 31, 2 ** 31 - 1, (K // G, N // 8), generator=g, dtype=torch.int32).to(device)
     s = (torch.rand(K // G, N, generator=g) * 0.01 + 0.001).to(device=device, dtype=torch.float16)
-    return qk, zk, s
+    return (qw, qz, s, *repack_kpack(qw, qz))
+
+
+def _kinds(dtype: torch.dtype) -> Tuple[str, ...]:
+    """The one-row kernels to time: K-packed FMA tiles, and over AutoAWQ's layout the tensor-core kernel
+    (float16 only)."""
+    return ("kpack", "tc") if dtype == torch.float16 else ("kpack",)
 
 
 def time_tiles(K: int, N: int, G: int, device: torch.device, dtype: torch.dtype,
-               candidates: Iterable[GemvTile] = CANDIDATES,
-               timer: Callable[[Callable[[], object]], float] = graph_time) -> List[dict]:
-    """Each candidate that fits the shape, timed on random weights: [{"tile", "us", "max_abs_err", "ok"}];
+               candidates: Iterable = CANDIDATES, timer: Callable[[Callable[[], object]], float] = graph_time,
+               kind: str = "kpack", weights=None) -> List[dict]:
+    """Each candidate of ``kind`` ("kpack": GemvTile over the K-packed layout; "tc": TcTile over AutoAWQ's)
+    that fits the shape, timed at one row on random weights: [{"kind", "tile", "us", "max_abs_err", "ok"}];
     "ok" is False where the output strays from the dequantized torch product (or the kernel fails)."""
-    from .awq_torch import dequantize_kpack
-    qk, zk, s = _random_kpack(K, N, G, device)
+    from .awq_tc import awq_tc_matmul, tc_plan
+    from .awq_torch import dequantize_awq
+    qw, qz, s, qk, zk = weights or _random_weights(K, N, G, device)
     x = torch.randn(1, K, generator=torch.Generator(device="cpu").manual_seed(1)).to(device=device, dtype=dtype)
-    ref = x.float() @ dequantize_kpack(qk, zk, s, torch.float32)
+    ref = x.float() @ dequantize_awq(qw, qz, s, torch.float32)
     tol = 1e-4 if dtype == torch.float32 else 2e-3
     scale = float(ref.abs().max()) + 1e-6
     rows = []
     for tile in candidates:
         try:
-            gemv_plan(tile, K, N, G)
+            gemv_plan(tile, K, N, G) if kind == "kpack" else tc_plan(tile, 1, K, N, G, 1)
         except ValueError:
             continue
+        fn = (lambda: kpack_gemv(x, qk, zk, s, tile)) if kind == "kpack" else (  # noqa: E731
+            lambda: awq_tc_matmul(x, qw, qz, s, tile))
         try:
-            err = float((kpack_gemv(x, qk, zk, s, tile).float() - ref).abs().max())
-            us = timer(lambda: kpack_gemv(x, qk, zk, s, tile)) * 1e6
+            err = float((fn().float() - ref).abs().max())
+            us = timer(fn) * 1e6
         except Exception as e:  # a tile the compiler refuses (resources): note it, go on
-            logger.warning("W4A16 tile %s at %dx%d: %s: %s", tuple(tile), K, N, type(e).__name__, e)
-            rows.append({"tile": list(tile), "us": float("inf"), "max_abs_err": float("nan"), "ok": False})
+            logger.warning("W4A16 %s tile %s at %dx%d: %s: %s", kind, tuple(tile), K, N, type(e).__name__, e)
+            rows.append({"kind": kind, "tile": list(tile), "us": float("inf"), "max_abs_err": float("nan"),
+                         "ok": False})
             continue
-        rows.append({"tile": list(tile), "us": us, "max_abs_err": err, "ok": err <= tol * scale})
+        rows.append({"kind": kind, "tile": list(tile), "us": us, "max_abs_err": err, "ok": err <= tol * scale})
     return rows
 
 
+class Choice(NamedTuple):
+    """A shape's fastest sound one-row tile per kernel: the K-packed one, and the tensor-core one over
+    AutoAWQ's layout (None where not timed: not float16, or none ran soundly)."""
+    kpack: GemvTile
+    kpack_us: float
+    tc: Optional[TcTile] = None
+    tc_us: Optional[float] = None
+
+
+def _from_cache(entry, K: int, N: int, G: int, dtype: torch.dtype) -> Optional[Choice]:
+    try:
+        c = Choice(GemvTile(*entry["kpack"]), float(entry["kpack_us"]),
+                   TcTile(*entry["tc"]) if entry.get("tc") else None, entry.get("tc_us"))
+        gemv_plan(c.kpack, K, N, G)
+        if c.tc is None and "tc" in _kinds(dtype):
+            return None
+    except (TypeError, ValueError, KeyError):
+        return None
+    return c
+
+
 def tune(shapes: Iterable[Tuple[int, int, int]], device: torch.device, dtype: torch.dtype,
-         candidates: Iterable[GemvTile] = CANDIDATES, use_cache: bool = True,
-         timer: Callable[[Callable[[], object]], float] = graph_time,
-         record: Optional[List[dict]] = None) -> Dict[Tuple[int, int, int], GemvTile]:
-    """Pick the fastest sound tile for each (K, N, group size), from the cache where it has one; installs
-    the choices in awq_triton.KPACK_GEMV_TILES and returns them. ``record`` collects every timing."""
+         candidates: Iterable[GemvTile] = CANDIDATES, tc_candidates: Iterable[TcTile] = TC_CANDIDATES,
+         use_cache: bool = True, timer: Callable[[Callable[[], object]], float] = graph_time,
+         record: Optional[List[dict]] = None) -> Dict[Tuple[int, int, int], Choice]:
+    """Pick the fastest sound one-row tile of each kernel for each (K, N, group size), from the cache where
+    it has one; installs the choices (awq_triton.KPACK_GEMV_TILES, awq_tc.TC_TILES) and returns them.
+    ``record`` collects every timing."""
     device = torch.device(device)
-    candidates = list(candidates)
+    lists = {"kpack": list(candidates), "tc": list(tc_candidates)}
     path = cache_path()
     cache = _read_cache(path) if use_cache else {}
     dev = cache.setdefault(_device_key(device), {})
     chosen, wrote = {}, False
     for K, N, G in sorted(set(shapes)):
         key = _shape_key(K, N, G, dtype)
-        tile = None
-        if key in dev:
-            try:
-                tile = GemvTile(*dev[key])
-                gemv_plan(tile, K, N, G)
-            except (TypeError, ValueError):
-                tile = None
-        if tile is None:
+        choice = _from_cache(dev[key], K, N, G, dtype) if key in dev else None
+        if choice is None:
             t0 = time.perf_counter()
-            rows = time_tiles(K, N, G, device, dtype, candidates, timer)
-            for r in rows:
-                r.update(K=K, N=N, G=G)
-            if record is not None:
-                record.extend(rows)
-            sound = [r for r in rows if r["ok"]]
-            if not sound:
+            weights = _random_weights(K, N, G, device)
+            best = {}
+            for kind in _kinds(dtype):
+                rows = time_tiles(K, N, G, device, dtype, lists[kind], timer, kind, weights)
+                for r in rows:
+                    r.update(K=K, N=N, G=G)
+                if record is not None:
+                    record.extend(rows)
+                sound = [r for r in rows if r["ok"]]
+                if sound:
+                    best[kind] = min(sound, key=lambda r: r["us"])
+            if "kpack" not in best:
                 logger.warning("W4A16 %s: no candidate tile ran soundly; the default stays", key)
                 continue
-            best = min(sound, key=lambda r: r["us"])
-            tile = GemvTile(*best["tile"])
-            logger.info("W4A16 %s: tile %s, %.1f us (%d tiles timed in %.1f s)", key, tuple(tile), best["us"],
-                        len(rows), time.perf_counter() - t0)
-            dev[key] = list(tile)
+            tc = best.get("tc")
+            choice = Choice(GemvTile(*best["kpack"]["tile"]), best["kpack"]["us"],
+                            TcTile(*tc["tile"]) if tc else None, tc["us"] if tc else None)
+            logger.info("W4A16 %s: K-packed tile %s %.1f us%s (timed in %.1f s)", key, tuple(choice.kpack),
+                        choice.kpack_us, f"; tensor cores {tuple(choice.tc)} {choice.tc_us:.1f} us" if tc else "",
+                        time.perf_counter() - t0)
+            dev[key] = {"kpack": list(choice.kpack), "kpack_us": choice.kpack_us,
+                        "tc": list(choice.tc) if tc else None, "tc_us": choice.tc_us}
             wrote = True
-        chosen[(K, N, G)] = tile
-        KPACK_GEMV_TILES[(K, N, G, dtype)] = tile
+        chosen[(K, N, G)] = choice
+        KPACK_GEMV_TILES[(K, N, G, dtype)] = choice.kpack
+        if choice.tc is not None:
+            TC_TILES[(K, N, G)] = choice.tc
     if wrote and use_cache:
         _write_cache(path, cache)
     return chosen
 
 
-def tune_model(model, device, dtype: torch.dtype) -> Dict[Tuple[int, int, int], GemvTile]:
-    """Tune the one-row tile for every K-packed W4A16 layer shape of ``model`` (unless RAYLM_W4A16_TUNE=0)."""
+def pick_layout(chosen: Dict[Tuple[int, int, int], Choice], counts: Dict[Tuple[int, int, int], int]) -> str:
+    """"awq" (AutoAWQ's layout, tensor cores) where its one-row times summed over the model's layers beat
+    the K-packed kernel's, else "kpack"."""
+    if not chosen or any(c.tc is None for c in chosen.values()):
+        return "kpack"
+    kpack = sum(c.kpack_us * counts.get(s, 1) for s, c in chosen.items())
+    tc = sum(c.tc_us * counts.get(s, 1) for s, c in chosen.items())
+    return "awq" if tc < kpack else "kpack"
+
+
+def tune_model(model, device, dtype: torch.dtype) -> Optional[str]:
+    """Tune the one-row tiles for every W4A16 layer shape of ``model`` and pick the layout its decode
+    steps run fastest from (None where RAYLM_W4A16_TUNE=0 or it has no W4A16 layers)."""
     if os.environ.get("RAYLM_W4A16_TUNE", "1") == "0":
-        return {}
+        return None
     from ..layers.awq_linear import AwqLinear
-    shapes = {(m.in_features, m.out_features, m.group_size) for m in model.modules()
-              if isinstance(m, AwqLinear) and m.kpack}
-    return tune(shapes, device, dtype) if shapes else {}
+    counts: Dict[Tuple[int, int, int], int] = {}
+    for m in model.modules():
+        if isinstance(m, AwqLinear):
+            shape = (m.in_features, m.out_features, m.group_size)
+            counts[shape] = counts.get(shape, 0) + 1
+    if not counts:
+        return None
+    chosen = tune(counts, device, dtype)
+    layout = pick_layout(chosen, counts)
+    kp = sum(c.kpack_us * counts[s] for s, c in chosen.items())
+    tc = sum((c.tc_us or 0.0) * counts[s] for s, c in chosen.items())
+    logger.info("W4A16 layout: %s (one-row products per step: K-packed %.0f us, tensor cores %s)", layout, kp,
+                f"{tc:.0f} us" if tc else "not timed")
+    return layout

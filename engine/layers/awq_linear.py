@@ -86,13 +86,14 @@ class AwqLinear(nn.Module):
     split = FusedLinear.split  # the same parts, the same stacking on the output dimension
 
 
-GPU_LAYOUT = "kpack"  # or "awq": the layout AwqLinear computes from on GPU (bench/awq_gpu.py compares them)
+GPU_LAYOUT = "kpack"  # or "awq": the layout AwqLinear computes from on GPU where the tuner does not pick one
+# (kernels/awq_tune.py; bench/awq_gpu.py compares them)
 
 
-def use_gpu_layout(model) -> int:
-    """On GPU, after loading: every AwqLinear to GPU_LAYOUT; -> how many were repacked."""
+def use_gpu_layout(model, layout: Optional[str] = None) -> int:
+    """On GPU, after loading: every AwqLinear to ``layout`` (None: GPU_LAYOUT); -> how many were repacked."""
     layers = [m for m in model.modules() if isinstance(m, AwqLinear) and not m.kpack]
-    if GPU_LAYOUT == "kpack":
+    if (layout or GPU_LAYOUT) == "kpack":
         for m in layers:
             m.to_kpack()
         return len(layers)
