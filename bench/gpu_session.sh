@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks in one go (for a lent GPU machine whose image has torch, triton and transformers but none of
 # our other dependencies): the GPU tests, then bench/awq_gpu.py. Logs and the results JSON go to $OUT
-# (default ./gpu_out). Wheels for pydantic and its dependencies, when the image lacks them, in ./.whl.
+# (default ./gpu_out). Wheels for pydantic and its dependencies, when the image lacks them, in ./.whl
+# (bench/gpu_wheels.sh fetches them here; carry .whl to the device). A prepared run, as one call:
+#   run(command="OUT=$OUT bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 if ! python3 -c "import pydantic" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-index --find-links .whl --no-compile --no-cache-dir --target /tmp/site pydantic
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1

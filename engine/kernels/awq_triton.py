@@ -297,12 +297,21 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _workspace(device: torch.device, elems: int, tiles: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Zeroed float32 sums and int32 tile counters, grown on demand; the kernel leaves them zeroed."""
+    """Zeroed float32 sums and int32 tile counters, grown on demand; the kernel leaves them zeroed.
+
+    CUDA graphs keep the addresses they captured, so the first allocation on a GPU is generous (32 MiB of
+    sums, 64 Ki counters; K is split only while a product has fewer than 2 tiles per SM, so a split product
+    has at most 264 x 64 x 256 outputs on a 132-SM GPU) and growing during a capture is refused: a
+    reallocation would leave earlier graphs reading freed memory."""
     key = str(device)
     ws, cnt = _WORKSPACE.get(key, (None, None))
     if ws is None or ws.numel() < elems or cnt.numel() < tiles:
-        n = max(elems, ws.numel() if ws is not None else 0, 1 << 16)
-        t = max(tiles, cnt.numel() if cnt is not None else 0, 1024)
+        if ws is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"W4A16 split-K workspace ({ws.numel()} sums, {cnt.numel()} counters) is too small "
+                               f"for {elems} sums and {tiles} counters inside a CUDA graph capture")
+        big = device.type == "cuda"
+        n = max(elems, ws.numel() if ws is not None else 0, 1 << (23 if big else 16))
+        t = max(tiles, cnt.numel() if cnt is not None else 0, 1 << (16 if big else 10))
         ws, cnt = torch.zeros(n, dtype=torch.float32, device=device), torch.zeros(t, dtype=torch.int32, device=device)
         _WORKSPACE[key] = (ws, cnt)
     return ws, cnt
