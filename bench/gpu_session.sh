@@ -3,7 +3,7 @@
 # our other dependencies): the GPU tests, then bench/awq_gpu.py. Logs and the results JSON go to $OUT
 # (default ./gpu_out). Wheels for pydantic and its dependencies, when the image lacks them, in ./.whl
 # (bench/gpu_wheels.sh fetches them here; carry .whl to the device). A prepared run, as one call:
-#   run(command="OUT=$OUT bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)
+#   run(command="bash bench/gpu_session.sh", carry=[".whl"], timeout_s=600)   (the device sets $OUT)
 set -u
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
