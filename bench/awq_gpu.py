@@ -209,19 +209,20 @@ def render(res: dict) -> str:
         lines += ["", f"M = 1: the tiles the engine's tuner picks per shape at load (`engine/kernels/awq_tune.py`, "
                   f"{n} candidates timed in this run, all times in the results JSON). K-packed FMA kernel: "
                   "(columns, K rows per program (0: all), warps, nibble form, step, unroll, 1 + q/16 form); "
-                  "tensor cores over AutoAWQ's layout (`engine/kernels/awq_tc.py`): (columns, K rows per step, "
-                  "warps, split, folded form):", "",
-                  "| K x N | K-packed tile | us | the former default tile (us) | tensor-core tile | us |",
-                  "|---|---|---|---|---|---|"]
+                  "tensor cores (`engine/kernels/awq_tc.py`): (columns, K rows per step, warps, split, folded "
+                  "form, pipelining):", "",
+                  "| K x N | K-packed FMA tile | us | the former default tile (us) | K-packed tensor cores | us "
+                  "| AutoAWQ layout, tensor cores | us |", "|---|---|---|---|---|---|---|---|"]
         for k, v in t.items():
             d = sweep.get((*map(int, k.split("x")), DEFAULT_TILE))
-            tc = f"{tuple(v['tc'])} | {v['tc_us']:.1f}" if v.get("tc") else "– | –"
-            lines.append(f"| {k} | {tuple(v['kpack'])} | {v['kpack_us']:.1f} | {f'{d:.1f}' if d else '–'} | {tc} |")
+            tcs = [f"{tuple(v[n])} | {v[n + '_us']:.1f}" if v.get(n) else "– | –" for n in ("kpack_tc", "tc")]
+            lines.append(f"| {k} | {tuple(v['kpack'])} | {v['kpack_us']:.1f} | {f'{d:.1f}' if d else '–'} | "
+                         f"{tcs[0]} | {tcs[1]} |")
         if res.get("layout"):
             lines += ["", f"The tuner's layout for the decode model below (its layers' one-row times summed): "
                       f"**{res['layout']}**."]
-        lines += ["", "M > 1 over AutoAWQ's layout runs the tensor-core kernel (float16); over the K-packed one "
-                  "the tiled `tl.dot` kernel" + DOTS_NOTE.get(res.get("kpack_nibble_dots"), ".")]
+        lines += ["", "M > 1 (float16) runs the tensor-core kernels over either layout, from 256 rows on the "
+                  "K-packed layout dequantizes and cuBLAS multiplies."]
     dec = res.get("decode", [])
     if dec:
         ctx = res.get("context", 128)
@@ -250,7 +251,9 @@ def main() -> int:
     ap.add_argument("--no-doc", action="store_true")
     ap.add_argument("--json-out", help="also write the results here")
     ap.add_argument("--render", help="write the docs section from a results JSON and exit")
-    ap.add_argument("--skip", default="", help="comma list of sections to skip: kernel, sweep, decode")
+    ap.add_argument("--skip", default="dots",
+                    help="comma list of sections to skip: sweep, dots, kernel, decode (default: dots, the float32-"
+                         "dequantizing tiled kernel's two forms, which float16 products no longer run)")
     a = ap.parse_args()
     if a.render:
         table = render(json.loads(Path(a.render).read_text()))

@@ -48,17 +48,22 @@ TC_SIG = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16"
           "sqk": "i32", "szg": "i32", "ssg": "i32", "som": "i32"}
 
 
-def compile_tc(tile, K: int, N: int, G: int, arch: int, sms: int = 132):
-    """The tensor-core kernel (awq_tc.py) at one row, as awq_tc_matmul would launch it on ``sms`` SMs."""
+def compile_tc(tile, K: int, N: int, G: int, arch: int, sms: int = 132, kpack: bool = False):
+    """A tensor-core kernel (awq_tc.py; ``kpack``: the K-packed one) at one row, as its wrapper would launch
+    it on ``sms`` SMs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from engine.kernels.awq_tc import _awq_tc_kernel, tc_plan
+    from engine.kernels.awq_tc import _awq_tc_kernel, _kpack_tc_kernel, tc_plan
     BM, BK, split = tc_plan(tile, 1, K, N, G, sms)
-    const = {"G": G, "BM": BM, "BN": tile.block_n, "BK": BK, "SPLIT_K": split, "FOLD": tile.fold}
-    sig = dict(TC_SIG, **{k: "constexpr" for k in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(TC_SIG) if name not in ("M", "KS")}
-    src = ASTSource(fn=_awq_tc_kernel, signature=sig, constexprs=const, attrs=attrs)
+    const = {"G": G, "BM": BM, "BN": tile.block_n, "BK": BK, "SPLIT_K": split, **({} if kpack else {"FOLD": tile.fold})}
+    names = TC_SIG
+    if kpack:  # the K-packed kernel's zeros are float16 and its weight stride is per word row
+        names = {("z_ptr" if k == "qz_ptr" else "sqw" if k == "sqk" else k): ("*fp16" if k == "qz_ptr" else v)
+                 for k, v in TC_SIG.items()}
+    sig = dict(names, **{k: "constexpr" for k in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name not in ("M", "KS")}
+    src = ASTSource(fn=_kpack_tc_kernel if kpack else _awq_tc_kernel, signature=sig, constexprs=const, attrs=attrs)
     opts = {"num_warps": tile.warps, **({"num_stages": tile.stages} if tile.stages else {})}
     c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     return c, dict(step=BK, unroll=1, iters=-(-K // (split * BK)), split=split)
@@ -78,10 +83,13 @@ def sass_counts(cubin: bytes):
     return {k: int(v) for k, v in usage.items()}, ops
 
 
-def analyse(tile, K, N, G, arch):
+def analyse(tile, K, N, G, arch, kind=None):
     from engine.kernels.awq_tc import TcTile
-    tc = isinstance(tile, TcTile)
-    c, plan = (compile_tc if tc else compile_tile)(tile, K, N, G, arch)
+    kind = kind or ("tc" if isinstance(tile, TcTile) else "kpack")
+    if kind == "kpack":
+        c, plan = compile_tile(tile, K, N, G, arch)
+    else:
+        c, plan = compile_tc(tile, K, N, G, arch, kpack=kind == "kpack_tc")
     usage, ops = sass_counts(c.asm["cubin"])
     base = collections.Counter()
     for op, n in ops.items():
@@ -90,14 +98,14 @@ def analyse(tile, K, N, G, arch):
     ldg = {op: n for op, n in ops.items() if op.startswith("LDG")}
     wide = sum(n for op, n in ldg.items() if ".128" in op)
     alu = sum(base[o] for o in ALU)
-    return {"kind": "tc" if tc else "kpack", "tile": list(tile), **plan, "regs": usage.get("REG"), "local": usage.get("LOCAL"),
+    return {"kind": kind, "tile": list(tile), **plan, "regs": usage.get("REG"), "local": usage.get("LOCAL"),
             "shared": usage.get("SHARED"), "ldg": sum(ldg.values()), "ldg128": wide,
             "shfl": base["SHFL"], "bar": base["BAR"], "alu": alu, "words_per_thread": words,
             "alu_per_word": alu / words if words else None, "ffma": base["FFMA"], "lop3": base["LOP3"],
             "shf": base["SHF"], "fadd": base["FADD"]}
 
 
-KINDS = {"kpack": "K-packed FMA", "tc": "tensor cores, AutoAWQ layout"}
+KINDS = {"kpack": "K-packed FMA", "kpack_tc": "tensor cores, K-packed", "tc": "tensor cores, AutoAWQ layout"}
 
 
 def render(rows, arch, shape) -> str:
@@ -126,11 +134,13 @@ def main() -> int:
     from engine.kernels.awq_tune import CANDIDATES, TC_CANDIDATES
     K, N = map(int, a.shape.split("x"))
     rows = []
-    for tile in CANDIDATES + TC_CANDIDATES:
+    jobs = [(t, "kpack") for t in CANDIDATES] + [(t, "kpack_tc") for t in TC_CANDIDATES if t.fold] + \
+        [(t, "tc") for t in TC_CANDIDATES]
+    for tile, kind in jobs:
         try:
-            rows.append(analyse(tile, K, N, 128, a.arch))
+            rows.append(analyse(tile, K, N, 128, a.arch, kind))
         except Exception as e:  # noqa: BLE001 - a tile the compiler refuses: say so
-            rows.append({"kind": type(tile).__name__, "tile": list(tile),
+            rows.append({"kind": kind, "tile": list(tile),
                          "error": f"{type(e).__name__}: {str(e)[:80]}"})
         print(rows[-1], flush=True)
     save_json("sass_gemv", {"arch": a.arch, "shape": a.shape, "rows": rows})

@@ -142,7 +142,7 @@ def test_k_packing_keeps_the_weights():
 @pytest.mark.parametrize("M", [1, 4, 16, 64, 300])
 def test_triton_w4a16_kernel_on_gpu(M):
     from engine.kernels.awq_torch import repack_kpack
-    from engine.kernels.awq_tc import TcTile, awq_tc_matmul
+    from engine.kernels.awq_tc import TcTile, awq_tc_matmul, kpack_tc_matmul
     from engine.kernels.awq_triton import awq_matmul, kpack_matmul
     _, _, s, qw, qz = random_awq(4096, 4096, 128)
     x = torch.randn(M, 4096, device="cuda", dtype=torch.float16)
@@ -154,6 +154,8 @@ def test_triton_w4a16_kernel_on_gpu(M):
         for fold in (0, 1):  # the tensor-core kernel's two forms (awq_matmul takes it from 2 rows on)
             out = awq_tc_matmul(x, qw, qz, s, TcTile(128, 128, 4, 0, fold))
             assert torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2)
+        out = kpack_tc_matmul(x, *repack_kpack(qw, qz), s)  # kpack_matmul's from 2 rows to 255
+        assert torch.allclose(out.float(), ref, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.gpu
@@ -292,9 +294,10 @@ def test_tuner_picks_the_fastest_sound_tile_and_caches_it(tmp_path, monkeypatch)
 
 
 def test_tuner_times_both_layouts_for_float16_and_picks_the_faster(tmp_path, monkeypatch):
-    """float16: the tuner also times the tensor-core kernel over AutoAWQ's layout; the layout it picks is
-    the one whose fastest one-row times, summed over the model's layers, are the least (summed by hand from
-    the timings here); a default float16 call of awq_matmul then takes the picked tensor-core tile."""
+    """float16: the tuner also times the tensor-core kernels (over the K-packed layout, folded tiles only, and
+    over AutoAWQ's); the layout it picks is the one whose fastest one-row times, summed over the model's
+    layers, are the least (summed by hand from the timings here); a default float16 call of awq_matmul then
+    takes the picked tensor-core tile."""
     from engine.kernels import awq_tc, awq_triton, awq_tune
     if not awq_triton.HAVE_TRITON:
         pytest.skip("triton not installed")
@@ -305,19 +308,24 @@ def test_tuner_times_both_layouts_for_float16_and_picks_the_faster(tmp_path, mon
     monkeypatch.setattr(awq_tune, "KPACK_GEMV_TILES", awq_triton.KPACK_GEMV_TILES)
     monkeypatch.setattr(awq_tc, "TC_TILES", {})
     monkeypatch.setattr(awq_tune, "TC_TILES", awq_tc.TC_TILES)
+    monkeypatch.setattr(awq_tc, "KPACK_TC_TILES", {})
+    monkeypatch.setattr(awq_tune, "KPACK_TC_TILES", awq_tc.KPACK_TC_TILES)
     shapes = {(128, 64, 32): 3, (256, 128, 64): 1}
     record = []
     chosen = awq_tune.tune(shapes, "cpu", torch.float16, [GemvTile(64, 64, 4, 1)],
-                           [TcTile(64, 64, 4), TcTile(32, 32, 1)], record=record)
-    assert all(r["ok"] for r in record) and {r["kind"] for r in record} == {"kpack", "tc"}
+                           [TcTile(64, 64, 4), TcTile(32, 32, 1, 0, 1)], record=record)
+    assert all(r["ok"] for r in record) and {r["kind"] for r in record} == {"kpack", "kpack_tc", "tc"}
+    assert [r["tile"] for r in record if r["kind"] == "kpack_tc"] == [[32, 32, 1, 0, 1, 0]] * 2  # folded only
     best = {}
     for r in record:
         k = (r["K"], r["N"], r["G"], r["kind"])
         best[k] = min(best.get(k, float("inf")), r["us"])
     for shape, c in chosen.items():
         assert c.kpack_us == best[(*shape, "kpack")] and c.tc_us == best[(*shape, "tc")]
+        assert c.kpack_tc_us == best[(*shape, "kpack_tc")]
         assert awq_tc.TC_TILES[shape] == c.tc
-    kpack = sum(best[(*s, "kpack")] * n for s, n in shapes.items())
+        assert (awq_tc.KPACK_TC_TILES.get(shape) == c.kpack_tc) == (c.kpack_tc_us < c.kpack_us)
+    kpack = sum(min(best[(*s, "kpack")], best[(*s, "kpack_tc")]) * n for s, n in shapes.items())
     tc = sum(best[(*s, "tc")] * n for s, n in shapes.items())
     assert awq_tune.pick_layout(chosen, shapes) == ("awq" if tc < kpack else "kpack")
     _, _, s, qw, qz = random_awq(256, 128, 64, seed=12)
@@ -331,20 +339,42 @@ def test_tuner_times_both_layouts_for_float16_and_picks_the_faster(tmp_path, mon
                                           (1, 512, 128, 128, None), (5, 256, 136, 64, (64, 64, 4, 2, 1)),
                                           (33, 128, 64, 32, (64, 128, 4, 0, 1)), (70, 384, 64, 128, (64, 128, 4, 3, 1))])
 def test_tensor_core_kernel_matches_the_float16_reference(M, K, N, G, tile):
-    """The tensor-core kernel over AutoAWQ's layout, both forms (half2 dequantization into tl.dot; 1 + q/16
-    into tl.dot with scale and zero after it), against x @ the float16 dequantized weight: rows padded to
-    16, 32 or 64, columns past N (136 of 64-column tiles), splits of K that leave the last split short, K
-    rows per step capped at the group."""
-    from engine.kernels.awq_tc import TcTile, awq_tc_matmul
+    """The tensor-core kernels against x @ the float16 dequantized weight: over AutoAWQ's layout in both forms
+    (half2 dequantization into tl.dot; 1 + q/16 into tl.dot with scale and zero after it) and over the
+    K-packed layout (folded); rows padded to 16, 32 or 64, columns past N (136 of 64-column tiles), splits
+    of K that leave the last split short, K rows per step capped at the group."""
+    from engine.kernels.awq_tc import TcTile, awq_tc_matmul, kpack_tc_matmul
+    from engine.kernels.awq_torch import repack_kpack
     from engine.kernels.awq_triton import HAVE_TRITON
     if not HAVE_TRITON:
         pytest.skip("triton not installed")
     _, _, s, qw, qz = random_awq(K, N, G, seed=M + K)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).half()
     ref = x.float() @ dequantize_awq(qw, qz, s, torch.float16).float()
+    qk, zk = repack_kpack(qw, qz)
     for _ in range(2):  # the second call finds the split-K workspace the first left zeroed
         out = awq_tc_matmul(x, qw, qz, s, TcTile(*tile) if tile else None)
         assert out.dtype == torch.float16 and torch.allclose(out.float(), ref, atol=4e-3, rtol=2e-3)
+        out = kpack_tc_matmul(x, qk, zk, s, TcTile(*tile) if tile else None)  # K-packed: folded in any case
+        assert out.dtype == torch.float16 and torch.allclose(out.float(), ref, atol=4e-3, rtol=2e-3)
+
+
+def test_k_packed_float16_products_take_tensor_cores_and_match(monkeypatch):
+    """kpack_matmul in float16: 2-255 rows run the K-packed tensor-core kernel, one row the tuned one-row
+    kernel (the tensor-core one where the tuner put it in KPACK_TC_TILES); all against the float16 reference."""
+    from engine.kernels import awq_tc
+    from engine.kernels.awq_tc import TcTile
+    from engine.kernels.awq_torch import repack_kpack
+    from engine.kernels.awq_triton import HAVE_TRITON, kpack_matmul
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    _, _, s, qw, qz = random_awq(256, 64, 64, seed=21)
+    qk, zk = repack_kpack(qw, qz)
+    w16 = dequantize_awq(qw, qz, s, torch.float16).float()
+    monkeypatch.setattr(awq_tc, "KPACK_TC_TILES", {(256, 64, 64): TcTile(64, 64, 4, 2, 1)})
+    for m in (1, 3, 20):
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).half()
+        assert torch.allclose(kpack_matmul(x, qk, zk, s).float(), x.float() @ w16, atol=4e-3, rtol=2e-3)
 
 
 def test_tensor_core_kernel_refuses_what_it_cannot_run():
@@ -370,6 +400,7 @@ def test_every_candidate_tile_is_sound_on_gpu(tmp_path, monkeypatch):
     record = []
     chosen = awq_tune.tune([(11008, 4096, 128)], "cuda", torch.float16, use_cache=False, record=record)
     bad = [(r["kind"], r["tile"], r["max_abs_err"]) for r in record if not r["ok"]]
-    assert not bad and len(record) == len(awq_tune.CANDIDATES) + len(awq_tune.TC_CANDIDATES)
+    folded = [t for t in awq_tune.TC_CANDIDATES if t.fold]
+    assert not bad and len(record) == len(awq_tune.CANDIDATES) + len(awq_tune.TC_CANDIDATES) + len(folded)
     assert awq_triton.KPACK_GEMV_TILES[(11008, 4096, 128, torch.float16)] == chosen[(11008, 4096, 128)].kpack
     assert awq_tc.TC_TILES[(11008, 4096, 128)] == chosen[(11008, 4096, 128)].tc

@@ -1,6 +1,6 @@
-"""W4A16 on tensor cores over AutoAWQ's layout, float16: each weight tile is dequantized in packed half2
-arithmetic and multiplied by ``tl.dot`` (x's rows padded to the 16 an MMA takes, so one decode row costs
-the same as 16).
+"""W4A16 on tensor cores, float16, over AutoAWQ's layout and over the K-packed one: each weight tile is
+made float16 two weights at a time and multiplied by ``tl.dot`` (x's rows padded to the 16 an MMA takes, so
+one decode row costs the same as 16).
 
 A word of AutoAWQ's qweight holds 8 columns of one input row in nibble order 0 2 4 6 1 3 5 7, so nibbles i
 and i + 4 hold columns 2i and 2i + 1, and one shift and one AND-OR turn both into float16 at once (the
@@ -13,9 +13,13 @@ and i + 4 hold columns 2i and 2i + 1, and one shift and one AND-OR turn both int
   per weight), and each K tile's scale and zero apply per column after it,
   s (16 sum_k x_k (1 + q_k/16) - (16 + z) sum_k x_k) = s sum_k x_k (q_k - z).
 
-Counted statically (bench/sass_gemv.py's method, sm_90, 128 columns x 128 K rows x 4 warps): about 21
-instructions per packed word folded and 27 exact, against 34-44 for the one-row FMA kernels and 70-88 for
-the tiled kernel that dequantizes in float32.
+Over the K-packed layout (a word holds 8 consecutive input rows of one column) nibbles i and i + 4 are
+rows 8r + i and 8r + i + 4, made 1 + q/16 the same way and placed at their rows (folded form only).
+
+Counted statically (bench/sass_gemv.py, sm_90, 128 columns x 128 K rows x 4 warps, split-K epilogue
+included): 27 instructions per packed word folded over AutoAWQ's layout (21 for the loop alone), 36 exact,
+30 over the K-packed layout, against 34-44 for the one-row FMA kernels and 49-88 for the tiled kernels
+that dequantize in float32.
 
 Split-K (small M: the whole GPU streams the weight) meets its partial sums inside the kernel as the other
 W4A16 kernels do (awq_triton._store_tile).
@@ -32,7 +36,7 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .awq_triton import _store_tile
+    from .awq_triton import _store_tile, _tile_coords
 
     @triton.jit
     def _pairs(w, i: tl.constexpr):
@@ -85,14 +89,10 @@ if HAVE_TRITON:
         to float16 ((1024 + q) - (1024 + z)) * s, then one dot into the sum; FOLD 1: the dot takes the
         nibbles as 1 + q/16 (a shift and an AND-OR per two weights, nothing else), and each tile's scale
         and zero apply to its dot per column: s (16 t - (16 + z) sum_k x_k)."""
-        pn = tl.program_id(0)
-        pm = tl.program_id(1)
-        pk = tl.program_id(2)
-        offs_m = pm * BM + tl.arange(0, BM)
-        offs_p = pn * (BN // 8) + tl.arange(0, BN // 8)
-        offs_n = pn * BN + tl.arange(0, BN)
+        pk, offs_m, offs_n, mask_m, mask_n = _tile_coords(M, N, BM, BN)
+        offs_p = tl.program_id(0) * (BN // 8) + tl.arange(0, BN // 8)  # packed columns
         offs_k = tl.arange(0, BK)
-        mask_m, mask_p, mask_n = offs_m < M, offs_p < N // 8, offs_n < N
+        mask_p = offs_p < N // 8
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         k_lo = pk * KS
         k_hi = tl.minimum(k_lo + KS, K)
@@ -129,7 +129,42 @@ if HAVE_TRITON:
                 acc += (-(z + 16.0) * sc)[None, :] * xs[:, None]
             else:
                 acc = tl.dot(x, wt, acc)
-        _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, pm, pn, SPLIT_K)
+        _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, SPLIT_K)
+
+
+    @triton.jit
+    def _kpack_tc_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KS,
+                         sxm, sqw, szg, ssg, som, G: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
+        """The folded form over the K-packed layout (word (r, n): rows 8r..8r+7 of column n): nibbles i and
+        i + 4 are rows 8r + i and 8r + i + 4, two float16 1 + q/16 per shift and AND-OR as above, placed at
+        their rows of the [BK, BN] tile; scale and zero (float16 [K/G, N]) apply per column after each dot."""
+        pk, offs_m, offs_n, mask_m, mask_n = _tile_coords(M, N, BM, BN)
+        offs_r = tl.arange(0, BK // 8)
+        offs_k = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        k_lo = pk * KS
+        k_hi = tl.minimum(k_lo + KS, K)
+        for k0 in range(k_lo, k_hi, BK):
+            rows = k0 // 8 + offs_r
+            w = tl.load(qw_ptr + rows[:, None] * sqw + offs_n[None, :], mask=mask_n[None, :], other=0,
+                        eviction_policy="evict_first")  # [BK/8, BN]
+            c0, c4 = _unit_pairs(w, 0)
+            c1, c5 = _unit_pairs(w, 1)
+            c2, c6 = _unit_pairs(w, 2)
+            c3, c7 = _unit_pairs(w, 3)
+            # [BK/8, BN, 2, 2, 2] with nibble 4a + 2b + c -> [BK/8, 2, 2, 2, BN]: rows 8r + 0..7 -> [BK, BN]
+            t = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+            wt = tl.reshape(tl.permute(t, (0, 2, 3, 4, 1)), (BK, BN))
+            x = tl.load(x_ptr + offs_m[:, None] * sxm + (k0 + offs_k)[None, :], mask=mask_m[:, None], other=0.0)
+            d = tl.dot(x, wt)  # sum_k x (1 + q/16), float32
+            g = k0 // G
+            z = tl.load(z_ptr + g * szg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            sc = tl.load(s_ptr + g * ssg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            xs = tl.sum(x.to(tl.float32), axis=1)  # [BM]
+            acc += (sc * 16.0)[None, :] * d
+            acc += (-(z + 16.0) * sc)[None, :] * xs[:, None]
+        _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, SPLIT_K)
 
 
 class TcTile(NamedTuple):
@@ -145,8 +180,10 @@ class TcTile(NamedTuple):
 
 
 TC_TILE = TcTile(128, 128, 4, 0, 1)  # the fewest instructions per word in the static count; not yet timed
-# (K, N, group size) -> the tile picked for one row on this device (kernels/awq_tune.py)
+# (K, N, group size) -> the tile picked for one row on this device (kernels/awq_tune.py): over AutoAWQ's
+# layout; over the K-packed one where it beats the FMA kernel there
 TC_TILES: Dict[Tuple[int, int, int], TcTile] = {}
+KPACK_TC_TILES: Dict[Tuple[int, int, int], TcTile] = {}
 
 
 def tc_plan(tile: TcTile, M: int, K: int, N: int, G: int, sms: int) -> Tuple[int, int, int]:
@@ -163,10 +200,10 @@ def tc_plan(tile: TcTile, M: int, K: int, N: int, G: int, sms: int) -> Tuple[int
     return BM, BK, split
 
 
-def awq_tc_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                  tile: Optional[TcTile] = None) -> torch.Tensor:
-    """x [M, K] float16 -> [M, N] float16 over AutoAWQ's layout on tensor cores; ``tile`` None takes the
-    shape's tuned tile for one row, else TC_TILE."""
+def _launch(kernel, tuned: Dict[Tuple[int, int, int], TcTile], x: torch.Tensor, qweight: torch.Tensor,
+            zeros: torch.Tensor, scales: torch.Tensor, tile: Optional[TcTile], forms: bool) -> torch.Tensor:
+    """One tensor-core product: checks, the tile (``tile``, else ``tuned``'s for one row, else TC_TILE), the
+    split and its workspace, the launch (``forms``: the kernel takes the tile's FOLD)."""
     if not HAVE_TRITON:
         raise RuntimeError("W4A16 matmul: triton is not installed")
     if x.dtype != torch.float16:
@@ -174,14 +211,29 @@ def awq_tc_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, 
     x = x if x.stride(1) == 1 else x.contiguous()
     (M, K), N = x.shape, scales.shape[1]
     G = K // scales.shape[0]
-    tile = tile or (TC_TILES.get((K, N, G)) if M == 1 else None) or TC_TILE
+    tile = tile or (tuned.get((K, N, G)) if M == 1 else None) or TC_TILE
     BM, BK, split = tc_plan(tile, M, K, N, G, _sm_count(x.device))
     KS = -(-K // (split * BK)) * BK  # each split's share of K, whole steps
     out = torch.empty(M, N, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(N, tile.block_n), triton.cdiv(M, BM), -(-K // KS))
     ws, cnt = _workspace(x.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
-    _awq_tc_kernel[grid](x, qweight, qzeros, scales, out, ws, cnt, M, N, K, KS, x.stride(0), qweight.stride(0),
-                         qzeros.stride(0), scales.stride(0), out.stride(0), G=G, BM=BM, BN=tile.block_n, BK=BK,
-                         SPLIT_K=grid[2], FOLD=tile.fold, num_warps=tile.warps,
-                         **({"num_stages": tile.stages} if tile.stages else {}))
+    kernel[grid](x, qweight, zeros, scales, out, ws, cnt, M, N, K, KS, x.stride(0), qweight.stride(0),
+                 zeros.stride(0), scales.stride(0), out.stride(0), G=G, BM=BM, BN=tile.block_n, BK=BK,
+                 SPLIT_K=grid[2], num_warps=tile.warps, **({"num_stages": tile.stages} if tile.stages else {}),
+                 **({"FOLD": tile.fold} if forms else {}))
     return out
+
+
+def awq_tc_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  tile: Optional[TcTile] = None) -> torch.Tensor:
+    """x [M, K] float16 -> [M, N] float16 over AutoAWQ's layout on tensor cores; ``tile`` None takes the
+    shape's tuned tile for one row, else TC_TILE."""
+    return _launch(_awq_tc_kernel if HAVE_TRITON else None, TC_TILES, x, qweight, qzeros, scales, tile, True)
+
+
+def kpack_tc_matmul(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
+                    tile: Optional[TcTile] = None) -> torch.Tensor:
+    """x [M, K] float16 -> [M, N] float16 over the K-packed layout on tensor cores (always the folded form);
+    ``tile`` None takes the shape's tuned tile for one row, else TC_TILE."""
+    return _launch(_kpack_tc_kernel if HAVE_TRITON else None, KPACK_TC_TILES, x, qweight_k, zeros, scales, tile,
+                   False)

@@ -58,25 +58,29 @@ if HAVE_TRITON:
         return acc + tl.dot(x, ((q - z[None, :]) * sc[None, :]).to(x.dtype))
 
     @triton.jit
-    def _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, pm, pn,
-                    SPLIT_K: tl.constexpr):
-        """The tiled kernels' [BM, BN] output tile (through the split-K workspace when split)."""
+    def _tile_coords(M, N, BM: tl.constexpr, BN: tl.constexpr):
+        """A tiled product's program: (its K split, rows, columns, their masks), over grid (N tiles, M tiles,
+        splits)."""
+        offs_m = tl.program_id(1) * BM + tl.arange(0, BM)
+        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+        return tl.program_id(2), offs_m, offs_n, offs_m < M, offs_n < N
+
+    @triton.jit
+    def _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, SPLIT_K: tl.constexpr):
+        """The tiled kernels' [BM, BN] output tile (through the split-K workspace when split; the tile's
+        counter is its (M tile, N tile) program's of grid (N tiles, M tiles, splits))."""
         _store_out(acc, out_ptr + offs_m[:, None] * som + offs_n[None, :],
                    ws_ptr + offs_m[:, None] * N + offs_n[None, :], mask_m[:, None] & mask_n[None, :], cnt_ptr,
-                   pm * tl.num_programs(0) + pn, SPLIT_K)
+                   tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), SPLIT_K)
 
     @triton.jit
     def _awq_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, G, KS,
                     sxm, sqk, szg, ssg, som,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-        pn = tl.program_id(0)
-        pm = tl.program_id(1)
-        pk = tl.program_id(2)
-        offs_m = pm * BM + tl.arange(0, BM)
-        offs_n = pn * BN + tl.arange(0, BN)
-        offs_p = pn * (BN // 8) + tl.arange(0, BN // 8)
+        pk, offs_m, offs_n, mask_m, mask_n = _tile_coords(M, N, BM, BN)
+        offs_p = tl.program_id(0) * (BN // 8) + tl.arange(0, BN // 8)  # packed columns
         offs_k = tl.arange(0, BK)
-        mask_m, mask_n, mask_p = offs_m < M, offs_n < N, offs_p < N // 8
+        mask_p = offs_p < N // 8
         # column n sits in nibble order [0, 4, 1, 5, 2, 6, 3, 7] of its word (AutoAWQ's packing)
         j = offs_n % 8
         shifts = ((j // 2) + (j % 2) * 4) * 4  # [BN]
@@ -100,7 +104,7 @@ if HAVE_TRITON:
             z = ((qz >> shifts) & 0xF).to(tl.float32)
             sc = tl.load(s_ptr + g * ssg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             acc = _dequant_dot(acc, x_ptr, offs_m, sxm, ks, mask_m[:, None] & kmask[None, :], q, z, sc)
-        _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, pm, pn, SPLIT_K)
+        _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, SPLIT_K)
 
     @triton.jit
     def _awq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, sqk, szg, ssg,
@@ -142,15 +146,10 @@ if HAVE_TRITON:
         """M > 1 over the K-packed layout. NIBBLE_DOTS 0: the [BK/8, 8, BN] nibbles reshaped into the [BK, BN]
         tile of one tl.dot; 1: eight tl.dot over K = BK/8 each, nibble i of every word against x's columns
         k0 + 8r + i, so the words keep their own layout (where BK >= 128; the reshape below that)."""
-        pn = tl.program_id(0)
-        pm = tl.program_id(1)
-        pk = tl.program_id(2)
-        offs_m = pm * BM + tl.arange(0, BM)
-        offs_n = pn * BN + tl.arange(0, BN)
+        pk, offs_m, offs_n, mask_m, mask_n = _tile_coords(M, N, BM, BN)
         offs_r = tl.arange(0, BK // 8)
         offs_k = tl.arange(0, BK)
         i4 = tl.arange(0, 8) * 4
-        mask_m, mask_n = offs_m < M, offs_n < N
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         k_lo = pk * KS
         k_hi = tl.minimum(k_lo + KS, K)
@@ -170,7 +169,7 @@ if HAVE_TRITON:
                 q = tl.reshape((qw[:, None, :] >> i4[None, :, None]) & 0xF, (BK, BN)).to(tl.float32)
                 ks = k0 + offs_k
                 acc = _dequant_dot(acc, x_ptr, offs_m, sxm, ks, mask_m[:, None] & (ks < K)[None, :], q, z, sc)
-        _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, pm, pn, SPLIT_K)
+        _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, SPLIT_K)
 
     @triton.jit
     def _nibble_bits(qw, i: tl.constexpr, MAGIC: tl.constexpr):
@@ -481,13 +480,20 @@ DEQUANT_MIN_ROWS = 256
 def kpack_matmul(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                  split_k: int = 0, block_n: int = 0, block_k: int = 0, nibble_dots: int = -1) -> torch.Tensor:
     """awq_matmul over the K-packed layout (repack_kpack); ``nibble_dots`` -1: KPACK_NIBBLE_DOTS (used where
-    the K tile is 128 or more). From DEQUANT_MIN_ROWS rows on, unless a tile is asked for, the weight is
-    dequantized and multiplied by torch."""
+    the K tile is 128 or more). Unless a tile or form is asked for: one row runs the tuned one-row kernel
+    (the tensor-core one where the tuner found it faster for this shape, else kpack_gemv); from
+    DEQUANT_MIN_ROWS rows on the weight is dequantized and multiplied by torch; float16 between runs on
+    tensor cores (awq_tc.kpack_tc_matmul)."""
     x = _check(x)
     K, N = x.shape[1], scales.shape[1]
-    if x.shape[0] == 1 and not (split_k or block_n or block_k):
-        return kpack_gemv(x, qweight_k, zeros, scales)
-    if x.shape[0] >= DEQUANT_MIN_ROWS and not (split_k or block_n or block_k):
-        return x @ kpack_dequantize(qweight_k, zeros, scales, x.dtype)
+    if not (split_k or block_n or block_k or nibble_dots >= 0):
+        from .awq_tc import KPACK_TC_TILES, kpack_tc_matmul
+        if x.shape[0] == 1:
+            tc = KPACK_TC_TILES.get((K, N, K // scales.shape[0])) if x.dtype == torch.float16 else None
+            return kpack_tc_matmul(x, qweight_k, zeros, scales, tc) if tc else kpack_gemv(x, qweight_k, zeros, scales)
+        if x.shape[0] >= DEQUANT_MIN_ROWS:
+            return x @ kpack_dequantize(qweight_k, zeros, scales, x.dtype)
+        if x.dtype == torch.float16:
+            return kpack_tc_matmul(x, qweight_k, zeros, scales)
     return _tiled(_kpack_kernel, x, qweight_k, zeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0],
                   NIBBLE_DOTS=KPACK_NIBBLE_DOTS if nibble_dots < 0 else nibble_dots)

@@ -3,13 +3,13 @@ and cached on disk.
 
 The fastest tile of a Triton GEMV depends on the shape and the GPU (how many SMs, how much bandwidth), so,
 as Triton's autotuner does, each candidate is timed on each of the model's layer shapes and the fastest is
-kept: the K-packed FMA kernel's tiles (awq_triton.kpack_gemv) and, for float16, the tensor-core kernel's over
-AutoAWQ's layout (awq_tc.awq_tc_matmul). The layout whose one-row products, summed over the model's layers,
-take less time is the one the layers keep (awq_linear.use_gpu_layout). A candidate whose output strays from
+kept: the K-packed FMA kernel's tiles (awq_triton.kpack_gemv) and, for float16, the tensor-core kernels'
+over the K-packed layout and over AutoAWQ's (awq_tc.py). The layout whose one-row products, summed over the
+model's layers, take less time is the one the layers keep (awq_linear.use_gpu_layout). A candidate whose output strays from
 the dequantized torch product is dropped. Timings are GPU times of a CUDA graph of repeated calls (launch
 cost from Python is not in them); on CPU (the interpreter) wall time.
 
-The choices go to ``awq_triton.KPACK_GEMV_TILES`` / ``awq_tc.TC_TILES`` and to
+The choices go to ``awq_triton.KPACK_GEMV_TILES``, ``awq_tc.KPACK_TC_TILES``, ``awq_tc.TC_TILES`` and
 ``$RAYLM_CACHE/w4a16_tiles.json`` keyed by device, Triton version, shape and dtype, so later starts skip the
 timing. ``RAYLM_W4A16_TUNE=0`` turns it off (the default tiles and the K-packed layout are used).
 """
@@ -25,7 +25,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 
-from .awq_tc import TC_TILES, TcTile
+from .awq_tc import KPACK_TC_TILES, TC_TILES, TcTile
 from .awq_triton import KPACK_GEMV_TILE, KPACK_GEMV_TILES, GemvTile, gemv_plan, kpack_gemv
 
 logger = logging.getLogger(__name__)
@@ -127,18 +127,19 @@ def _random_weights(K: int, N: int, G: int, device: torch.device, seed: int = 0)
 
 
 def _kinds(dtype: torch.dtype) -> Tuple[str, ...]:
-    """The one-row kernels to time: K-packed FMA tiles, and over AutoAWQ's layout the tensor-core kernel
-    (float16 only)."""
-    return ("kpack", "tc") if dtype == torch.float16 else ("kpack",)
+    """The one-row kernels to time: K-packed FMA tiles, and in float16 the tensor-core kernels over the
+    K-packed layout and over AutoAWQ's."""
+    return ("kpack", "kpack_tc", "tc") if dtype == torch.float16 else ("kpack",)
 
 
 def time_tiles(K: int, N: int, G: int, device: torch.device, dtype: torch.dtype,
                candidates: Iterable = CANDIDATES, timer: Callable[[Callable[[], object]], float] = graph_time,
                kind: str = "kpack", weights=None) -> List[dict]:
-    """Each candidate of ``kind`` ("kpack": GemvTile over the K-packed layout; "tc": TcTile over AutoAWQ's)
-    that fits the shape, timed at one row on random weights: [{"kind", "tile", "us", "max_abs_err", "ok"}];
-    "ok" is False where the output strays from the dequantized torch product (or the kernel fails)."""
-    from .awq_tc import awq_tc_matmul, tc_plan
+    """Each candidate of ``kind`` ("kpack": GemvTile over the K-packed layout; "kpack_tc" and "tc": TcTile on
+    tensor cores over the K-packed layout and over AutoAWQ's) that fits the shape, timed at one row on random
+    weights: [{"kind", "tile", "us", "max_abs_err", "ok"}]; "ok" is False where the output strays from the
+    dequantized torch product (or the kernel fails)."""
+    from .awq_tc import awq_tc_matmul, kpack_tc_matmul, tc_plan
     from .awq_torch import dequantize_awq
     qw, qz, s, qk, zk = weights or _random_weights(K, N, G, device)
     x = torch.randn(1, K, generator=torch.Generator(device="cpu").manual_seed(1)).to(device=device, dtype=dtype)
@@ -151,8 +152,9 @@ def time_tiles(K: int, N: int, G: int, device: torch.device, dtype: torch.dtype,
             gemv_plan(tile, K, N, G) if kind == "kpack" else tc_plan(tile, 1, K, N, G, 1)
         except ValueError:
             continue
-        fn = (lambda: kpack_gemv(x, qk, zk, s, tile)) if kind == "kpack" else (  # noqa: E731
-            lambda: awq_tc_matmul(x, qw, qz, s, tile))
+        fn = {"kpack": lambda: kpack_gemv(x, qk, zk, s, tile),
+              "kpack_tc": lambda: kpack_tc_matmul(x, qk, zk, s, tile),
+              "tc": lambda: awq_tc_matmul(x, qw, qz, s, tile)}[kind]
         try:
             err = float((fn().float() - ref).abs().max())
             us = timer(fn) * 1e6
@@ -166,20 +168,27 @@ def time_tiles(K: int, N: int, G: int, device: torch.device, dtype: torch.dtype,
 
 
 class Choice(NamedTuple):
-    """A shape's fastest sound one-row tile per kernel: the K-packed one, and the tensor-core one over
-    AutoAWQ's layout (None where not timed: not float16, or none ran soundly)."""
+    """A shape's fastest sound one-row tile per kernel: the K-packed FMA one, and the tensor-core ones over
+    the K-packed layout and over AutoAWQ's (None where not timed: not float16, or none ran soundly)."""
     kpack: GemvTile
     kpack_us: float
     tc: Optional[TcTile] = None
     tc_us: Optional[float] = None
+    kpack_tc: Optional[TcTile] = None
+    kpack_tc_us: Optional[float] = None
+
+    def kpack_best_us(self) -> float:
+        """The K-packed layout's one-row time: its faster kernel's."""
+        return min(self.kpack_us, self.kpack_tc_us if self.kpack_tc_us is not None else float("inf"))
 
 
 def _from_cache(entry, K: int, N: int, G: int, dtype: torch.dtype) -> Optional[Choice]:
     try:
         c = Choice(GemvTile(*entry["kpack"]), float(entry["kpack_us"]),
-                   TcTile(*entry["tc"]) if entry.get("tc") else None, entry.get("tc_us"))
+                   TcTile(*entry["tc"]) if entry.get("tc") else None, entry.get("tc_us"),
+                   TcTile(*entry["kpack_tc"]) if entry.get("kpack_tc") else None, entry.get("kpack_tc_us"))
         gemv_plan(c.kpack, K, N, G)
-        if c.tc is None and "tc" in _kinds(dtype):
+        if (c.tc is None or c.kpack_tc is None) and "tc" in _kinds(dtype):
             return None
     except (TypeError, ValueError, KeyError):
         return None
@@ -191,10 +200,12 @@ def tune(shapes: Iterable[Tuple[int, int, int]], device: torch.device, dtype: to
          use_cache: bool = True, timer: Callable[[Callable[[], object]], float] = graph_time,
          record: Optional[List[dict]] = None) -> Dict[Tuple[int, int, int], Choice]:
     """Pick the fastest sound one-row tile of each kernel for each (K, N, group size), from the cache where
-    it has one; installs the choices (awq_triton.KPACK_GEMV_TILES, awq_tc.TC_TILES) and returns them.
-    ``record`` collects every timing."""
+    it has one; installs the choices (awq_triton.KPACK_GEMV_TILES, awq_tc.KPACK_TC_TILES, awq_tc.TC_TILES)
+    and returns them. ``record`` collects every timing."""
     device = torch.device(device)
-    lists = {"kpack": list(candidates), "tc": list(tc_candidates)}
+    tc_candidates = list(tc_candidates)
+    lists = {"kpack": list(candidates), "tc": tc_candidates,
+             "kpack_tc": [t for t in tc_candidates if t.fold]}  # the K-packed tensor-core kernel is folded only
     path = cache_path()
     cache = _read_cache(path) if use_cache else {}
     dev = cache.setdefault(_device_key(device), {})
@@ -218,19 +229,23 @@ def tune(shapes: Iterable[Tuple[int, int, int]], device: torch.device, dtype: to
             if "kpack" not in best:
                 logger.warning("W4A16 %s: no candidate tile ran soundly; the default stays", key)
                 continue
-            tc = best.get("tc")
+            tc, ktc = best.get("tc"), best.get("kpack_tc")
             choice = Choice(GemvTile(*best["kpack"]["tile"]), best["kpack"]["us"],
-                            TcTile(*tc["tile"]) if tc else None, tc["us"] if tc else None)
-            logger.info("W4A16 %s: K-packed tile %s %.1f us%s (timed in %.1f s)", key, tuple(choice.kpack),
-                        choice.kpack_us, f"; tensor cores {tuple(choice.tc)} {choice.tc_us:.1f} us" if tc else "",
+                            TcTile(*tc["tile"]) if tc else None, tc["us"] if tc else None,
+                            TcTile(*ktc["tile"]) if ktc else None, ktc["us"] if ktc else None)
+            logger.info("W4A16 %s: K-packed FMA %s %.1f us%s%s (timed in %.1f s)", key, tuple(choice.kpack),
+                        choice.kpack_us,
+                        f"; K-packed tensor cores {tuple(choice.kpack_tc)} {choice.kpack_tc_us:.1f} us" if ktc else "",
+                        f"; AutoAWQ layout tensor cores {tuple(choice.tc)} {choice.tc_us:.1f} us" if tc else "",
                         time.perf_counter() - t0)
-            dev[key] = {"kpack": list(choice.kpack), "kpack_us": choice.kpack_us,
-                        "tc": list(choice.tc) if tc else None, "tc_us": choice.tc_us}
+            dev[key] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in choice._asdict().items()}
             wrote = True
         chosen[(K, N, G)] = choice
         KPACK_GEMV_TILES[(K, N, G, dtype)] = choice.kpack
         if choice.tc is not None:
             TC_TILES[(K, N, G)] = choice.tc
+        if choice.kpack_tc is not None and choice.kpack_tc_us < choice.kpack_us:
+            KPACK_TC_TILES[(K, N, G)] = choice.kpack_tc
     if wrote and use_cache:
         _write_cache(path, cache)
     return chosen
@@ -238,10 +253,10 @@ def tune(shapes: Iterable[Tuple[int, int, int]], device: torch.device, dtype: to
 
 def pick_layout(chosen: Dict[Tuple[int, int, int], Choice], counts: Dict[Tuple[int, int, int], int]) -> str:
     """"awq" (AutoAWQ's layout, tensor cores) where its one-row times summed over the model's layers beat
-    the K-packed kernel's, else "kpack"."""
+    the K-packed layout's (the faster of its two kernels per shape), else "kpack"."""
     if not chosen or any(c.tc is None for c in chosen.values()):
         return "kpack"
-    kpack = sum(c.kpack_us * counts.get(s, 1) for s, c in chosen.items())
+    kpack = sum(c.kpack_best_us() * counts.get(s, 1) for s, c in chosen.items())
     tc = sum(c.tc_us * counts.get(s, 1) for s, c in chosen.items())
     return "awq" if tc < kpack else "kpack"
 
@@ -261,7 +276,7 @@ def tune_model(model, device, dtype: torch.dtype) -> Optional[str]:
         return None
     chosen = tune(counts, device, dtype)
     layout = pick_layout(chosen, counts)
-    kp = sum(c.kpack_us * counts[s] for s, c in chosen.items())
+    kp = sum(c.kpack_best_us() * counts[s] for s, c in chosen.items())
     tc = sum((c.tc_us or 0.0) * counts[s] for s, c in chosen.items())
     logger.info("W4A16 layout: %s (one-row products per step: K-packed %.0f us, tensor cores %s)", layout, kp,
                 f"{tc:.0f} us" if tc else "not timed")
