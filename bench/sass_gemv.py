@@ -62,7 +62,7 @@ def compile_tc(tile, K: int, N: int, G: int, arch: int, sms: int = 132, kpack: b
         names = {("z_ptr" if k == "qz_ptr" else "sqw" if k == "sqk" else k): ("*fp16" if k == "qz_ptr" else v)
                  for k, v in TC_SIG.items()}
     sig = dict(names, **{k: "constexpr" for k in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name not in ("M", "KS")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name != "M"}  # KS: whole K tiles
     src = ASTSource(fn=_kpack_tc_kernel if kpack else _awq_tc_kernel, signature=sig, constexprs=const, attrs=attrs)
     opts = {"num_warps": tile.warps, **({"num_stages": tile.stages} if tile.stages else {})}
     c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)

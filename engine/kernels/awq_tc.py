@@ -16,10 +16,10 @@ and i + 4 hold columns 2i and 2i + 1, and one shift and one AND-OR turn both int
 Over the K-packed layout (a word holds 8 consecutive input rows of one column) nibbles i and i + 4 are
 rows 8r + i and 8r + i + 4, made 1 + q/16 the same way and placed at their rows (folded form only).
 
-Counted statically (bench/sass_gemv.py, sm_90, 128 columns x 128 K rows x 4 warps, split-K epilogue
-included): 27 instructions per packed word folded over AutoAWQ's layout (21 for the loop alone), 36 exact,
-30 over the K-packed layout, against 34-44 for the one-row FMA kernels and 49-88 for the tiled kernels
-that dequantize in float32.
+Counted statically (bench/sass_gemv.py, sm_90, 128-256 columns x 128 K rows x 4 warps, split-K epilogue
+included): 21-26 instructions per packed word folded over AutoAWQ's layout, 34 exact, 24-29 over the
+K-packed layout, against 34-44 for the one-row FMA kernels and 49-88 for the tiled kernels that dequantize
+in float32.
 
 Split-K (small M: the whole GPU streams the weight) meets its partial sums inside the kernel as the other
 W4A16 kernels do (awq_triton._store_tile).
