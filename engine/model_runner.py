@@ -28,6 +28,13 @@ class ModelRunner:
         self.model, self.device, self.dtype, self.block_size = model, device, dtype, block_size
         self._usable_blocks = num_blocks
         graphs = cuda_graph_max_batch > 0 and device == "cuda"
+        if device == "cuda":  # before the KV cache takes its memory: the timing and the repacking need some
+            from .kernels.awq_tune import tune_model
+            from .layers.awq_linear import GPU_LAYOUT, use_gpu_layout
+            layout = tune_model(model, device, dtype)  # one-row tiles per layer shape and the layout (cached)
+            if use_gpu_layout(model, layout):
+                logger.info("W4A16 layers repacked to the %s layout", layout or GPU_LAYOUT)
+                torch.cuda.empty_cache()
         self.kv = KVCache(a.num_layers, num_blocks + int(graphs), block_size, a.num_kv_heads, a.head_dim, dtype,
                           device, quant_policy)
         self.rope = RotaryEmbedding(a.head_dim, a.rope_theta, a.max_position_embeddings, a.rope_scaling,
@@ -38,11 +45,6 @@ class ModelRunner:
         self.graphs = None
         self.greedy_head = None  # CPU float32: greedy steps screen the LM head (kernels/greedy_head.py)
         if device == "cuda":
-            from .kernels.awq_tune import tune_model
-            from .layers.awq_linear import GPU_LAYOUT, use_gpu_layout
-            layout = tune_model(model, device, dtype)  # one-row tiles per layer shape and the layout (cached)
-            if use_gpu_layout(model, layout):
-                logger.info("W4A16 layers repacked to the %s layout", layout or GPU_LAYOUT)
             self._use_triton_decode(quant_policy)
             self._use_gpu_fused(quant_policy)
         elif quant_policy:  # quantized blocks on CPU: the native layers where built, else the torch path

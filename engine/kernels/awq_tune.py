@@ -275,6 +275,8 @@ def tune_model(model, device, dtype: torch.dtype) -> Optional[str]:
     if not counts:
         return None
     chosen = tune(counts, device, dtype)
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the timing's random weights and references, before the KV cache is sized
     layout = pick_layout(chosen, counts)
     kp = sum(c.kpack_best_us() * counts[s] for s, c in chosen.items())
     tc = sum((c.tc_us or 0.0) * counts[s] for s, c in chosen.items())
