@@ -48,14 +48,14 @@ TC_SIG = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16"
           "sqk": "i32", "szg": "i32", "ssg": "i32", "som": "i32"}
 
 
-def compile_tc(tile, K: int, N: int, G: int, arch: int, sms: int = 132, kpack: bool = False):
-    """A tensor-core kernel (awq_tc.py; ``kpack``: the K-packed one) at one row, as its wrapper would launch
-    it on ``sms`` SMs."""
+def compile_tc(tile, K: int, N: int, G: int, arch: int, sms: int = 132, kpack: bool = False, M: int = 1):
+    """A tensor-core kernel (awq_tc.py; ``kpack``: the K-packed one) at ``M`` rows, as its wrapper would
+    launch it on ``sms`` SMs."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from engine.kernels.awq_tc import _awq_tc_kernel, _kpack_tc_kernel, tc_plan
-    BM, BK, split = tc_plan(tile, 1, K, N, G, sms)
+    BM, BK, split = tc_plan(tile, M, K, N, G, sms)
     const = {"G": G, "BM": BM, "BN": tile.block_n, "BK": BK, "SPLIT_K": split, **({} if kpack else {"FOLD": tile.fold})}
     names = TC_SIG
     if kpack:  # the K-packed kernel's zeros are float16 and its weight stride is per word row

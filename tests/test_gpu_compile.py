@@ -1,0 +1,65 @@
+"""The W4A16 Triton kernels compiled for NVIDIA GPUs on this machine, GPU or not: Triton's wheel carries
+ptxas, so a form the interpreter runs but the GPU compiler refuses (a layout it cannot lower, registers or
+shared memory past the limits) fails here rather than first on a lent GPU. Counting the compiled code is
+bench/sass_gemv.py's business; this checks that each form compiles to a cubin for sm_80 and sm_90.
+
+The compiles run in a subprocess without TRITON_INTERPRET (the test session interprets kernels on CPU)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+ROOT = Path(__file__).resolve().parent.parent
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+
+# (kernel, tile, K, N, group, rows): the one-row FMA kernel's forms, and the tensor-core kernels over both
+# layouts at one row and at the 32 to 255 rows they take in batches (row tiles of 16, 32 and 64)
+CASES = [
+    ("kpack", [256, 128, 4, 0, 0, 0, 0], 11008, 4096, 128, 1),
+    ("kpack", [1024, 128, 4, 2, 32, 4, 1], 11008, 4096, 128, 1),
+    ("kpack", [32, 0, 4, 1, 128, 4, 1], 11008, 4096, 128, 1),
+    ("tc", [128, 128, 4, 0, 0, 0], 4096, 12288, 128, 1),
+    ("tc", [128, 128, 4, 0, 1, 0], 4096, 12288, 128, 32),
+    ("tc", [256, 128, 4, 0, 1, 1], 4096, 12288, 128, 1),
+    ("kpack_tc", [128, 128, 4, 0, 1, 0], 4096, 12288, 128, 1),
+    ("kpack_tc", [128, 128, 4, 0, 1, 0], 4096, 12288, 128, 200),
+    ("kpack_tc", [64, 32, 2, 0, 1, 0], 576, 3072, 32, 8),
+]
+
+SCRIPT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from bench.sass_gemv import compile_tc, compile_tile
+from engine.kernels.awq_tc import TcTile
+from engine.kernels.awq_triton import GemvTile
+out = []
+for arch in (80, 90):
+    for kind, tile, K, N, G, M in json.loads(sys.argv[2]):
+        try:
+            if kind == "kpack":
+                c, _ = compile_tile(GemvTile(*tile), K, N, G, arch)
+            else:
+                c, _ = compile_tc(TcTile(*tile), K, N, G, arch, kpack=kind == "kpack_tc", M=M)
+            out.append([arch, kind, tile, M, len(c.asm["cubin"]) > 0, ""])
+        except Exception as e:
+            out.append([arch, kind, tile, M, False, f"{type(e).__name__}: {str(e)[:300]}"])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not PTXAS.exists(), reason="Triton's NVIDIA backend (ptxas) is not installed")
+def test_w4a16_kernels_compile_for_the_gpu():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT), json.dumps(CASES)], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 2 * len(CASES)
+    failed = [r for r in results if not r[4]]
+    assert not failed, failed
