@@ -69,8 +69,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _unit_pairs(w, i: tl.constexpr):
-        """Nibbles i and i + 4 of each word (columns 2i and 2i + 1) as float16 1 + q/16: one shift puts both
-        at mantissa bits 6..9 of their halves, one AND-OR makes them 1 + q/16 (exact)."""
+        """Nibbles i and i + 4 of each word (AutoAWQ's layout: columns 2i and 2i + 1; K-packed: rows 8r + i
+        and 8r + i + 4) as float16 1 + q/16: one shift puts both at mantissa bits 6..9 of their halves, one
+        AND-OR makes them 1 + q/16 (exact)."""
         if i < 2:
             v = w << (6 - 4 * i)
         else:
@@ -130,7 +131,6 @@ if HAVE_TRITON:
             else:
                 acc = tl.dot(x, wt, acc)
         _store_tile(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, som, N, SPLIT_K)
-
 
     @triton.jit
     def _kpack_tc_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KS,

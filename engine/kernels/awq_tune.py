@@ -56,11 +56,9 @@ TC_CANDIDATES: List[TcTile] = [TcTile(128, 128, 4, 0, 1), TcTile(128, 128, 4, 0,
 def graph_time(fn: Callable[[], object], calls: int = 20, replays: int = 5) -> float:
     """Median seconds per call of fn: on CUDA, ``calls`` calls captured in a graph, replayed ``replays``
     times; elsewhere the wall time of one call."""
-    fn()
     if not torch.cuda.is_available():
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
+        return wall_time(fn)
+    fn()
     torch.cuda.synchronize()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -81,6 +79,14 @@ def graph_time(fn: Callable[[], object], calls: int = 20, replays: int = 5) -> f
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / calls)
     return statistics.median(times)
+
+
+def wall_time(fn: Callable[[], object]) -> float:
+    """Seconds of one call of fn after a first one (CPU: the interpreter)."""
+    fn()
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def cache_path() -> Path:
@@ -203,6 +209,8 @@ def tune(shapes: Iterable[Tuple[int, int, int]], device: torch.device, dtype: to
     it has one; installs the choices (awq_triton.KPACK_GEMV_TILES, awq_tc.KPACK_TC_TILES, awq_tc.TC_TILES)
     and returns them. ``record`` collects every timing."""
     device = torch.device(device)
+    if timer is graph_time and device.type != "cuda":
+        timer = wall_time  # CPU tensors, even where a GPU is present
     tc_candidates = list(tc_candidates)
     lists = {"kpack": list(candidates), "tc": tc_candidates,
              "kpack_tc": [t for t in tc_candidates if t.fold]}  # the K-packed tensor-core kernel is folded only
