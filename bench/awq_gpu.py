@@ -51,7 +51,7 @@ def random_awq(K: int, N: int, G: int, device: str):
 def gemv_sweep(shapes, device, tiles, tc_tiles):
     """The one-row kernels (decode) over candidate tiles at each shape, as the engine's tuner times them at
     load (kernels/awq_tune.py): K-packed FMA tiles and, in float16, the tensor-core kernel over AutoAWQ's
-    layout -> (rows, {"KxN": {"kpack": tile, "kpack_us", "tc": tile, "tc_us"}}); the picks are installed."""
+    layout -> (rows, {(K, N, group size): awq_tune.Choice}); the picks are installed."""
     from engine.kernels import awq_tune
     dtype = torch.float16  # the interpreter runs float16 too, so a smoke run covers both kernels
     rows = []
@@ -59,8 +59,7 @@ def gemv_sweep(shapes, device, tiles, tc_tiles):
                            use_cache=False, record=rows)
     for r in rows:
         print(json.dumps(r), flush=True)
-    return rows, {f"{K}x{N}": {k: (list(v) if isinstance(v, tuple) else v) for k, v in c._asdict().items()}
-                  for (K, N, _), c in chosen.items()}
+    return rows, chosen
 
 
 def dots_sweep(shapes, ms, device):
@@ -265,7 +264,7 @@ def main() -> int:
     if a.smoke:
         shapes, ms, cfg, steps, ctx, batches = [(128, 64)], [1, 4], SMOKE, 3, 16, [1, 2]
         from engine.kernels.awq_tc import TcTile
-        from engine.kernels.awq_triton import GemvTile
+        from engine.kernels.awq_gemv import GemvTile
         tiles, sweep_shapes = [GemvTile(64, 128, 4, 0), GemvTile(32, 0, 4, 1, magic=1)], shapes
         tc_tiles = [TcTile(64, 64, 4, 0, 1), TcTile(64, 128, 4)]
     else:
@@ -285,15 +284,15 @@ def main() -> int:
             Path(a.json_out).write_text(json.dumps(res, indent=2))
     if "sweep" not in skip:  # the decode tiles first: the table and the decode runs below use the picks
         try:
-            res["gemv_sweep"], res["gemv_tile"] = gemv_sweep(sweep_shapes, device, tiles, tc_tiles)
-            from engine.kernels.awq_tune import Choice, GemvTile, TcTile, pick_layout
+            res["gemv_sweep"], chosen = gemv_sweep(sweep_shapes, device, tiles, tc_tiles)
+            res["gemv_tile"] = {f"{K}x{N}": {k: list(v) if isinstance(v, tuple) else v for k, v in c._asdict().items()}
+                                for (K, N, _), c in chosen.items()}
+            from engine.kernels.awq_tune import pick_layout
             h, i = cfg["hidden_size"], cfg["intermediate_size"]
-            layers = {(h, 3 * h): 1, (h, h): 1, (h, 2 * i): 1, (i, h): 1}  # q/k/v, o, gate/up, down
-            got = {(K, N, 128 if K % 128 == 0 else 32): Choice(GemvTile(*c["kpack"]), c["kpack_us"],
-                                                                 TcTile(*c["tc"]) if c.get("tc") else None, c.get("tc_us"))
-                   for K, N, c in ((*map(int, k.split("x")), c) for k, c in res["gemv_tile"].items())}
-            if all(s in got for s in layers):
-                res["layout"] = pick_layout({s: got[s] for s in layers}, layers)
+            layers = [(K, N, 128 if K % 128 == 0 else 32)  # q/k/v, o, gate/up, down: one each per layer
+                      for K, N in ((h, 3 * h), (h, h), (h, 2 * i), (i, h))]
+            if all(s in chosen for s in layers):
+                res["layout"] = pick_layout({s: chosen[s] for s in layers}, dict.fromkeys(layers, 1))
             os.environ["RAYLM_W4A16_TUNE"] = "0"  # installed in this process: the decode runners need not tune
         except Exception:
             traceback.print_exc()

@@ -8,7 +8,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.kernels.awq_torch import repack_kpack  # noqa: E402
-from engine.kernels.awq_triton import awq_gemv, kpack_gemv  # noqa: E402
+from engine.kernels.awq_gemv import awq_gemv, kpack_gemv  # noqa: E402
 
 K = N = 4096
 qw = torch.randint(-2 ** 31, 2 ** 31 - 1, (K, N // 8), dtype=torch.int32, device="cuda")

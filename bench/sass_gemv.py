@@ -31,7 +31,7 @@ def compile_tile(tile, K: int, N: int, G: int, arch: int):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from engine.kernels.awq_triton import _kpack_gemv_kernel, gemv_plan
+    from engine.kernels.awq_gemv import _kpack_gemv_kernel, gemv_plan
     step, unroll, iters, split, _ = gemv_plan(tile, K, N, G)
     const = {"BN": tile.block_n, "G": G, "STEP": step, "UNROLL": unroll, "SPLIT_K": split,
              "NIBBLE_LOOP": tile.nibble_loop, "MAGIC": tile.magic}

@@ -53,7 +53,8 @@ def test_one_row_w4a16_kernels_match_reference(K, N, G, block):
     """The decode kernels over both layouts, with 1 to 3 whole groups per program (3 leaves the last program
     a group past K); each shape runs every kernel in turn, so later calls find the split-K workspace zeroed."""
     from engine.kernels.awq_torch import repack_kpack
-    from engine.kernels.awq_triton import HAVE_TRITON, GemvTile, awq_gemv, kpack_gemv
+    from engine.kernels.awq_gemv import GemvTile, awq_gemv, kpack_gemv
+    from engine.kernels.awq_triton import HAVE_TRITON
     if not HAVE_TRITON:
         pytest.skip("triton not installed")
     _, _, s, qw, qz = random_awq(K, N, G, seed=K)
@@ -79,7 +80,8 @@ def test_one_row_kernel_steps_loops_and_splits(tile):
     """The K-packed one-row kernel's other forms against the reference at a shape (K 384, group 128) where
     steps, loop iterations and splits do not divide K evenly."""
     from engine.kernels.awq_torch import repack_kpack
-    from engine.kernels.awq_triton import HAVE_TRITON, GemvTile, gemv_plan, kpack_gemv
+    from engine.kernels.awq_gemv import GemvTile, gemv_plan, kpack_gemv
+    from engine.kernels.awq_triton import HAVE_TRITON
     if not HAVE_TRITON:
         pytest.skip("triton not installed")
     K, N, G = 384, 80, 128
@@ -94,7 +96,8 @@ def test_one_row_kernel_steps_loops_and_splits(tile):
 
 
 def test_one_row_tile_that_does_not_fit_is_refused():
-    from engine.kernels.awq_triton import HAVE_TRITON, GemvTile, gemv_plan
+    from engine.kernels.awq_gemv import GemvTile, gemv_plan
+    from engine.kernels.awq_triton import HAVE_TRITON
     if not HAVE_TRITON:
         pytest.skip("triton not installed")
     with pytest.raises(ValueError, match="dividing the group size 128"):
@@ -261,14 +264,14 @@ def test_tuner_picks_the_fastest_sound_tile_and_caches_it(tmp_path, monkeypatch)
     timed and checked against the torch product, one that fails to compile is dropped, the fastest sound one
     is installed (the default call then uses it and still matches the reference) and written to the cache,
     which a second start reads without timing anything."""
-    from engine.kernels import awq_triton, awq_tune
+    from engine.kernels import awq_gemv, awq_triton, awq_tune
     if not awq_triton.HAVE_TRITON:
         pytest.skip("triton not installed")
     from engine.kernels.awq_torch import repack_kpack
-    from engine.kernels.awq_triton import GemvTile, kpack_gemv
+    from engine.kernels.awq_gemv import GemvTile, kpack_gemv
     monkeypatch.setenv("RAYLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(awq_triton, "KPACK_GEMV_TILES", {})
-    monkeypatch.setattr(awq_tune, "KPACK_GEMV_TILES", awq_triton.KPACK_GEMV_TILES)
+    monkeypatch.setattr(awq_gemv, "KPACK_GEMV_TILES", {})
+    monkeypatch.setattr(awq_tune, "KPACK_GEMV_TILES", awq_gemv.KPACK_GEMV_TILES)
     cands = [GemvTile(64, 64, 4, 0), GemvTile(32, 0, 2, 1, magic=1), GemvTile(48, 64, 4, 1),  # 48: not a power of 2
              GemvTile(64, 0, 4, 1, 48)]  # a step that does not divide the group: not timed at all
     record = []
@@ -278,19 +281,19 @@ def test_tuner_picks_the_fastest_sound_tile_and_caches_it(tmp_path, monkeypatch)
     fastest = min(record[:2], key=lambda r: r["us"])
     pick = chosen[(256, 96, 64)]
     assert pick.kpack == GemvTile(*fastest["tile"]) and pick.kpack_us == fastest["us"] and pick.tc is None
-    assert awq_triton.KPACK_GEMV_TILES[(256, 96, 64, torch.float32)] == pick.kpack
+    assert awq_gemv.KPACK_GEMV_TILES[(256, 96, 64, torch.float32)] == pick.kpack
     _, _, s, qw, qz = random_awq(256, 96, 64, seed=9)
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(5))
     assert torch.allclose(kpack_gemv(x, *repack_kpack(qw, qz), s), awq_matmul_reference(x, qw, qz, s.float()),
                           atol=1e-4, rtol=1e-4)
     saved = json.loads((tmp_path / "w4a16_tiles.json").read_text())
     assert list(saved.values())[0]["256x96 g64 float32"]["kpack"] == fastest["tile"]
-    awq_triton.KPACK_GEMV_TILES.clear()
+    awq_gemv.KPACK_GEMV_TILES.clear()
 
     def no_timing(fn):
         raise AssertionError("the cached choice should need no timing")
     assert awq_tune.tune([(256, 96, 64)], "cpu", torch.float32, cands, timer=no_timing) == chosen
-    assert awq_triton.KPACK_GEMV_TILES[(256, 96, 64, torch.float32)] == pick.kpack
+    assert awq_gemv.KPACK_GEMV_TILES[(256, 96, 64, torch.float32)] == pick.kpack
 
 
 def test_tuner_times_both_layouts_for_float16_and_picks_the_faster(tmp_path, monkeypatch):
@@ -298,14 +301,15 @@ def test_tuner_times_both_layouts_for_float16_and_picks_the_faster(tmp_path, mon
     over AutoAWQ's); the layout it picks is the one whose fastest one-row times, summed over the model's
     layers, are the least (summed by hand from the timings here); a default float16 call of awq_matmul then
     takes the picked tensor-core tile."""
-    from engine.kernels import awq_tc, awq_triton, awq_tune
+    from engine.kernels import awq_gemv, awq_tc, awq_triton, awq_tune
     if not awq_triton.HAVE_TRITON:
         pytest.skip("triton not installed")
     from engine.kernels.awq_tc import TcTile
-    from engine.kernels.awq_triton import GemvTile, awq_matmul
+    from engine.kernels.awq_gemv import GemvTile
+    from engine.kernels.awq_triton import awq_matmul
     monkeypatch.setenv("RAYLM_CACHE", str(tmp_path))
-    monkeypatch.setattr(awq_triton, "KPACK_GEMV_TILES", {})
-    monkeypatch.setattr(awq_tune, "KPACK_GEMV_TILES", awq_triton.KPACK_GEMV_TILES)
+    monkeypatch.setattr(awq_gemv, "KPACK_GEMV_TILES", {})
+    monkeypatch.setattr(awq_tune, "KPACK_GEMV_TILES", awq_gemv.KPACK_GEMV_TILES)
     monkeypatch.setattr(awq_tc, "TC_TILES", {})
     monkeypatch.setattr(awq_tune, "TC_TILES", awq_tc.TC_TILES)
     monkeypatch.setattr(awq_tc, "KPACK_TC_TILES", {})
@@ -392,15 +396,15 @@ def test_tensor_core_kernel_refuses_what_it_cannot_run():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_every_candidate_tile_is_sound_on_gpu(tmp_path, monkeypatch):
-    """Every candidate tile of the tuner (both kernels), compiled for the GPU, against the dequantized torch
-    product at a Llama-7B shape whose K (11008) no program span divides evenly; the picks are installed."""
-    from engine.kernels import awq_triton, awq_tune
+    """Every candidate tile of the tuner (the three kernels), compiled for the GPU, against the dequantized
+    torch product at a Llama-7B shape whose K (11008) no program span divides evenly; the picks are
+    installed."""
+    from engine.kernels import awq_gemv, awq_tc, awq_tune
     monkeypatch.setenv("RAYLM_CACHE", str(tmp_path))
-    from engine.kernels import awq_tc
     record = []
     chosen = awq_tune.tune([(11008, 4096, 128)], "cuda", torch.float16, use_cache=False, record=record)
     bad = [(r["kind"], r["tile"], r["max_abs_err"]) for r in record if not r["ok"]]
     folded = [t for t in awq_tune.TC_CANDIDATES if t.fold]
     assert not bad and len(record) == len(awq_tune.CANDIDATES) + len(awq_tune.TC_CANDIDATES) + len(folded)
-    assert awq_triton.KPACK_GEMV_TILES[(11008, 4096, 128, torch.float16)] == chosen[(11008, 4096, 128)].kpack
+    assert awq_gemv.KPACK_GEMV_TILES[(11008, 4096, 128, torch.float16)] == chosen[(11008, 4096, 128)].kpack
     assert awq_tc.TC_TILES[(11008, 4096, 128)] == chosen[(11008, 4096, 128)].tc

@@ -36,7 +36,7 @@ import json, sys
 sys.path.insert(0, sys.argv[1])
 from bench.sass_gemv import compile_tc, compile_tile
 from engine.kernels.awq_tc import TcTile
-from engine.kernels.awq_triton import GemvTile
+from engine.kernels.awq_gemv import GemvTile
 out = []
 for arch in (80, 90):
     for kind, tile, K, N, G, M in json.loads(sys.argv[2]):

@@ -22,7 +22,7 @@ K-packed layout, against 34-44 for the one-row FMA kernels and 49-88 for the til
 in float32.
 
 Split-K (small M: the whole GPU streams the weight) meets its partial sums inside the kernel as the other
-W4A16 kernels do (awq_triton._store_tile).
+W4A16 kernels do (awq_common._store_tile).
 """
 from __future__ import annotations
 
@@ -30,13 +30,13 @@ from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from .awq_triton import HAVE_TRITON, _sm_count, _split_for, _workspace
+from .awq_common import HAVE_TRITON, _sm_count, _split_for, _workspace
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .awq_triton import _store_tile, _tile_coords
+    from .awq_common import _awq_shift, _columns8, _store_tile, _tile_coords
 
     @triton.jit
     def _pairs(w, i: tl.constexpr):
@@ -46,25 +46,11 @@ if HAVE_TRITON:
                 (v >> 16).to(tl.int16).to(tl.float16, bitcast=True))
 
     @triton.jit
-    def _dequant(w, zw, s8, i: tl.constexpr):
-        """Columns 2i and 2i + 1 of each packed column: ((1024 + q) - (1024 + z)) * s, float16."""
+    def _dequant(w, zw, sa, sb, i: tl.constexpr):
+        """Columns 2i and 2i + 1 of each packed column, their scales sa and sb:
+        ((1024 + q) - (1024 + z)) * s, float16."""
         q0, q1 = _pairs(w, i)
         z0, z1 = _pairs(zw, i)
-        ev, od = tl.split(tl.reshape(s8, (s8.shape[0], 4, 2)))  # scales of columns 0 2 4 6 | 1 3 5 7
-        e0, e1 = tl.split(tl.reshape(ev, (s8.shape[0], 2, 2)))  # 0 4 | 2 6
-        o0, o1 = tl.split(tl.reshape(od, (s8.shape[0], 2, 2)))  # 1 5 | 3 7
-        if i == 0:
-            sa, _ = tl.split(e0)
-            sb, _ = tl.split(o0)
-        elif i == 1:
-            sa, _ = tl.split(e1)
-            sb, _ = tl.split(o1)
-        elif i == 2:
-            _, sa = tl.split(e0)
-            _, sb = tl.split(o0)
-        else:
-            _, sa = tl.split(e1)
-            _, sb = tl.split(o1)
         return (q0 - z0[None, :]) * sa[None, :], (q1 - z1[None, :]) * sb[None, :]
 
     @triton.jit
@@ -111,19 +97,19 @@ if HAVE_TRITON:
                 zw = tl.load(qz_ptr + g * szg + offs_p, mask=mask_p, other=0)  # [BN/8]
                 s8 = tl.load(s_ptr + g * ssg + offs_p[:, None] * 8 + tl.arange(0, 8)[None, :],
                              mask=mask_p[:, None], other=0.0)  # [BN/8, 8]
-                c0, c1 = _dequant(w, zw, s8, 0)
-                c2, c3 = _dequant(w, zw, s8, 1)
-                c4, c5 = _dequant(w, zw, s8, 2)
-                c6, c7 = _dequant(w, zw, s8, 3)
+                s0, s1, s2, s3, s4, s5, s6, s7 = _columns8(s8)
+                c0, c1 = _dequant(w, zw, s0, s1, 0)
+                c2, c3 = _dequant(w, zw, s2, s3, 1)
+                c4, c5 = _dequant(w, zw, s4, s5, 2)
+                c6, c7 = _dequant(w, zw, s6, s7, 3)
             # [BK, BN/8, 2, 2, 2] -> columns 8p + 0..7 in order -> [BK, BN]
             t = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
             wt = tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (BK, BN))
             x = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask=mask_m[:, None], other=0.0)
             if FOLD:
                 d = tl.dot(x, wt)  # sum_k x (1 + q/16), float32
-                j = offs_n % 8  # column n is nibble [0, 4, 1, 5, 2, 6, 3, 7][n % 8] of its zero word
                 zw = tl.load(qz_ptr + g * szg + offs_n // 8, mask=mask_n, other=0)
-                z = ((zw >> (((j // 2) + (j % 2) * 4) * 4)) & 0xF).to(tl.float32)
+                z = ((zw >> _awq_shift(offs_n)) & 0xF).to(tl.float32)
                 sc = tl.load(s_ptr + g * ssg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 xs = tl.sum(x.to(tl.float32), axis=1)  # [BM]
                 acc += (sc * 16.0)[None, :] * d

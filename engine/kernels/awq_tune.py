@@ -3,13 +3,13 @@ and cached on disk.
 
 The fastest tile of a Triton GEMV depends on the shape and the GPU (how many SMs, how much bandwidth), so,
 as Triton's autotuner does, each candidate is timed on each of the model's layer shapes and the fastest is
-kept: the K-packed FMA kernel's tiles (awq_triton.kpack_gemv) and, for float16, the tensor-core kernels'
+kept: the K-packed FMA kernel's tiles (awq_gemv.kpack_gemv) and, for float16, the tensor-core kernels'
 over the K-packed layout and over AutoAWQ's (awq_tc.py). The layout whose one-row products, summed over the
 model's layers, take less time is the one the layers keep (awq_linear.use_gpu_layout). A candidate whose output strays from
 the dequantized torch product is dropped. Timings are GPU times of a CUDA graph of repeated calls (launch
 cost from Python is not in them); on CPU (the interpreter) wall time.
 
-The choices go to ``awq_triton.KPACK_GEMV_TILES``, ``awq_tc.KPACK_TC_TILES``, ``awq_tc.TC_TILES`` and
+The choices go to ``awq_gemv.KPACK_GEMV_TILES``, ``awq_tc.KPACK_TC_TILES``, ``awq_tc.TC_TILES`` and
 ``$RAYLM_CACHE/w4a16_tiles.json`` keyed by device, Triton version, shape and dtype, so later starts skip the
 timing. ``RAYLM_W4A16_TUNE=0`` turns it off (the default tiles and the K-packed layout are used).
 """
@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Tuple
 import torch
 
 from .awq_tc import KPACK_TC_TILES, TC_TILES, TcTile
-from .awq_triton import KPACK_GEMV_TILE, KPACK_GEMV_TILES, GemvTile, gemv_plan, kpack_gemv
+from .awq_gemv import KPACK_GEMV_TILE, KPACK_GEMV_TILES, GemvTile, gemv_plan, kpack_gemv
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def tune(shapes: Iterable[Tuple[int, int, int]], device: torch.device, dtype: to
          use_cache: bool = True, timer: Callable[[Callable[[], object]], float] = graph_time,
          record: Optional[List[dict]] = None) -> Dict[Tuple[int, int, int], Choice]:
     """Pick the fastest sound one-row tile of each kernel for each (K, N, group size), from the cache where
-    it has one; installs the choices (awq_triton.KPACK_GEMV_TILES, awq_tc.KPACK_TC_TILES, awq_tc.TC_TILES)
+    it has one; installs the choices (awq_gemv.KPACK_GEMV_TILES, awq_tc.KPACK_TC_TILES, awq_tc.TC_TILES)
     and returns them. ``record`` collects every timing."""
     device = torch.device(device)
     if timer is graph_time and device.type != "cuda":
@@ -259,14 +259,21 @@ def tune(shapes: Iterable[Tuple[int, int, int]], device: torch.device, dtype: to
     return chosen
 
 
+def layout_totals(chosen: Dict[Tuple[int, int, int], Choice],
+                  counts: Dict[Tuple[int, int, int], int]) -> Tuple[float, Optional[float]]:
+    """The one-row products' time per step summed over the model's layers (``counts`` layers of each shape):
+    (K-packed layout, its faster kernel per shape; AutoAWQ's layout on tensor cores, None where not timed)."""
+    kpack = sum(c.kpack_best_us() * counts.get(s, 1) for s, c in chosen.items())
+    if not chosen or any(c.tc is None for c in chosen.values()):
+        return kpack, None
+    return kpack, sum(c.tc_us * counts.get(s, 1) for s, c in chosen.items())
+
+
 def pick_layout(chosen: Dict[Tuple[int, int, int], Choice], counts: Dict[Tuple[int, int, int], int]) -> str:
     """"awq" (AutoAWQ's layout, tensor cores) where its one-row times summed over the model's layers beat
     the K-packed layout's (the faster of its two kernels per shape), else "kpack"."""
-    if not chosen or any(c.tc is None for c in chosen.values()):
-        return "kpack"
-    kpack = sum(c.kpack_best_us() * counts.get(s, 1) for s, c in chosen.items())
-    tc = sum(c.tc_us * counts.get(s, 1) for s, c in chosen.items())
-    return "awq" if tc < kpack else "kpack"
+    kpack, tc = layout_totals(chosen, counts)
+    return "awq" if tc is not None and tc < kpack else "kpack"
 
 
 def tune_model(model, device, dtype: torch.dtype) -> Optional[str]:
@@ -286,8 +293,7 @@ def tune_model(model, device, dtype: torch.dtype) -> Optional[str]:
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # the timing's random weights and references, before the KV cache is sized
     layout = pick_layout(chosen, counts)
-    kp = sum(c.kpack_best_us() * counts[s] for s, c in chosen.items())
-    tc = sum((c.tc_us or 0.0) * counts[s] for s, c in chosen.items())
-    logger.info("W4A16 layout: %s (one-row products per step: K-packed %.0f us, tensor cores %s)", layout, kp,
-                f"{tc:.0f} us" if tc else "not timed")
+    kp, tc = layout_totals(chosen, counts)
+    logger.info("W4A16 layout: %s (one-row products per step: K-packed %.0f us, AutoAWQ layout on tensor cores "
+                "%s)", layout, kp, "not timed" if tc is None else f"{tc:.0f} us")
     return layout
