@@ -241,6 +241,11 @@ def render(res: dict) -> str:
             if (1, True) in fp and (1, True) in q:
                 lines += ["", f"Batch 1 from CUDA graphs, {name}: W4A16 / float16 = "
                           f"{q[(1, True)]['tok_s'] / fp[(1, True)]['tok_s']:.2f}x."]
+    for layout, times in res.get("gating", {}).items():  # awq_tune.tune_gating: {"KxN": [gated us, apart us]}
+        for shape, (gated, apart) in times.items():
+            lines += ["", f"Down projection {shape}, one row, {layout} layout: SiLU(gate) * up made inside the "
+                      f"product {gated:.1f} us, silu_mul's kernel then the product {apart:.1f} us; the decode "
+                      f"runs took the {'first' if gated <= apart else 'second'}."]
     return "\n".join(lines)
 
 
@@ -316,6 +321,15 @@ def main() -> int:
         res["decode"] = []
         for name, layout in DECODE:
             quant = {"group_size": 128 if not a.smoke else 32} if layout else None
+            if layout and device == "cuda":  # SiLU-mul inside the down projection or apart: the faster for runs
+                try:
+                    from engine.kernels.awq_tune import tune_gating
+                    G = quant["group_size"]
+                    down = [(cfg["intermediate_size"], cfg["hidden_size"], G)]
+                    t = tune_gating(down, device, torch.float16, layout, use_cache=False)
+                    res.setdefault("gating", {})[layout] = {f"{K}x{N}": list(v) for (K, N, _), v in t.items()}
+                except Exception:
+                    traceback.print_exc()
             for batch in batches:
                 for graphs in ((False, True) if batch == 1 and layout != "awq" else (True,)):
                     if graphs and device != "cuda":

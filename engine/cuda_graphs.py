@@ -36,12 +36,14 @@ class DecodeGraphs:
         pin = device == "cuda"
         # rows: token ids, positions, slot blocks, slot offsets; then block tables and context lengths
         self.host_ints = torch.zeros(4, max_batch, dtype=torch.long, pin_memory=pin)
-        # context lengths, then block tables (row prefixes of both stay contiguous for the kernels)
-        self.host_tables = torch.zeros(max_batch * (max_blocks + 1), dtype=torch.int32, pin_memory=pin)
+        # context lengths, each row's count of its sequence's rows so far (drafts), then block tables (row
+        # prefixes of all three stay contiguous for the kernels)
+        self.host_tables = torch.zeros(max_batch * (max_blocks + 2), dtype=torch.int32, pin_memory=pin)
         self.ints = torch.zeros(4, max_batch, dtype=torch.long, device=device)
-        self.tables = torch.zeros(max_batch * (max_blocks + 1), dtype=torch.int32, device=device)
+        self.tables = torch.zeros(max_batch * (max_blocks + 2), dtype=torch.int32, device=device)
         self.ctx_lens = self.tables[:max_batch]
-        self.block_tables = self.tables[max_batch:].view(max_batch, max_blocks)
+        self.fresh = self.tables[max_batch:2 * max_batch]
+        self.block_tables = self.tables[2 * max_batch:].view(max_batch, max_blocks)
         self.sample_idx = torch.arange(max_batch, device=device)
         self.copied = torch.cuda.Event() if device == "cuda" else None
         self.graphs: Dict[int, "torch.cuda.CUDAGraph"] = {}
@@ -54,7 +56,8 @@ class DecodeGraphs:
         """The model on the first B rows of the static buffers -> logits [B, vocab]."""
         ids, pos, blocks, offsets = self.ints[:, :B]
         meta = AttentionMetadata(positions=pos, slot_blocks=blocks, slot_offsets=offsets, num_decode=B,
-                                 decode_block_tables=self.block_tables[:B], decode_ctx_lens=self.ctx_lens[:B])
+                                 decode_block_tables=self.block_tables[:B], decode_ctx_lens=self.ctx_lens[:B],
+                                 decode_fresh=self.fresh[:B])
         meta.cos, meta.sin = self.rope.cos_sin(pos)
         return self.model(ids, meta, self.kv, self.sample_idx[:B])
 
@@ -93,16 +96,19 @@ class DecodeGraphs:
         n, bs = len(rows), self.kv.block_size
         ints = self.host_ints.numpy()
         ctx = self.host_tables[:self.max_batch].numpy()
-        tables = self.host_tables[self.max_batch:].view(self.max_batch, self.max_blocks).numpy()
+        fresh = self.host_tables[self.max_batch:2 * self.max_batch].numpy()
+        tables = self.host_tables[2 * self.max_batch:].view(self.max_batch, self.max_blocks).numpy()
         ints[:, n:] = 0
         ints[2, n:] = self.scratch  # padding rows write their K/V into the scratch block
         ctx[n:] = 1
+        fresh[n:] = 1
         tables[n:, 0] = self.scratch
         for i, (m, j) in enumerate(rows):
             p = m.start_pos + j
             ints[0, i], ints[1, i] = m.token_ids[j], p
             ints[2, i], ints[3, i] = m.block_ids[p // bs], p % bs
             ctx[i] = p + 1  # each row attends to the cache up to itself: a draft sees the rows before it
+            fresh[i] = j + 1
             tables[i, :len(m.block_ids)] = m.block_ids
 
     def run(self, seqs: Sequence) -> torch.Tensor:

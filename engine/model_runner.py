@@ -70,8 +70,9 @@ class ModelRunner:
         from .kernels.gpu_fused import HAVE_TRITON, rope_ok
         if HAVE_TRITON and all(layer.reduce is None for layer in self.model.layers):
             self.model.use_gpu_fused(rope_in_kernel=not quant_policy and rope_ok(self.model.args.head_dim))
-            logger.info("GPU layers: fused Triton RMSNorm, SiLU-mul%s", " and RoPE + KV write"
-                        if self.model.layers[0].attn.fused_rope else "")
+            attn = self.model.layers[0].attn
+            logger.info("GPU layers: fused Triton RMSNorm, SiLU-mul%s", " and RoPE + KV write + paged attention"
+                        if attn.fused_attend else " and RoPE + KV write" if attn.fused_rope else "")
 
     def _use_triton_decode(self, quant_policy: int) -> None:
         from .kernels.paged_attention_quant_triton import triton_quant_decode
@@ -154,6 +155,8 @@ class ModelRunner:
             idx = torch.int32 if dev == "cpu" else torch.long  # int32 for the native CPU kernel
             meta.decode_block_tables = _block_tables(tables[:len(rows)], dev, idx)
             meta.decode_ctx_lens = torch.tensor([positions[r] + 1 for r in range(len(rows))], device=dev, dtype=idx)
+            if self.model.gpu_fused:  # the fused RoPE + attention kernel: which rows of this step come before
+                meta.decode_fresh = torch.tensor([i + 1 for _, i in rows], device=dev, dtype=torch.int32)
         for msg, start, n in chunks:
             ctx_blocks = None
             if msg.start_pos > 0:

@@ -178,6 +178,28 @@ def test_awq_layer_on_gpu_same_after_k_packing():
         assert torch.allclose(layer(x).float(), r, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_down_projection_gates_its_own_input_on_gpu():
+    """AwqLinear.forward_gated on the GPU, both layouts, 1 to 300 rows (one-row kernels, tensor cores, the
+    dequantized product), against F.silu(gate) * up into the float32 dequantized product."""
+    import torch.nn.functional as F
+    from engine.layers.awq_linear import AwqLinear
+    layer = AwqLinear(11008, [("", 4096)], 128).cuda()
+    _, _, s, qw, qz = random_awq(11008, 4096, 128, seed=5)
+    for name, t in (("qweight", qw), ("qzeros", qz), ("scales", s)):
+        layer.load(name, t.cuda())
+    layer = layer.half()
+    w = dequantize_awq(qw, qz, s).cuda()
+    for kpack in (False, True):
+        if kpack:
+            layer.to_kpack()
+        for m in (1, 7, 300):
+            gu = torch.randn(m, 2 * 11008, device="cuda", dtype=torch.float16)
+            ref = (F.silu(gu[:, :11008]) * gu[:, 11008:]).float() @ w
+            assert torch.allclose(layer.forward_gated(gu).float(), ref, atol=3e-2, rtol=2e-2), (kpack, m)
+
+
 def test_fused_awq_layer_loads_parts_and_computes():
     from engine.layers.awq_linear import AwqLinear
     layer = AwqLinear(64, [("q", 32), ("k", 16), ("v", 16)], 32, bias=True)
@@ -338,6 +360,36 @@ def test_tuner_times_both_layouts_for_float16_and_picks_the_faster(tmp_path, mon
     assert torch.allclose(awq_matmul(x, qw, qz, s).float(), ref, atol=4e-3, rtol=2e-3)
 
 
+def test_tuner_keeps_silu_mul_where_it_times_faster(tmp_path, monkeypatch):
+    """tune_gating: each down projection shape timed gating its own input and after silu_mul's kernel; the
+    shapes where the separate kernel took less time go to UNGATED, and a gated call there still matches
+    the reference (silu_mul first); the times are cached and a second start reads them without timing."""
+    import torch.nn.functional as F
+    from engine.kernels import awq_triton, awq_tune
+    from engine.kernels.awq_torch import repack_kpack
+    if not awq_triton.HAVE_TRITON:
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(awq_triton, "UNGATED", set())
+    fake = iter([3.0, 1.0, 1.0, 2.0])  # (gated, apart) for (128, 64, 64), then for (256, 64, 64): seconds
+
+    def timer(fn):
+        fn()
+        return next(fake)
+    shapes = [(256, 64, 64), (128, 64, 64)]
+    times = awq_tune.tune_gating(shapes, "cpu", torch.float32, "kpack", timer=timer)
+    assert times == {(128, 64, 64): (3e6, 1e6), (256, 64, 64): (1e6, 2e6)}
+    assert awq_triton.UNGATED == {(128, 64, 64)}
+    awq_triton.UNGATED.clear()
+    assert awq_tune.tune_gating(shapes, "cpu", torch.float32, "kpack", timer=None) == times  # from the cache
+    assert awq_triton.UNGATED == {(128, 64, 64)}
+    _, _, s, qw, qz = random_awq(128, 64, 64, seed=9)
+    gu = torch.randn(1, 256, generator=torch.Generator().manual_seed(9))
+    ref = awq_matmul_reference(F.silu(gu[:, :128]) * gu[:, 128:], qw, qz, s.float())
+    out = awq_triton.kpack_matmul(gu, *repack_kpack(qw, qz), s, gated=True)
+    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("M,K,N,G,tile", [(1, 256, 128, 64, (64, 64, 4)), (3, 256, 136, 32, (64, 128, 4, 2)),
                                           (17, 384, 64, 128, (64, 64, 4, 3)), (40, 128, 128, 128, (128, 128, 4)),
                                           (1, 512, 128, 128, None), (5, 256, 136, 64, (64, 64, 4, 2, 1)),
@@ -379,6 +431,45 @@ def test_k_packed_float16_products_take_tensor_cores_and_match(monkeypatch):
     for m in (1, 3, 20):
         x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).half()
         assert torch.allclose(kpack_matmul(x, qk, zk, s).float(), x.float() @ w16, atol=4e-3, rtol=2e-3)
+
+
+def test_gated_products_make_silu_times_up_as_they_load():
+    """The MLP's down projection reading the fused gate/up output [M, 2K] itself (SiLU(gate) * up made as x is
+    loaded, no kernel of its own): every one-row form over both layouts, the tensor-core kernels at 1 and 5
+    rows, and the dispatch (float32 batches ungate first), against torch's F.silu(gate) * up into the
+    reference product."""
+    import torch.nn.functional as F
+    from engine.kernels.awq_gemv import GemvTile, awq_gemv, kpack_gemv
+    from engine.kernels.awq_tc import TcTile, awq_tc_matmul, kpack_tc_matmul
+    from engine.kernels.awq_torch import repack_kpack
+    from engine.kernels.awq_triton import HAVE_TRITON, awq_matmul, kpack_matmul
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    K, N, G = 256, 72, 64
+    _, _, s, qw, qz = random_awq(K, N, G, seed=31)
+    qk, zk = repack_kpack(qw, qz)
+    gu = 3 * torch.randn(5, 2 * K, generator=torch.Generator().manual_seed(8))  # SiLU's tails in play
+    x = F.silu(gu[:, :K]) * gu[:, K:]
+    ref = awq_matmul_reference(x, qw, qz, s.float())
+    tol = dict(atol=1e-4, rtol=1e-4)
+    assert torch.allclose(awq_gemv(gu[:1], qw, qz, s, block_p=2, gated=True), ref[:1], **tol)
+    for nibble_loop, magic in ((0, 0), (1, 1), (2, 1)):
+        out = kpack_gemv(gu[:1], qk, zk, s, GemvTile(32, 128, 4, nibble_loop, magic=magic), gated=True)
+        assert torch.allclose(out, ref[:1], **tol)
+    for m in (1, 3):  # the dispatch: one-row kernels, then (float32) silu_mul and the tiled kernels
+        assert torch.allclose(awq_matmul(gu[:m], qw, qz, s, gated=True), ref[:m], **tol)
+        assert torch.allclose(kpack_matmul(gu[:m], qk, zk, s, gated=True), ref[:m], **tol)
+    gu16 = gu.half()
+    x16 = F.silu(gu16[:, :K]) * gu16[:, K:]
+    ref16 = x16.float() @ dequantize_awq(qw, qz, s, torch.float16).float()
+    for m in (1, 5):
+        for tile in (TcTile(64, 64, 4, 2, 0), TcTile(64, 64, 4, 2, 1)):
+            out = awq_tc_matmul(gu16[:m], qw, qz, s, tile, gated=True)
+            assert torch.allclose(out.float(), ref16[:m], atol=4e-3, rtol=2e-3)
+        out = kpack_tc_matmul(gu16[:m], qk, zk, s, TcTile(64, 64, 4, 2, 1), gated=True)
+        assert torch.allclose(out.float(), ref16[:m], atol=4e-3, rtol=2e-3)
+    with pytest.raises(ValueError, match="not gate and up halves"):
+        kpack_gemv(gu[:1, :-1], qk, zk, s, gated=True)
 
 
 def test_tensor_core_kernel_refuses_what_it_cannot_run():

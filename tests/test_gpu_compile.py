@@ -1,7 +1,8 @@
-"""The W4A16 Triton kernels compiled for NVIDIA GPUs on this machine, GPU or not: Triton's wheel carries
-ptxas, so a form the interpreter runs but the GPU compiler refuses (a layout it cannot lower, registers or
-shared memory past the limits) fails here rather than first on a lent GPU. Counting the compiled code is
-bench/sass_gemv.py's business; this checks that each form compiles to a cubin for sm_80 and sm_90.
+"""The W4A16 Triton kernels (gated forms included) and the fused RoPE + attention decode kernel compiled
+for NVIDIA GPUs on this machine, GPU or not: Triton's wheel carries ptxas, so a form the interpreter runs but
+the GPU compiler refuses (a layout it cannot lower, registers or shared memory past the limits) fails here
+rather than first on a lent GPU. Counting the compiled code is bench/sass_gemv.py's business; this checks
+that each form compiles to a cubin for sm_80 and sm_90.
 
 The compiles run in a subprocess without TRITON_INTERPRET (the test session interprets kernels on CPU)."""
 import json
@@ -17,8 +18,9 @@ triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parent.parent
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
-# (kernel, tile, K, N, group, rows): the one-row FMA kernel's forms, and the tensor-core kernels over both
-# layouts at one row and at the 32 to 255 rows they take in batches (row tiles of 16, 32 and 64)
+# (kernel, tile, K, N, group, rows[, gated]): the one-row FMA kernel's forms, and the tensor-core kernels over
+# both layouts at one row and at the 32 to 255 rows they take in batches (row tiles of 16, 32 and 64); gated:
+# the down projection reading the fused gate/up output
 CASES = [
     ("kpack", [256, 128, 4, 0, 0, 0, 0], 11008, 4096, 128, 1),
     ("kpack", [1024, 128, 4, 2, 32, 4, 1], 11008, 4096, 128, 1),
@@ -29,6 +31,10 @@ CASES = [
     ("kpack_tc", [128, 128, 4, 0, 1, 0], 4096, 12288, 128, 1),
     ("kpack_tc", [128, 128, 4, 0, 1, 0], 4096, 12288, 128, 200),
     ("kpack_tc", [64, 32, 2, 0, 1, 0], 576, 3072, 32, 8),
+    ("kpack", [1024, 128, 4, 2, 32, 4, 1], 11008, 4096, 128, 1, True),
+    ("kpack", [256, 128, 4, 1, 0, 0, 1], 11008, 4096, 128, 1, True),
+    ("tc", [128, 128, 4, 0, 1, 0], 11008, 4096, 128, 1, True),
+    ("kpack_tc", [128, 128, 4, 0, 1, 0], 11008, 4096, 128, 32, True),
 ]
 
 SCRIPT = """
@@ -39,15 +45,33 @@ from engine.kernels.awq_tc import TcTile
 from engine.kernels.awq_gemv import GemvTile
 out = []
 for arch in (80, 90):
-    for kind, tile, K, N, G, M in json.loads(sys.argv[2]):
+    for kind, tile, K, N, G, M, *gated in json.loads(sys.argv[2]):
         try:
             if kind == "kpack":
-                c, _ = compile_tile(GemvTile(*tile), K, N, G, arch)
+                c, _ = compile_tile(GemvTile(*tile), K, N, G, arch, gated=bool(gated))
             else:
-                c, _ = compile_tc(TcTile(*tile), K, N, G, arch, kpack=kind == "kpack_tc", M=M)
+                c, _ = compile_tc(TcTile(*tile), K, N, G, arch, kpack=kind == "kpack_tc", M=M, gated=bool(gated))
             out.append([arch, kind, tile, M, len(c.asm["cubin"]) > 0, ""])
         except Exception as e:
             out.append([arch, kind, tile, M, False, f"{type(e).__name__}: {str(e)[:300]}"])
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import triton
+from engine.kernels.rope_decode_triton import _rope_decode_kernel
+sig = {"qkv_ptr": "*fp16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "k_ptr": "*fp16", "v_ptr": "*fp16",
+       "blk_ptr": "*i64", "off_ptr": "*i64", "bt_ptr": "*i32", "ctx_ptr": "*i32", "fresh_ptr": "*i32",
+       "out_ptr": "*fp16", "scale": "fp32", **{k: "i32" for k in ("s_t", "s_c", "s_kb", "s_kh", "s_ks", "s_btb",
+                                                                  "s_ot", "s_oh", "H", "KVH")}}
+for arch in (80, 90):
+    for G, HALF in ((1, 64), (3, 32)):  # Llama-2-7B's heads; SmolLM2's 9 heads over 3 KV heads
+        const = {"G": G, "G_PAD": 4 if G == 3 else 1, "HALF": HALF, "BS": 64}
+        try:
+            src = ASTSource(fn=_rope_decode_kernel, signature=dict(sig, **{k: "constexpr" for k in const}),
+                            constexprs=const)
+            c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+            out.append([arch, "rope_decode", [G, HALF], 1, len(c.asm["cubin"]) > 0, ""])
+        except Exception as e:
+            out.append([arch, "rope_decode", [G, HALF], 1, False, f"{type(e).__name__}: {str(e)[:300]}"])
 print(json.dumps(out))
 """
 
@@ -60,6 +84,6 @@ def test_w4a16_kernels_compile_for_the_gpu():
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * len(CASES)
+    assert len(results) == 2 * len(CASES) + 4
     failed = [r for r in results if not r[4]]
     assert not failed, failed

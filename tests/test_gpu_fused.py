@@ -57,6 +57,45 @@ def test_rope_write_rotates_and_fills_the_slots():
     assert torch.allclose(kc, k_ref, atol=1e-5) and torch.equal(vc, v_ref)
 
 
+@pytest.mark.parametrize("G", [1, 3])
+def test_rope_decode_kernel_matches_rope_write_then_attention(G):
+    """RoPE, the K/V write and paged attention in one kernel against the two steps it replaces (rope_write,
+    then torch_decode over the written cache): a sequence with two drafts (three rows attending to each other
+    and to 13 cached positions across blocks), one with a single row and nothing cached, one at a block's
+    first slot; grouped heads padded (3 to 4) or not. The kernel writes this step's K/V into a block no
+    table names and the tables' slots for them hold noise, so its outputs show it took this step's rows
+    from q/k/v (programs of one launch cannot see each other's writes on a GPU), not from the cache."""
+    from engine.kernels.rope_decode_triton import rope_decode
+    from engine.layers.attention import AttentionMetadata, torch_decode
+    KVH, D, nb, bs = 2, 16, 8, 8
+    H = G * KVH
+    g = torch.Generator().manual_seed(5)
+    kc, vc = (torch.randn(nb, KVH, bs, D, generator=g).to(DEV) for _ in range(2))
+    # rows: A at positions 13, 14, 15 (drafts), B at 0, C at 8
+    pos = torch.tensor([13, 14, 15, 0, 8], device=DEV)
+    bt = torch.tensor([[2, 5, 0], [2, 5, 0], [2, 5, 0], [6, 0, 0], [1, 7, 0]], device=DEV)
+    blocks = bt.gather(1, (pos // bs)[:, None]).squeeze(1)
+    meta = AttentionMetadata(positions=pos, slot_blocks=blocks, slot_offsets=pos % bs, num_decode=5,
+                             decode_block_tables=bt, decode_ctx_lens=(pos + 1).to(torch.int32),
+                             decode_fresh=torch.tensor([1, 2, 3, 1, 1], device=DEV, dtype=torch.int32))
+    meta.cos, meta.sin = RotaryEmbedding(D, 10000.0, 64, device=DEV).cos_sin(pos)
+    qkv = torch.randn(5, (H + 2 * KVH) * D, generator=g).to(DEV)
+    k_ref, v_ref = kc.clone(), vc.clone()
+    q = gf.rope_write(qkv, meta.cos, meta.sin, k_ref, v_ref, blocks, pos % bs, H, KVH)
+    ref = torch_decode(q, k_ref, v_ref, meta, D ** -0.5)
+    scratch = torch.full_like(blocks, nb - 1)  # the kernel writes here; the tables' slots keep their noise
+    slots = torch.arange(5, device=DEV)
+    kmeta = AttentionMetadata(positions=pos, slot_blocks=scratch, slot_offsets=slots, num_decode=5,
+                              decode_block_tables=bt, decode_ctx_lens=meta.decode_ctx_lens,
+                              decode_fresh=meta.decode_fresh)
+    out = rope_decode(qkv, meta.cos, meta.sin, kc, vc, kmeta, H, KVH, D ** -0.5)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(kc[nb - 1, :, :5], k_ref[blocks, :, pos % bs].transpose(0, 1), atol=1e-6)
+    assert torch.equal(vc[nb - 1, :, :5], v_ref[blocks, :, pos % bs].transpose(0, 1))
+    with pytest.raises(ValueError, match="does not match 4 heads"):
+        rope_decode(qkv, meta.cos, meta.sin, kc, vc, meta, 4, KVH + 1, 0.25)
+
+
 ARGS = dict(architecture="LlamaForCausalLM", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
             num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
             rope_theta=10000.0)
@@ -81,9 +120,10 @@ def gpu_path_without_capture(runner, max_blocks: int, scratch: int, max_batch: i
     from engine.kernels.paged_attention_triton import triton_decode
     model = runner.model
     model.fused_decoder = None
-    model.use_gpu_fused(rope_in_kernel=True)
     for layer in model.layers:
         layer.attn.decode_fn = triton_decode
+    model.use_gpu_fused(rope_in_kernel=True)
+    assert all(layer.attn.fused_attend for layer in model.layers)
     runner.graphs = DecodeGraphs(model, runner.kv, runner.rope, runner.device, max_batch=max_batch,
                                  max_blocks=max_blocks, scratch_block=scratch, capture=False)
     runner._usable_blocks = scratch

@@ -14,13 +14,13 @@ Split-K partial sums meet inside the kernels (awq_common.py).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Set, Tuple
 
 import torch
 
 from . import awq_tc
 from .awq_common import HAVE_TRITON, _sm_count, _split_for, _workspace  # noqa: F401 - HAVE_TRITON for callers
-from .awq_gemv import awq_gemv, kpack_gemv
+from .awq_gemv import awq_gemv, gated_k, kpack_gemv
 
 if HAVE_TRITON:
     import triton
@@ -152,18 +152,37 @@ def _check(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
+# (K, N, group size) of gated products that run faster with SiLU(gate) * up made by silu_mul's own kernel
+# than inside the product's (the tuner times both for each down projection: awq_tune.tune_gating)
+UNGATED: Set[Tuple[int, int, int]] = set()
+
+
+def _ungate(x: torch.Tensor, gated: bool) -> torch.Tensor:
+    """The product's input for a kernel that does not gate: SiLU(gate) * up in one kernel of its own."""
+    if not gated:
+        return x
+    from .gpu_fused import silu_mul
+    gated_k(x, gated)
+    return silu_mul(x)
+
+
 def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               split_k: int = 0, block_n: int = 0, block_k: int = 0) -> torch.Tensor:
+               split_k: int = 0, block_n: int = 0, block_k: int = 0, gated: bool = False) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype over AutoAWQ's layout. ``split_k``, ``block_n``, ``block_k``: 0 picks
     from the shape. Unless a tile is asked for: float16 runs the tensor-core kernel (awq_tc.py), but one row
-    only where the tuner picked it for this shape; other one-row products go to awq_gemv."""
+    only where the tuner picked it for this shape; other one-row products go to awq_gemv. ``gated``: x is
+    [M, 2K], the MLP's fused gate/up output, and the product's input is SiLU(gate) * up: the one-row and
+    tensor-core kernels make it as they load x, the others (and shapes in UNGATED) after a silu_mul kernel."""
     x = _check(x)
-    K, N = x.shape[1], scales.shape[1]
+    K, N = gated_k(x, gated), scales.shape[1]
+    if gated and (K, N, K // scales.shape[0]) in UNGATED:
+        x, gated = _ungate(x, True), False
     if not (split_k or block_n or block_k):
         if x.dtype == torch.float16 and (x.shape[0] > 1 or (K, N, K // scales.shape[0]) in awq_tc.TC_TILES):
-            return awq_tc.awq_tc_matmul(x, qweight, qzeros, scales)
+            return awq_tc.awq_tc_matmul(x, qweight, qzeros, scales, gated=gated)
         if x.shape[0] == 1:
-            return awq_gemv(x, qweight, qzeros, scales)
+            return awq_gemv(x, qweight, qzeros, scales, gated=gated)
+    x = _ungate(x, gated)
     return _tiled(_awq_kernel, x, qweight, qzeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0])
 
 
@@ -189,22 +208,26 @@ DEQUANT_MIN_ROWS = 256
 
 
 def kpack_matmul(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-                 split_k: int = 0, block_n: int = 0, block_k: int = 0, nibble_dots: int = -1) -> torch.Tensor:
+                 split_k: int = 0, block_n: int = 0, block_k: int = 0, nibble_dots: int = -1,
+                 gated: bool = False) -> torch.Tensor:
     """awq_matmul over the K-packed layout (repack_kpack); ``nibble_dots`` -1: KPACK_NIBBLE_DOTS (used where
     the K tile is 128 or more). Unless a tile or form is asked for: one row runs the tuned one-row kernel
     (the tensor-core one where the tuner found it faster for this shape, else kpack_gemv); from
     DEQUANT_MIN_ROWS rows on the weight is dequantized and multiplied by torch; float16 between runs on
-    tensor cores (awq_tc.kpack_tc_matmul)."""
+    tensor cores (awq_tc.kpack_tc_matmul). ``gated``: as awq_matmul's."""
     x = _check(x)
-    K, N = x.shape[1], scales.shape[1]
+    K, N = gated_k(x, gated), scales.shape[1]
+    if gated and (K, N, K // scales.shape[0]) in UNGATED:
+        x, gated = _ungate(x, True), False
     if not (split_k or block_n or block_k or nibble_dots >= 0):
         if x.shape[0] == 1:
             tc = awq_tc.KPACK_TC_TILES.get((K, N, K // scales.shape[0])) if x.dtype == torch.float16 else None
-            return (awq_tc.kpack_tc_matmul(x, qweight_k, zeros, scales, tc) if tc
-                    else kpack_gemv(x, qweight_k, zeros, scales))
+            return (awq_tc.kpack_tc_matmul(x, qweight_k, zeros, scales, tc, gated=gated) if tc
+                    else kpack_gemv(x, qweight_k, zeros, scales, gated=gated))
         if x.shape[0] >= DEQUANT_MIN_ROWS:
-            return x @ kpack_dequantize(qweight_k, zeros, scales, x.dtype)
+            return _ungate(x, gated) @ kpack_dequantize(qweight_k, zeros, scales, x.dtype)
         if x.dtype == torch.float16:
-            return awq_tc.kpack_tc_matmul(x, qweight_k, zeros, scales)
+            return awq_tc.kpack_tc_matmul(x, qweight_k, zeros, scales, gated=gated)
+    x = _ungate(x, gated)
     return _tiled(_kpack_kernel, x, qweight_k, zeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0],
                   NIBBLE_DOTS=KPACK_NIBBLE_DOTS if nibble_dots < 0 else nibble_dots)

@@ -5,13 +5,16 @@ The fastest tile of a Triton GEMV depends on the shape and the GPU (how many SMs
 as Triton's autotuner does, each candidate is timed on each of the model's layer shapes and the fastest is
 kept: the K-packed FMA kernel's tiles (awq_gemv.kpack_gemv) and, for float16, the tensor-core kernels'
 over the K-packed layout and over AutoAWQ's (awq_tc.py). The layout whose one-row products, summed over the
-model's layers, take less time is the one the layers keep (awq_linear.use_gpu_layout). A candidate whose output strays from
-the dequantized torch product is dropped. Timings are GPU times of a CUDA graph of repeated calls (launch
-cost from Python is not in them); on CPU (the interpreter) wall time.
+model's layers, take less time is the one the layers keep (awq_linear.use_gpu_layout). A candidate whose
+output strays from the dequantized torch product is dropped. Timings are GPU times of a CUDA graph of
+repeated calls (launch cost from Python is not in them); on CPU (the interpreter) wall time.
 
 The choices go to ``awq_gemv.KPACK_GEMV_TILES``, ``awq_tc.KPACK_TC_TILES``, ``awq_tc.TC_TILES`` and
 ``$RAYLM_CACHE/w4a16_tiles.json`` keyed by device, Triton version, shape and dtype, so later starts skip the
-timing. ``RAYLM_W4A16_TUNE=0`` turns it off (the default tiles and the K-packed layout are used).
+timing. The down projections are also timed reading the fused gate/up output themselves (SiLU(gate) * up
+made as they load it) against silu_mul's kernel then the product, and keep the faster (tune_gating).
+``RAYLM_W4A16_TUNE=0`` turns it all off (the default tiles, the K-packed layout, SiLU-mul inside the down
+projection).
 """
 from __future__ import annotations
 
@@ -276,6 +279,44 @@ def pick_layout(chosen: Dict[Tuple[int, int, int], Choice], counts: Dict[Tuple[i
     return "awq" if tc is not None and tc < kpack else "kpack"
 
 
+def tune_gating(shapes: Iterable[Tuple[int, int, int]], device: torch.device, dtype: torch.dtype, layout: str,
+                use_cache: bool = True, timer: Callable[[Callable[[], object]], float] = graph_time
+                ) -> Dict[Tuple[int, int, int], Tuple[float, float]]:
+    """For each down projection's (K, N, group size): one row of the product making SiLU(gate) * up as it
+    loads its input, against silu_mul's kernel and then the product, over ``layout`` ("kpack" or "awq") with
+    the tiles already tuned; where the separate kernel wins the shape goes to awq_triton.UNGATED (the
+    kernels' SiLU can cost more than the launch it saves). Cached beside the tiles. -> {shape: (gated us,
+    separate us)}."""
+    from . import awq_triton
+    from .gpu_fused import silu_mul
+    device = torch.device(device)
+    if timer is graph_time and device.type != "cuda":
+        timer = wall_time
+    path = cache_path()
+    cache = _read_cache(path) if use_cache else {}
+    dev = cache.setdefault(_device_key(device), {})
+    times, wrote = {}, False
+    for K, N, G in sorted(set(shapes)):
+        key = f"{_shape_key(K, N, G, dtype)} gated {layout}"
+        entry = dev.get(key)
+        if not (isinstance(entry, list) and len(entry) == 2):
+            qw, qz, s, qk, zk = _random_weights(K, N, G, device)
+            fn, w = ((awq_triton.kpack_matmul, (qk, zk, s)) if layout == "kpack"
+                     else (awq_triton.awq_matmul, (qw, qz, s)))
+            gu = torch.randn(1, 2 * K, generator=torch.Generator(device="cpu").manual_seed(2)).to(device, dtype)
+            awq_triton.UNGATED.discard((K, N, G))
+            entry = [timer(lambda: fn(gu, *w, gated=True)) * 1e6, timer(lambda: fn(silu_mul(gu), *w)) * 1e6]
+            dev[key], wrote = entry, True
+        times[(K, N, G)] = (float(entry[0]), float(entry[1]))
+        if entry[1] < entry[0]:
+            awq_triton.UNGATED.add((K, N, G))
+        else:
+            awq_triton.UNGATED.discard((K, N, G))
+    if wrote and use_cache:
+        _write_cache(path, cache)
+    return times
+
+
 def tune_model(model, device, dtype: torch.dtype) -> Optional[str]:
     """Tune the one-row tiles for every W4A16 layer shape of ``model`` and pick the layout its decode
     steps run fastest from (None where RAYLM_W4A16_TUNE=0 or it has no W4A16 layers)."""
@@ -283,10 +324,13 @@ def tune_model(model, device, dtype: torch.dtype) -> Optional[str]:
         return None
     from ..layers.awq_linear import AwqLinear
     counts: Dict[Tuple[int, int, int], int] = {}
-    for m in model.modules():
+    downs = set()
+    for name, m in model.named_modules():
         if isinstance(m, AwqLinear):
             shape = (m.in_features, m.out_features, m.group_size)
             counts[shape] = counts.get(shape, 0) + 1
+            if name.endswith("mlp.down"):
+                downs.add(shape)
     if not counts:
         return None
     chosen = tune(counts, device, dtype)
@@ -296,4 +340,7 @@ def tune_model(model, device, dtype: torch.dtype) -> Optional[str]:
     kp, tc = layout_totals(chosen, counts)
     logger.info("W4A16 layout: %s (one-row products per step: K-packed %.0f us, AutoAWQ layout on tensor cores "
                 "%s)", layout, kp, "not timed" if tc is None else f"{tc:.0f} us")
+    for (K, N, G), (gated, apart) in tune_gating(downs, device, dtype, layout).items():
+        logger.info("W4A16 down projection %dx%d: SiLU-mul %s (%.1f us inside the product, %.1f us apart)", K, N,
+                    "inside the product" if gated <= apart else "in its own kernel", gated, apart)
     return layout

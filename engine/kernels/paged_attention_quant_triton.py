@@ -20,6 +20,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from .paged_attention_triton import _softmax_start, _softmax_update
+
     @triton.jit
     def _dequant_plane(ptr, base, offs_s, offs_c, s_ds, scale, mn, smask, SHIFT: tl.constexpr,
                        MASK: tl.constexpr):
@@ -48,10 +50,7 @@ if HAVE_TRITON:
             q1 = tl.load(q_rows + (offs_c * STEP + 1)[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
         else:
             q1 = tl.zeros([G_PAD, W], tl.float32)
-        m = tl.full([G_PAD], float("-inf"), tl.float32)
-        l = tl.zeros([G_PAD], tl.float32)
-        acc0 = tl.zeros([G_PAD, W], tl.float32)
-        acc1 = tl.zeros([G_PAD, W], tl.float32)
+        m, l, acc0, acc1 = _softmax_start(G_PAD, W)
         for i in range(0, tl.cdiv(ctx, BS)):
             blk = tl.load(bt_ptr + b * s_btb + i).to(tl.int64)
             smask = (i * BS + offs_s) < ctx
@@ -65,9 +64,7 @@ if HAVE_TRITON:
                 k1 = _dequant_plane(kd_ptr, dbase, offs_s, offs_c, s_ds, ks, kz, smask, 4, MASK)
                 s += tl.sum(q1[:, None, :] * k1[None, :, :], axis=2)
             s = tl.where(smask[None, :], s * sm_scale, float("-inf"))  # [G_PAD, BS]; masked slots are 0 in V
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
+            m, l, p, alpha = _softmax_update(m, l, s)
             vs = tl.load(vp_ptr + pbase, mask=smask, other=0.0).to(tl.float32)
             vz = tl.load(vp_ptr + pbase + 1, mask=smask, other=0.0).to(tl.float32)
             v0 = _dequant_plane(vd_ptr, dbase, offs_s, offs_c, s_ds, vs, vz, smask, 0, MASK)
@@ -75,8 +72,6 @@ if HAVE_TRITON:
             if BITS == 4:
                 v1 = _dequant_plane(vd_ptr, dbase, offs_s, offs_c, s_ds, vs, vz, smask, 4, MASK)
                 acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * v1[None, :, :], axis=1)
-            l = l * alpha + tl.sum(p, axis=1)
-            m = m_new
         o_rows = out_ptr + b * s_ob + (h * G + offs_g)[:, None] * s_oh
         tl.store(o_rows + (offs_c * STEP)[None, :], (acc0 / l[:, None]).to(out_ptr.dtype.element_ty),
                  mask=gmask[:, None])

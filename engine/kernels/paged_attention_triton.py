@@ -16,6 +16,21 @@ except ImportError:  # pragma: no cover - triton is a declared dependency on Lin
 
 if HAVE_TRITON:
     @triton.jit
+    def _softmax_start(G_PAD: tl.constexpr, W: tl.constexpr):
+        """The online softmax's empty state: max -inf and sum 0 [G_PAD], two output planes [G_PAD, W] at 0."""
+        return (tl.full([G_PAD], float("-inf"), tl.float32), tl.zeros([G_PAD], tl.float32),
+                tl.zeros([G_PAD, W], tl.float32), tl.zeros([G_PAD, W], tl.float32))
+
+    @triton.jit
+    def _softmax_update(m, l, s):
+        """One block of the online softmax: running max m and sum l [G], scores s [G, S] (-inf where masked)
+        -> (max, sum, p = exp(s - max) [G, S], alpha [G], the factor the running output is rescaled by)."""
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        return m_new, l * alpha + tl.sum(p, axis=1), p, alpha
+
+    @triton.jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, scale,
                              s_qb, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_btb, s_ob, s_oh,
                              G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
@@ -38,14 +53,10 @@ if HAVE_TRITON:
                         mask=smask[:, None], other=0.0).to(tl.float32)  # [BS, D]
             s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [G_PAD, BS]
             s = tl.where(smask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
+            m, l, p, alpha = _softmax_update(m, l, s)
             v = tl.load(v_ptr + blk * s_vb + offs_s[:, None] * s_vs + h * s_vh + offs_d[None, :],
                         mask=smask[:, None], other=0.0).to(tl.float32)  # [BS, D]
             acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-            l = l * alpha + tl.sum(p, axis=1)
-            m = m_new
         out = acc / l[:, None]
         tl.store(out_ptr + b * s_ob + (h * G + offs_g)[:, None] * s_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])

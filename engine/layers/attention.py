@@ -30,6 +30,9 @@ class AttentionMetadata:
     num_decode: int  # the first num_decode tokens are single-token decodes
     decode_ctx_lens: Optional[torch.Tensor] = None  # [Bd]
     decode_block_tables: Optional[torch.Tensor] = None  # [Bd, max_blocks] (for the GPU kernel)
+    # [Bd] this step's rows of each row's sequence up to and including it (1; drafts 2, 3, ...): the GPU's
+    # fused RoPE + attention kernel reads the rows of this step from q/k/v, not the cache (rope_decode_triton)
+    decode_fresh: Optional[torch.Tensor] = None
     prefills: List[PrefillChunk] = field(default_factory=list)
     seq_lens: Optional[torch.Tensor] = None  # [T] length of each token's sequence (dynamic NTK only)
     cos: Optional[torch.Tensor] = None  # [T, D]
@@ -144,13 +147,22 @@ class Attention(nn.Module):
         self.o = Linear(num_heads * head_dim, hidden, bias=o_bias)
         self.decode_fn: DecodeFn = torch_decode
         self.fused_rope = False  # decode steps: kernels/gpu_fused.rope_write (set by LlamaModel.use_gpu_fused)
+        # decode steps with decode_fresh, where decode_fn is the Triton kernel: RoPE, the K/V write and the
+        # attention in one kernel (kernels/rope_decode_triton.py; set by LlamaModel.use_gpu_fused)
+        self.fused_attend = False
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
         T = x.shape[0]
         if self.fused_rope and not meta.prefills and not isinstance(k_cache, QuantKV):
+            qkv = self.qkv(x)
+            if self.fused_attend and meta.decode_fresh is not None:
+                from ..kernels.rope_decode_triton import rope_decode
+                out = rope_decode(qkv, meta.cos, meta.sin, k_cache, v_cache, meta, self.num_heads, self.num_kv_heads,
+                                  self.scale)
+                return self.o(out.reshape(T, self.num_heads * self.head_dim))
             from ..kernels.gpu_fused import rope_write
-            q = rope_write(self.qkv(x), meta.cos, meta.sin, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets,
+            q = rope_write(qkv, meta.cos, meta.sin, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets,
                            self.num_heads, self.num_kv_heads)
             out = self.decode_fn(q, k_cache, v_cache, meta, self.scale)
             return self.o(out.reshape(T, self.num_heads * self.head_dim))

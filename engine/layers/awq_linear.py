@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..kernels.awq_torch import dequantize_awq
@@ -73,6 +74,15 @@ class AwqLinear(nn.Module):
             return y if self.bias is None else y + self.bias
         y = x @ self.weight_t(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def forward_gated(self, gu: torch.Tensor) -> torch.Tensor:
+        """gu: [tokens, 2 in], the MLP's fused gate/up output -> down(SiLU(gate) * up) [tokens, out]. On GPU
+        the W4A16 kernels make SiLU(gate) * up as they load their input (no kernel of its own)."""
+        if gu.is_cuda:
+            from ..kernels.awq_triton import awq_matmul, kpack_matmul
+            y = (kpack_matmul if self.kpack else awq_matmul)(gu, self.qweight, self.qzeros, self.scales, gated=True)
+            return y if self.bias is None else y + self.bias
+        return self.forward(F.silu(gu[:, :self.in_features]) * gu[:, self.in_features:])
 
     def forward_t(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, in] -> y^T [out, tokens], contiguous (the fused MLP slices rows of it)."""

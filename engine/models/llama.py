@@ -20,12 +20,15 @@ class MLP(nn.Module):
         self.gate_up = FusedLinear(hidden, [("gate", inter), ("up", inter)], bias=bias)
         self.down = Linear(inter, hidden, bias=bias)
         self.inter = inter
-        self.fused = False  # GPU: one Triton kernel for SiLU(gate) * up (kernels/gpu_fused.py)
+        self.fused = False  # GPU: SiLU(gate) * up in one Triton kernel (kernels/gpu_fused.py), or inside W4A16 down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
+            gu = self.gate_up(x)
+            if hasattr(self.down, "forward_gated"):  # W4A16: the down kernel gates its own input
+                return self.down.forward_gated(gu)
             from ..kernels.gpu_fused import silu_mul
-            return self.down(silu_mul(self.gate_up(x)))
+            return self.down(silu_mul(gu))
         if getattr(self.gate_up, "packed", None) is not None and self.gate_up.packed_for(x) is not None:
             # packed products: [T, 2 * inter] row-major
             gu = self.gate_up(x)
@@ -78,11 +81,17 @@ class LlamaModel(nn.Module):
 
     def use_gpu_fused(self, rope_in_kernel: bool) -> None:
         """Route layers through the fused Triton kernels; ``rope_in_kernel``: decode steps rotate q/k and
-        write the cache in one kernel (dense caches, power-of-two head_dim halves)."""
+        write the cache in one kernel (dense caches, power-of-two head_dim halves), which also attends where
+        the layers' decode_fn is the Triton one (set that first)."""
+        from ..kernels.paged_attention_triton import triton_decode
+        from ..kernels.rope_decode_triton import rope_decode_ok
         self.gpu_fused = True
         for layer in self.layers:
             layer.mlp.fused = True
             layer.attn.fused_rope = rope_in_kernel
+            # RoPE, K/V write and attention in one kernel where the attention would be the dense Triton one
+            layer.attn.fused_attend = (rope_in_kernel and layer.attn.decode_fn is triton_decode
+                                       and rope_decode_ok(self.args.head_dim, 2))
 
     def fused_ok(self, meta: AttentionMetadata, num_tokens: int, limit: int = 0) -> bool:
         from ..kernels.fused_decode import MAX_TOKENS
