@@ -241,11 +241,18 @@ def render(res: dict) -> str:
             if (1, True) in fp and (1, True) in q:
                 lines += ["", f"Batch 1 from CUDA graphs, {name}: W4A16 / float16 = "
                           f"{q[(1, True)]['tok_s'] / fp[(1, True)]['tok_s']:.2f}x."]
-    for layout, times in res.get("gating", {}).items():  # awq_tune.tune_gating: {"KxN": [gated us, apart us]}
-        for shape, (gated, apart) in times.items():
-            lines += ["", f"Down projection {shape}, one row, {layout} layout: SiLU(gate) * up made inside the "
-                      f"product {gated:.1f} us, silu_mul's kernel then the product {apart:.1f} us; the decode "
-                      f"runs took the {'first' if gated <= apart else 'second'}."]
+    inputs = res.get("inputs", {})  # awq_tune.tune_inputs: {layout: {"kind KxN": [inside us, apart us]}}
+    if inputs:
+        lines += ["", "Products that make their own input (`engine/kernels/awq_input.py`), one row, as the decode "
+                  "runs above had them: made inside the product against its own kernel (silu_mul, add_rmsnorm) "
+                  "then the product; the faster is kept:", "",
+                  "| layout | product | input | inside (us) | apart (us) | kept |", "|---|---|---|---|---|---|"]
+        what = {"gated": "SiLU(gate) * up", "normed": "RMSNorm(x + residual) * w"}
+        for layout, times in inputs.items():
+            for key, (inside, apart) in times.items():
+                kind, shape = key.split()
+                lines.append(f"| {layout} | {shape} | {what[kind]} | {inside:.1f} | {apart:.1f} | "
+                             f"{'inside' if inside <= apart else 'apart'} |")
     return "\n".join(lines)
 
 
@@ -321,13 +328,14 @@ def main() -> int:
         res["decode"] = []
         for name, layout in DECODE:
             quant = {"group_size": 128 if not a.smoke else 32} if layout else None
-            if layout and device == "cuda":  # SiLU-mul inside the down projection or apart: the faster for runs
+            if layout and device == "cuda":  # inputs made inside the products or apart: the faster for the runs
                 try:
-                    from engine.kernels.awq_tune import tune_gating
-                    G = quant["group_size"]
-                    down = [(cfg["intermediate_size"], cfg["hidden_size"], G)]
-                    t = tune_gating(down, device, torch.float16, layout, use_cache=False)
-                    res.setdefault("gating", {})[layout] = {f"{K}x{N}": list(v) for (K, N, _), v in t.items()}
+                    from engine.kernels.awq_tune import tune_inputs
+                    G, h, i = quant["group_size"], cfg["hidden_size"], cfg["intermediate_size"]
+                    made = {"gated": [(i, h, G)], "normed": [(h, 3 * h, G), (h, 2 * i, G)]}
+                    t = tune_inputs(made, device, torch.float16, layout, use_cache=False)
+                    res.setdefault("inputs", {})[layout] = {f"{kind} {K}x{N}": list(v)
+                                                            for (kind, (K, N, _)), v in t.items()}
                 except Exception:
                     traceback.print_exc()
             for batch in batches:

@@ -22,22 +22,24 @@ from bench.common import save_json, write_section  # noqa: E402
 
 SIG = {"x_ptr": "*fp16", "qw_ptr": "*i32", "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16",
        "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "K": "i32", "ITERS": "i32", "sqw": "i32", "szg": "i32",
-       "ssg": "i32", "UP": "i32"}
+       "ssg": "i32"}
+# the input's arguments (engine/kernels/awq_input.py), after each kernel's own
+XSIG = {"UP": "i32", "r_ptr": "*fp16", "nw_ptr": "*fp16", "res_ptr": "*fp16", "eps": "fp32"}
 ALU = ("FFMA", "FADD", "FMUL", "LOP3", "SHF", "IMAD", "IADD3", "I2F", "F2F", "PRMT", "FSEL", "SEL", "HFMA2",
        "HADD2", "HMUL2", "MOV")
 
 
-def compile_tile(tile, K: int, N: int, G: int, arch: int, gated: bool = False):
+def compile_tile(tile, K: int, N: int, G: int, arch: int, xmode: int = 0):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from engine.kernels.awq_gemv import _kpack_gemv_kernel, gemv_plan
     step, unroll, iters, split, _ = gemv_plan(tile, K, N, G)
     const = {"BN": tile.block_n, "G": G, "STEP": step, "UNROLL": unroll, "SPLIT_K": split,
-             "NIBBLE_LOOP": tile.nibble_loop, "MAGIC": tile.magic, "GATED": gated}
-    sig = dict(SIG, **{k: "constexpr" for k in const})
+             "NIBBLE_LOOP": tile.nibble_loop, "MAGIC": tile.magic, "XMODE": xmode}
+    sig = dict(SIG, **XSIG, **{k: "constexpr" for k in const})
     # as a launch specialises them: pointers and sizes divisible by 16 (so loads can be vectorised)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(SIG) if name not in ("ITERS", "UP")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(SIG) if name not in ("ITERS",)}
     src = ASTSource(fn=_kpack_gemv_kernel, signature=sig, constexprs=const, attrs=attrs)
     c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": tile.warps})
     return c, dict(step=step, unroll=unroll, iters=iters, split=split)
@@ -45,27 +47,27 @@ def compile_tile(tile, K: int, N: int, G: int, arch: int, gated: bool = False):
 
 TC_SIG = {"x_ptr": "*fp16", "qw_ptr": "*i32", "qz_ptr": "*i32", "s_ptr": "*fp16", "out_ptr": "*fp16",
           "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "KS": "i32", "sxm": "i32",
-          "sqk": "i32", "szg": "i32", "ssg": "i32", "som": "i32", "UP": "i32"}
+          "sqk": "i32", "szg": "i32", "ssg": "i32", "som": "i32"}
 
 
 def compile_tc(tile, K: int, N: int, G: int, arch: int, sms: int = 132, kpack: bool = False, M: int = 1,
-               gated: bool = False):
+               xmode: int = 0):
     """A tensor-core kernel (awq_tc.py; ``kpack``: the K-packed one) at ``M`` rows, as its wrapper would
-    launch it on ``sms`` SMs (``gated``: reading a fused gate/up output)."""
+    launch it on ``sms`` SMs (``xmode``: how it makes its input, awq_input.py)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from engine.kernels.awq_tc import _awq_tc_kernel, _kpack_tc_kernel, tc_plan
     BM, BK, split = tc_plan(tile, M, K, N, G, sms)
     const = {"G": G, "BM": BM, "BN": tile.block_n, "BK": BK, "SPLIT_K": split, **({} if kpack else {"FOLD": tile.fold}),
-             "GATED": gated}
+             "XMODE": xmode}
     names = TC_SIG
     if kpack:  # the K-packed kernel's zeros are float16 and its weight stride is per word row
         names = {("z_ptr" if k == "qz_ptr" else "sqw" if k == "sqk" else k): ("*fp16" if k == "qz_ptr" else v)
                  for k, v in TC_SIG.items()}
-    sig = dict(names, **{k: "constexpr" for k in const})
+    sig = dict(names, **XSIG, **{k: "constexpr" for k in const})
     # KS: whole K tiles
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name not in ("M", "UP")}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(names) if name != "M"}
     src = ASTSource(fn=_kpack_tc_kernel if kpack else _awq_tc_kernel, signature=sig, constexprs=const, attrs=attrs)
     opts = {"num_warps": tile.warps, **({"num_stages": tile.stages} if tile.stages else {})}
     c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)

@@ -360,34 +360,107 @@ def test_tuner_times_both_layouts_for_float16_and_picks_the_faster(tmp_path, mon
     assert torch.allclose(awq_matmul(x, qw, qz, s).float(), ref, atol=4e-3, rtol=2e-3)
 
 
-def test_tuner_keeps_silu_mul_where_it_times_faster(tmp_path, monkeypatch):
-    """tune_gating: each down projection shape timed gating its own input and after silu_mul's kernel; the
-    shapes where the separate kernel took less time go to UNGATED, and a gated call there still matches
-    the reference (silu_mul first); the times are cached and a second start reads them without timing."""
+def test_tuner_keeps_the_separate_input_kernel_where_it_times_faster(tmp_path, monkeypatch):
+    """tune_inputs: each shape timed making its input inside the product and with its own kernel first
+    (silu_mul for the down projections, add_rmsnorm for q/k/v and gate/up); the shapes where the separate
+    kernel took less time go to UNGATED / UNNORMED, and calls there still match the reference; the times
+    are cached and a second start reads them without timing."""
     import torch.nn.functional as F
     from engine.kernels import awq_triton, awq_tune
+    from engine.kernels.awq_input import Norm
     from engine.kernels.awq_torch import repack_kpack
     if not awq_triton.HAVE_TRITON:
         pytest.skip("triton not installed")
     monkeypatch.setenv("RAYLM_CACHE", str(tmp_path))
     monkeypatch.setattr(awq_triton, "UNGATED", set())
-    fake = iter([3.0, 1.0, 1.0, 2.0])  # (gated, apart) for (128, 64, 64), then for (256, 64, 64): seconds
+    monkeypatch.setattr(awq_triton, "UNNORMED", set())
+    fake = iter([3.0, 1.0, 1.0, 2.0, 2.0, 1.0])  # seconds (inside, apart): gated 128, gated 256, normed 128
 
     def timer(fn):
         fn()
         return next(fake)
-    shapes = [(256, 64, 64), (128, 64, 64)]
-    times = awq_tune.tune_gating(shapes, "cpu", torch.float32, "kpack", timer=timer)
-    assert times == {(128, 64, 64): (3e6, 1e6), (256, 64, 64): (1e6, 2e6)}
-    assert awq_triton.UNGATED == {(128, 64, 64)}
+    shapes = {"gated": [(256, 64, 64), (128, 64, 64)], "normed": [(128, 64, 64)]}
+    times = awq_tune.tune_inputs(shapes, "cpu", torch.float32, "kpack", timer=timer)
+    assert times == {("gated", (128, 64, 64)): (3e6, 1e6), ("gated", (256, 64, 64)): (1e6, 2e6),
+                     ("normed", (128, 64, 64)): (2e6, 1e6)}
+    assert awq_triton.UNGATED == {(128, 64, 64)} and awq_triton.UNNORMED == {(128, 64, 64)}
     awq_triton.UNGATED.clear()
-    assert awq_tune.tune_gating(shapes, "cpu", torch.float32, "kpack", timer=None) == times  # from the cache
-    assert awq_triton.UNGATED == {(128, 64, 64)}
+    awq_triton.UNNORMED.clear()
+    assert awq_tune.tune_inputs(shapes, "cpu", torch.float32, "kpack", timer=None) == times  # from the cache
+    assert awq_triton.UNGATED == {(128, 64, 64)} and awq_triton.UNNORMED == {(128, 64, 64)}
     _, _, s, qw, qz = random_awq(128, 64, 64, seed=9)
-    gu = torch.randn(1, 256, generator=torch.Generator().manual_seed(9))
+    qk, zk = repack_kpack(qw, qz)
+    g = torch.Generator().manual_seed(9)
+    gu = torch.randn(1, 256, generator=g)
     ref = awq_matmul_reference(F.silu(gu[:, :128]) * gu[:, 128:], qw, qz, s.float())
-    out = awq_triton.kpack_matmul(gu, *repack_kpack(qw, qz), s, gated=True)
-    assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(awq_triton.kpack_matmul(gu, qk, zk, s, gated=True), ref, atol=1e-4, rtol=1e-4)
+    a, r, w = torch.randn(1, 128, generator=g), torch.randn(1, 128, generator=g), torch.rand(128, generator=g)
+    res = torch.empty_like(a)
+    out = awq_triton.kpack_matmul(a, qk, zk, s, norm=Norm(r, w, 1e-5, res))
+    assert torch.allclose(out, awq_matmul_reference(_rms(a + r, w), qw, qz, s.float()), atol=1e-4, rtol=1e-4)
+    assert torch.equal(res, a + r)
+
+
+def _rms(x, w, eps=1e-5, dtype=None):
+    """RMSNorm(x) * w, rounded to ``dtype`` after the normalisation and after the weight (as torch's float16
+    layers and gpu_fused.add_rmsnorm round); float32 where dtype is None."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if dtype is None:
+        return y * w.float()
+    return (y.to(dtype).float() * w.float()).to(dtype)
+
+
+def test_normed_products_make_rmsnorm_as_they_load():
+    """q/k/v and gate/up reading the previous product's output and the residual (RMSNorm(x + residual) *
+    weight made as x is loaded, the residual sum written out by one program): the one-row kernels over both
+    layouts (split over K, so only one program writes the sum; and all of K per program), the tensor-core
+    kernels at 1 and 5 rows (float16, every column tile but one skips the write), the first layer's form
+    without a residual, and the dispatch (float32 batches norm first), against torch."""
+    from engine.kernels.awq_gemv import GemvTile, awq_gemv, kpack_gemv
+    from engine.kernels.awq_input import Norm
+    from engine.kernels.awq_tc import TcTile, awq_tc_matmul, kpack_tc_matmul
+    from engine.kernels.awq_torch import repack_kpack
+    from engine.kernels.awq_triton import HAVE_TRITON, awq_matmul, kpack_matmul
+    if not HAVE_TRITON:
+        pytest.skip("triton not installed")
+    K, N, G = 256, 72, 64
+    _, _, s, qw, qz = random_awq(K, N, G, seed=41)
+    qk, zk = repack_kpack(qw, qz)
+    g = torch.Generator().manual_seed(12)
+    a, r = 2 * torch.randn(5, K, generator=g), torch.randn(5, K, generator=g)
+    w = torch.rand(K, generator=g) + 0.5
+    tol = dict(atol=1e-4, rtol=1e-4)
+    for residual in (r, None):
+        x = a + r if residual is not None else a
+        ref = awq_matmul_reference(_rms(x, w), qw, qz, s.float())
+
+        def run(fn, m=1):
+            res = torch.full_like(a[:m], float("nan")) if residual is not None else None
+            out = fn(a[:m], Norm(residual[:m] if residual is not None else None, w, 1e-5, res))
+            if res is not None:
+                assert torch.equal(res, x[:m])
+            return out
+        assert torch.allclose(run(lambda x_, n: awq_gemv(x_, qw, qz, s, block_p=2, block_k=G, norm=n)), ref[:1], **tol)
+        for tile in (GemvTile(32, 128, 4, 0), GemvTile(32, 64, 4, 1, magic=1), GemvTile(64, 0, 2, 2, 32, 2, 1)):
+            assert torch.allclose(run(lambda x_, n: kpack_gemv(x_, qk, zk, s, tile, norm=n)), ref[:1], **tol)
+        for m in (1, 3):
+            assert torch.allclose(run(lambda x_, n: awq_matmul(x_, qw, qz, s, norm=n), m), ref[:m], **tol)
+            assert torch.allclose(run(lambda x_, n: kpack_matmul(x_, qk, zk, s, norm=n), m), ref[:m], **tol)
+    a16, r16, w16 = a.half(), r.half(), w.half()
+    x16 = a16 + r16
+    ref16 = _rms(x16, w16, dtype=torch.float16).float() @ dequantize_awq(qw, qz, s, torch.float16).float()
+    for m in (1, 5):
+        for fn in (lambda n, t: awq_tc_matmul(a16[:m], qw, qz, s, t, norm=n),
+                   lambda n, t: kpack_tc_matmul(a16[:m], qk, zk, s, t, norm=n)):
+            for tile in (TcTile(64, 64, 4, 2, 0), TcTile(32, 64, 4, 2, 1)):
+                res = torch.empty_like(a16[:m])
+                out = fn(Norm(r16[:m], w16, 1e-5, res), tile)
+                assert torch.allclose(out.float(), ref16[:m], atol=4e-3, rtol=2e-3) and torch.equal(res, x16[:m])
+    with pytest.raises(ValueError, match="needs a tensor for the residual sum"):
+        kpack_gemv(a[:1], qk, zk, s, norm=Norm(r[:1], w, 1e-5))
+    with pytest.raises(ValueError, match="norm weight must be"):
+        kpack_gemv(a[:1], qk, zk, s, norm=Norm(None, w[:8], 1e-5))
 
 
 @pytest.mark.parametrize("M,K,N,G,tile", [(1, 256, 128, 64, (64, 64, 4)), (3, 256, 136, 32, (64, 128, 4, 2)),

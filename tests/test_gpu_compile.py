@@ -1,4 +1,4 @@
-"""The W4A16 Triton kernels (gated forms included) and the fused RoPE + attention decode kernel compiled
+"""The W4A16 Triton kernels (the forms that make their input included) and the fused RoPE + attention decode kernel compiled
 for NVIDIA GPUs on this machine, GPU or not: Triton's wheel carries ptxas, so a form the interpreter runs but
 the GPU compiler refuses (a layout it cannot lower, registers or shared memory past the limits) fails here
 rather than first on a lent GPU. Counting the compiled code is bench/sass_gemv.py's business; this checks
@@ -18,9 +18,10 @@ triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parent.parent
 PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
 
-# (kernel, tile, K, N, group, rows[, gated]): the one-row FMA kernel's forms, and the tensor-core kernels over
-# both layouts at one row and at the 32 to 255 rows they take in batches (row tiles of 16, 32 and 64); gated:
-# the down projection reading the fused gate/up output
+# (kernel, tile, K, N, group, rows[, xmode]): the one-row FMA kernel's forms, and the tensor-core kernels over
+# both layouts at one row and at the 32 to 255 rows they take in batches (row tiles of 16, 32 and 64); xmode
+# (awq_input.py): 1 the down projection reading the fused gate/up output, 2 and 3 the products that norm
+# their input
 CASES = [
     ("kpack", [256, 128, 4, 0, 0, 0, 0], 11008, 4096, 128, 1),
     ("kpack", [1024, 128, 4, 2, 32, 4, 1], 11008, 4096, 128, 1),
@@ -31,10 +32,16 @@ CASES = [
     ("kpack_tc", [128, 128, 4, 0, 1, 0], 4096, 12288, 128, 1),
     ("kpack_tc", [128, 128, 4, 0, 1, 0], 4096, 12288, 128, 200),
     ("kpack_tc", [64, 32, 2, 0, 1, 0], 576, 3072, 32, 8),
-    ("kpack", [1024, 128, 4, 2, 32, 4, 1], 11008, 4096, 128, 1, True),
-    ("kpack", [256, 128, 4, 1, 0, 0, 1], 11008, 4096, 128, 1, True),
-    ("tc", [128, 128, 4, 0, 1, 0], 11008, 4096, 128, 1, True),
-    ("kpack_tc", [128, 128, 4, 0, 1, 0], 11008, 4096, 128, 32, True),
+    ("kpack", [1024, 128, 4, 2, 32, 4, 1], 11008, 4096, 128, 1, 1),
+    ("kpack", [256, 128, 4, 1, 0, 0, 1], 11008, 4096, 128, 1, 1),
+    ("tc", [128, 128, 4, 0, 1, 0], 11008, 4096, 128, 1, 1),
+    ("kpack_tc", [128, 128, 4, 0, 1, 0], 11008, 4096, 128, 32, 1),
+    ("kpack", [256, 128, 4, 0, 0, 0, 0], 4096, 12288, 128, 1, 2),
+    ("kpack", [32, 0, 4, 1, 128, 4, 1], 4096, 22016, 128, 1, 2),
+    ("kpack", [512, 64, 4, 2, 0, 0, 1], 4096, 12288, 128, 1, 3),
+    ("tc", [128, 128, 4, 0, 1, 0], 4096, 22016, 128, 1, 2),
+    ("tc", [128, 128, 4, 0, 0, 0], 4096, 12288, 128, 64, 3),
+    ("kpack_tc", [128, 128, 4, 0, 1, 0], 4096, 22016, 128, 16, 2),
 ]
 
 SCRIPT = """
@@ -45,12 +52,12 @@ from engine.kernels.awq_tc import TcTile
 from engine.kernels.awq_gemv import GemvTile
 out = []
 for arch in (80, 90):
-    for kind, tile, K, N, G, M, *gated in json.loads(sys.argv[2]):
+    for kind, tile, K, N, G, M, *xmode in json.loads(sys.argv[2]):
         try:
             if kind == "kpack":
-                c, _ = compile_tile(GemvTile(*tile), K, N, G, arch, gated=bool(gated))
+                c, _ = compile_tile(GemvTile(*tile), K, N, G, arch, xmode=sum(xmode))
             else:
-                c, _ = compile_tc(TcTile(*tile), K, N, G, arch, kpack=kind == "kpack_tc", M=M, gated=bool(gated))
+                c, _ = compile_tc(TcTile(*tile), K, N, G, arch, kpack=kind == "kpack_tc", M=M, xmode=sum(xmode))
             out.append([arch, kind, tile, M, len(c.asm["cubin"]) > 0, ""])
         except Exception as e:
             out.append([arch, kind, tile, M, False, f"{type(e).__name__}: {str(e)[:300]}"])

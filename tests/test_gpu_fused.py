@@ -167,6 +167,54 @@ def test_fused_static_buffer_decode_matches_the_ordinary_step(qkv_bias):
     assert runner.kv.data[:, :, 9].abs().sum() > 0
 
 
+def _awq_model(device, dtype):
+    """The tiny model with W4A16 q/k/v, o, gate/up and down (group 32), random quantized tensors."""
+    from engine.layers.awq_linear import AwqLinear, swap_in_awq
+    model = _model("cpu", torch.float32)
+    swap_in_awq(model, 32)
+    g = torch.Generator().manual_seed(4)
+    for m in model.modules():
+        if isinstance(m, AwqLinear):
+            m.qweight.copy_(torch.randint(-2 ** 31, 2 ** 31 - 1, m.qweight.shape, generator=g, dtype=torch.int32))
+            m.qzeros.copy_(torch.randint(-2 ** 31, 2 ** 31 - 1, m.qzeros.shape, generator=g, dtype=torch.int32))
+            m.scales.copy_(torch.rand(m.scales.shape, generator=g) * 0.02 + 0.005)
+    return model.to(device, dtype)
+
+
+@pytest.mark.parametrize("layout", ["awq", "kpack"])
+def test_w4a16_products_make_their_inputs_on_the_gpu_path(layout, monkeypatch):
+    """The GPU decode path of a W4A16 model, whose q/k/v and gate/up products make RMSNorm(x + residual) *
+    weight (the first layer's RMSNorm(x) * weight) and whose down product makes SiLU(gate) * up as they
+    load x, against the ordinary CPU step of the same model (its layers dequantize in torch): one sequence
+    decoding one row at a time through the graphs' static buffers (the one-row kernels), then three
+    sequences at once (the batches' products norm and gate first)."""
+    from engine.kernels import awq_gemv
+    from engine.layers.awq_linear import AwqLinear, use_gpu_layout
+    from engine.model_runner import ModelRunner
+    monkeypatch.setenv("RAYLM_W4A16_TUNE", "0")  # on a GPU: the default tiles, no timing at start
+    modes = []
+    x_input = awq_gemv.x_input
+    monkeypatch.setattr(awq_gemv, "x_input", lambda *a: (lambda r: (modes.append(r[1]), r)[1])(x_input(*a)))
+    ref = ModelRunner(_awq_model("cpu", torch.float32), 9, 8, "cpu", torch.float32, [0])
+    model = _awq_model(DEV, torch.float32)
+    use_gpu_layout(model, layout)
+    for m in model.modules():
+        if isinstance(m, AwqLinear):
+            m.kernels_on_cpu = True
+    runner = ModelRunner(model, 10, 8, DEV, torch.float32, [0])
+    gpu_path_without_capture(runner, max_blocks=3, scratch=9, max_batch=1)
+    table, prompt = [6, 7, 8], [5, 9, 1, 30, 2, 44, 8]  # 7 tokens, then decode across the block boundary
+    for r in (runner, ref):
+        r.logits_for(SchedulerOutput([ScheduledSeq("s", prompt, 0, table, True)]))
+    for i, tok in enumerate((11, 4, 60)):
+        step = SchedulerOutput([ScheduledSeq("s", [tok], len(prompt) + i, table, True)])
+        assert torch.allclose(runner.logits_for(step).cpu(), ref.logits_for(step), atol=1e-4, rtol=1e-4)
+    # per layer: q/k/v normed (the first layer without a residual), o as it is, gate/up normed, down gated
+    assert modes[:8] == [3, 0, 2, 1, 2, 0, 2, 1]
+    for a, b in zip(_prefill_then_decode(runner), _prefill_then_decode(ref)):
+        assert torch.allclose(a.cpu(), b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("quant_policy", [0, 8])

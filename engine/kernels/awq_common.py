@@ -71,20 +71,6 @@ if HAVE_TRITON:
         return c0, c1, c2, c3, c4, c5, c6, c7
 
     @triton.jit
-    def _load_x(ptrs, mask, up, GATED: tl.constexpr):
-        """A W4A16 product's input at ``ptrs``, in its dtype (0 where masked). GATED: the pointers address
-        the gate half of the fused gate/up output [rows, 2I], the up half ``up`` elements further on, and
-        the input is SiLU(gate) * up made as gpu_fused.silu_mul makes it (SiLU rounded to the dtype, then
-        the product rounded, as torch's F.silu(g) * u rounds): the MLP's down projection reads it without
-        a kernel of its own."""
-        if GATED:
-            g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(ptrs + up, mask=mask, other=0.0)
-            s = (g / (1.0 + tl.exp(-g))).to(u.dtype).to(tl.float32)
-            return (s * u.to(tl.float32)).to(u.dtype)
-        return tl.load(ptrs, mask=mask, other=0.0)
-
-    @triton.jit
     def _awq_shift(n):
         """Where column n's nibble sits in its AutoAWQ word (nibble order 0 2 4 6 1 3 5 7): the bit shift."""
         j = n % 8

@@ -14,23 +14,27 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 
 from .awq_common import HAVE_TRITON, _workspace
+from .awq_input import Norm, x_input
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .awq_common import _columns8, _load_x, _store_out
+    from .awq_common import _columns8, _store_out
+    from .awq_input import _load_x, _row_input
 
     @triton.jit
-    def _awq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, sqk, szg, ssg, UP,
+    def _awq_gemv_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, sqk, szg, ssg,
+                         UP, r_ptr, nw_ptr, res_ptr, eps,
                          BP: tl.constexpr, G: tl.constexpr, GROUPS: tl.constexpr, SPLIT_K: tl.constexpr,
-                         GATED: tl.constexpr):
+                         XMODE: tl.constexpr):
         """One row of x over AutoAWQ's layout, GROUPS whole groups per program (unrolled, so every group's
         words are asked for before the first is used). Inside a group the scale and zero are constant per
-        column: sum_k x_k (q_kc - z_c) s_c = s_c (sum_k x_k q_kc - z_c sum_k x_k). GATED: x is SiLU(gate) * up
-        of a fused gate/up row (awq_common._load_x)."""
+        column: sum_k x_k (q_kc - z_c) s_c = s_c (sum_k x_k q_kc - z_c sum_k x_k). XMODE: how the input is
+        made from x (awq_input.py)."""
         pp = tl.program_id(0)
         pk = tl.program_id(1)
+        rstd = _row_input(x_ptr, r_ptr, res_ptr, K, eps, (pp == 0) & (pk == 0), XMODE)
         offs_p = pp * BP + tl.arange(0, BP)
         offs_g = tl.arange(0, G)
         j = tl.arange(0, 8)
@@ -44,7 +48,7 @@ if HAVE_TRITON:
             kmask = ks < K
             qw = tl.load(qw_ptr + ks[:, None] * sqk + offs_p[None, :], mask=kmask[:, None] & mask_p[None, :],
                          other=0)  # [G, BP]
-            x = _load_x(x_ptr + ks, kmask, UP, GATED).to(tl.float32)  # [G]
+            x = _load_x(x_ptr, ks, ks, kmask, UP, r_ptr, nw_ptr, rstd, XMODE).to(tl.float32)  # [G]
             # nibble -> exact float: 2^23 + q by OR-ing q into 2^23's mantissa, less 2^23
             q = (((qw[:, :, None] >> shifts[None, None, :]) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
             d = tl.sum((q - 8388608.0) * x[:, None, None], axis=0)  # [BP, 8]
@@ -77,10 +81,11 @@ if HAVE_TRITON:
         return (_nibble_bits(qw, i, MAGIC) - 8388608.0) * xi[:, None]
 
     @triton.jit
-    def _kpack_gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, ITERS, sqw, szg, ssg, UP,
+    def _kpack_gemv_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, N, K, ITERS, sqw, szg, ssg,
+                           UP, r_ptr, nw_ptr, res_ptr, eps,
                            BN: tl.constexpr, G: tl.constexpr, STEP: tl.constexpr, UNROLL: tl.constexpr,
                            SPLIT_K: tl.constexpr, NIBBLE_LOOP: tl.constexpr, MAGIC: tl.constexpr,
-                           GATED: tl.constexpr):
+                           XMODE: tl.constexpr):
         """One row of x over the K-packed layout. A program takes BN columns and ITERS x UNROLL steps of STEP
         input rows (STEP divides G, so a step lies in one group; the UNROLL steps of an iteration are unrolled,
         so all their words are asked for before the first is used). Each word's 8 nibbles meet 8 consecutive
@@ -92,9 +97,10 @@ if HAVE_TRITON:
         columns.
         MAGIC 1 (with the loop) sums (1 + q/16) x, since
         sum_k x_k (q_k - z) = 16 sum_k x_k (1 + q_k/16) - (16 + z) sum_k x_k.
-        GATED: x is SiLU(gate) * up of a fused gate/up row (awq_common._load_x)."""
+        XMODE: how the input is made from x (awq_input.py)."""
         pn = tl.program_id(0)
         pk = tl.program_id(1)
+        rstd = _row_input(x_ptr, r_ptr, res_ptr, K, eps, (pn == 0) & (pk == 0), XMODE)
         offs_n = pn * BN + tl.arange(0, BN)
         offs_r = tl.arange(0, STEP // 8)
         i8 = tl.arange(0, 8)
@@ -108,7 +114,8 @@ if HAVE_TRITON:
                 qw = tl.load(qw_ptr + rows[:, None] * sqw + offs_n[None, :], mask=rmask[:, None] & mask_n[None, :],
                              other=0, eviction_policy="evict_first")  # [STEP/8, BN]
                 if NIBBLE_LOOP == 2:
-                    x = _load_x(x_ptr + rows[:, None] * 8 + i8[None, :], rmask[:, None], UP, GATED).to(tl.float32)
+                    xo = rows[:, None] * 8 + i8[None, :]
+                    x = _load_x(x_ptr, xo, xo, rmask[:, None], UP, r_ptr, nw_ptr, rstd, XMODE).to(tl.float32)
                     xsum = tl.sum(x, axis=1)
                     x0, x1, x2, x3, x4, x5, x6, x7 = _columns8(x)
                     t = _nibble_mul(qw, 0, x0, MAGIC) + _nibble_mul(qw, 1, x1, MAGIC)
@@ -122,11 +129,13 @@ if HAVE_TRITON:
                     t = tl.zeros((STEP // 8, BN), dtype=tl.float32)
                     xsum = tl.zeros((STEP // 8,), dtype=tl.float32)
                     for i in tl.static_range(8):
-                        xi = _load_x(x_ptr + rows * 8 + i, rmask, UP, GATED).to(tl.float32)  # [STEP/8]
+                        xo = rows * 8 + i
+                        xi = _load_x(x_ptr, xo, xo, rmask, UP, r_ptr, nw_ptr, rstd, XMODE).to(tl.float32)  # [STEP/8]
                         t += _nibble_mul(qw, i, xi, MAGIC)
                         xsum += xi
                 else:
-                    x = _load_x(x_ptr + rows[:, None] * 8 + i8[None, :], rmask[:, None], UP, GATED).to(tl.float32)
+                    xo = rows[:, None] * 8 + i8[None, :]
+                    x = _load_x(x_ptr, xo, xo, rmask[:, None], UP, r_ptr, nw_ptr, rstd, XMODE).to(tl.float32)
                     q = (((qw[:, None, :] >> (i8 * 4)[None, :, None]) & 0xF) | 0x4B000000).to(tl.float32,
                                                                                              bitcast=True)
                     t = tl.sum((q - 8388608.0) * x[:, :, None], axis=1)  # [STEP/8, BN]: each word's 8 rows
@@ -174,19 +183,14 @@ def _groups(block_k: int, G: int) -> int:
     return block_k // G
 
 
-def gated_k(x: torch.Tensor, gated: bool) -> int:
-    """A product's K: x's width, or half of it where x is a fused gate/up output the kernel gates itself."""
-    if gated and x.shape[1] % 2:
-        raise ValueError(f"W4A16 gated product: x has {x.shape[1]} columns, not gate and up halves")
-    return x.shape[1] // 2 if gated else x.shape[1]
-
-
 def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-             block_p: int = 0, block_k: int = 0, num_warps: int = 0, gated: bool = False) -> torch.Tensor:
+             block_p: int = 0, block_k: int = 0, num_warps: int = 0, gated: bool = False,
+             norm: Optional[Norm] = None) -> torch.Tensor:
     """x [1, K] -> [1, N] over AutoAWQ's layout: ``block_p`` packed columns and ``block_k`` rows (whole
     groups) per program; 0 takes GEMV_TILE's (rows capped at K). ``gated``: x is [1, 2K], a fused gate/up
-    output, and the product's input SiLU(gate) * up."""
-    K = gated_k(x, gated)
+    output, and the product's input SiLU(gate) * up; ``norm``: the input is RMSNorm(x + residual) * weight
+    (awq_input.py)."""
+    K, xmode, xargs = x_input(x, gated, norm)
     N, G = scales.shape[1], K // scales.shape[0]
     BP, BK, warps = block_p or GEMV_TILE[0], block_k or max(G, min(GEMV_TILE[1], K) // G * G), num_warps or GEMV_TILE[2]
     groups = _groups(BK, G)
@@ -194,8 +198,8 @@ def awq_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     out = torch.empty(1, N, device=x.device, dtype=x.dtype)
     ws, cnt = _workspace(x.device, N, grid[0]) if grid[1] > 1 else (out, out)
     _awq_gemv_kernel[grid](x, qweight, qzeros, scales, out, ws, cnt, N, K, qweight.stride(0), qzeros.stride(0),
-                           scales.stride(0), K if gated else 0, BP=BP, G=G, GROUPS=groups, SPLIT_K=grid[1],
-                           GATED=gated, num_warps=warps)
+                           scales.stride(0), *xargs, BP=BP, G=G, GROUPS=groups, SPLIT_K=grid[1], XMODE=xmode,
+                           num_warps=warps)
     return out
 
 
@@ -220,10 +224,10 @@ def gemv_plan(tile: GemvTile, K: int, N: int, G: int) -> Tuple[int, int, int, in
 
 
 def kpack_gemv(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-               tile: Optional[GemvTile] = None, gated: bool = False) -> torch.Tensor:
+               tile: Optional[GemvTile] = None, gated: bool = False, norm: Optional[Norm] = None) -> torch.Tensor:
     """x [1, K] -> [1, N] over the K-packed layout with ``tile``; None takes this shape's tuned tile, else
-    KPACK_GEMV_TILE (its K rows capped at K). ``gated``: as awq_gemv's."""
-    K = gated_k(x, gated)
+    KPACK_GEMV_TILE (its K rows capped at K). ``gated``, ``norm``: as awq_gemv's."""
+    K, xmode, xargs = x_input(x, gated, norm)
     N, G = scales.shape[1], K // scales.shape[0]
     if tile is None:
         tile = KPACK_GEMV_TILES.get((K, N, G, x.dtype))
@@ -235,6 +239,6 @@ def kpack_gemv(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, sc
     ws, cnt = _workspace(x.device, N, programs) if split > 1 else (out, out)
     _kpack_gemv_kernel[(programs, split)](
         x, qweight_k, zeros, scales, out, ws, cnt, N, K, iters, qweight_k.stride(0), zeros.stride(0),
-        scales.stride(0), K if gated else 0, BN=tile.block_n, G=G, STEP=step, UNROLL=unroll, SPLIT_K=split,
-        NIBBLE_LOOP=tile.nibble_loop, MAGIC=tile.magic, GATED=gated, num_warps=tile.warps)
+        scales.stride(0), *xargs, BN=tile.block_n, G=G, STEP=step, UNROLL=unroll, SPLIT_K=split,
+        NIBBLE_LOOP=tile.nibble_loop, MAGIC=tile.magic, XMODE=xmode, num_warps=tile.warps)
     return out

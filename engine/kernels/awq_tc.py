@@ -31,13 +31,14 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 
 from .awq_common import HAVE_TRITON, _sm_count, _split_for, _workspace
-from .awq_gemv import gated_k
+from .awq_input import Norm, x_input
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .awq_common import _awq_shift, _columns8, _load_x, _store_tile, _tile_coords
+    from .awq_common import _awq_shift, _columns8, _store_tile, _tile_coords
+    from .awq_input import _load_x, _tile_input
 
     @triton.jit
     def _pairs(w, i: tl.constexpr):
@@ -69,16 +70,18 @@ if HAVE_TRITON:
 
     @triton.jit
     def _awq_tc_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KS,
-                       sxm, sqk, szg, ssg, som, UP, G: tl.constexpr,
+                       sxm, sqk, szg, ssg, som, UP, r_ptr, nw_ptr, res_ptr, eps, G: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                       FOLD: tl.constexpr, GATED: tl.constexpr):
+                       FOLD: tl.constexpr, XMODE: tl.constexpr):
         """x [M, K] float16 @ the AutoAWQ weight -> [M, N]; a program takes BM rows, BN columns and K rows
         [pk KS, pk KS + KS) in tiles of BK (BK divides G: one group per tile). FOLD 0: each tile dequantized
         to float16 ((1024 + q) - (1024 + z)) * s, then one dot into the sum; FOLD 1: the dot takes the
         nibbles as 1 + q/16 (a shift and an AND-OR per two weights, nothing else), and each tile's scale
-        and zero apply to its dot per column: s (16 t - (16 + z) sum_k x_k). GATED: x's rows are fused
-        gate/up outputs and the product's input is SiLU(gate) * up (awq_common._load_x)."""
+        and zero apply to its dot per column: s (16 t - (16 + z) sum_k x_k). XMODE: how the input is made
+        from x (awq_input.py)."""
         pk, offs_m, offs_n, mask_m, mask_n = _tile_coords(M, N, BM, BN)
+        rstd = _tile_input(x_ptr, r_ptr, res_ptr, offs_m, mask_m, sxm, K, eps, (tl.program_id(0) == 0) & (pk == 0),
+                           XMODE)
         offs_p = tl.program_id(0) * (BN // 8) + tl.arange(0, BN // 8)  # packed columns
         offs_k = tl.arange(0, BK)
         mask_p = offs_p < N // 8
@@ -107,7 +110,8 @@ if HAVE_TRITON:
             # [BK, BN/8, 2, 2, 2] -> columns 8p + 0..7 in order -> [BK, BN]
             t = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
             wt = tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (BK, BN))
-            x = _load_x(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask_m[:, None], UP, GATED)
+            x = _load_x(x_ptr, offs_m[:, None] * sxm + ks[None, :], offs_m[:, None] * 0 + ks[None, :], mask_m[:, None],
+                        UP, r_ptr, nw_ptr, rstd, XMODE)
             if FOLD:
                 d = tl.dot(x, wt)  # sum_k x (1 + q/16), float32
                 zw = tl.load(qz_ptr + g * szg + offs_n // 8, mask=mask_n, other=0)
@@ -122,14 +126,16 @@ if HAVE_TRITON:
 
     @triton.jit
     def _kpack_tc_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KS,
-                         sxm, sqw, szg, ssg, som, UP, G: tl.constexpr,
+                         sxm, sqw, szg, ssg, som, UP, r_ptr, nw_ptr, res_ptr, eps, G: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                         GATED: tl.constexpr):
+                         XMODE: tl.constexpr):
         """The folded form over the K-packed layout (word (r, n): rows 8r..8r+7 of column n): nibbles i and
         i + 4 are rows 8r + i and 8r + i + 4, two float16 1 + q/16 per shift and AND-OR as above, placed at
         their rows of the [BK, BN] tile; scale and zero (float16 [K/G, N]) apply per column after each dot.
-        GATED: as _awq_tc_kernel's."""
+        XMODE: as _awq_tc_kernel's."""
         pk, offs_m, offs_n, mask_m, mask_n = _tile_coords(M, N, BM, BN)
+        rstd = _tile_input(x_ptr, r_ptr, res_ptr, offs_m, mask_m, sxm, K, eps, (tl.program_id(0) == 0) & (pk == 0),
+                           XMODE)
         offs_r = tl.arange(0, BK // 8)
         offs_k = tl.arange(0, BK)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -146,7 +152,9 @@ if HAVE_TRITON:
             # [BK/8, BN, 2, 2, 2] with nibble 4a + 2b + c -> [BK/8, 2, 2, 2, BN]: rows 8r + 0..7 -> [BK, BN]
             t = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
             wt = tl.reshape(tl.permute(t, (0, 2, 3, 4, 1)), (BK, BN))
-            x = _load_x(x_ptr + offs_m[:, None] * sxm + (k0 + offs_k)[None, :], mask_m[:, None], UP, GATED)
+            ks = k0 + offs_k
+            x = _load_x(x_ptr, offs_m[:, None] * sxm + ks[None, :], offs_m[:, None] * 0 + ks[None, :], mask_m[:, None],
+                        UP, r_ptr, nw_ptr, rstd, XMODE)
             d = tl.dot(x, wt)  # sum_k x (1 + q/16), float32
             g = k0 // G
             z = tl.load(z_ptr + g * szg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -192,16 +200,17 @@ def tc_plan(tile: TcTile, M: int, K: int, N: int, G: int, sms: int) -> Tuple[int
 
 def _launch(kernel, tuned: Dict[Tuple[int, int, int], TcTile], x: torch.Tensor, qweight: torch.Tensor,
             zeros: torch.Tensor, scales: torch.Tensor, tile: Optional[TcTile], forms: bool,
-            gated: bool) -> torch.Tensor:
+            gated: bool, norm: Optional[Norm]) -> torch.Tensor:
     """One tensor-core product: checks, the tile (``tile``, else ``tuned``'s for one row, else TC_TILE), the
-    split and its workspace, the launch (``forms``: the kernel takes the tile's FOLD; ``gated``: x is a
-    fused gate/up output [M, 2K])."""
+    split and its workspace, the launch (``forms``: the kernel takes the tile's FOLD; ``gated``, ``norm``:
+    how the input is made from x, awq_input.py)."""
     if not HAVE_TRITON:
         raise RuntimeError("W4A16 matmul: triton is not installed")
     if x.dtype != torch.float16:
         raise ValueError(f"W4A16 tensor-core matmul: x must be float16, not {x.dtype}")
     x = x if x.stride(1) == 1 else x.contiguous()
-    M, K, N = x.shape[0], gated_k(x, gated), scales.shape[1]
+    K, xmode, xargs = x_input(x, gated, norm)
+    M, N = x.shape[0], scales.shape[1]
     G = K // scales.shape[0]
     tile = tile or (tuned.get((K, N, G)) if M == 1 else None) or TC_TILE
     BM, BK, split = tc_plan(tile, M, K, N, G, _sm_count(x.device))
@@ -210,24 +219,26 @@ def _launch(kernel, tuned: Dict[Tuple[int, int, int], TcTile], x: torch.Tensor, 
     grid = (triton.cdiv(N, tile.block_n), triton.cdiv(M, BM), -(-K // KS))
     ws, cnt = _workspace(x.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
     kernel[grid](x, qweight, zeros, scales, out, ws, cnt, M, N, K, KS, x.stride(0), qweight.stride(0),
-                 zeros.stride(0), scales.stride(0), out.stride(0), K if gated else 0, G=G, BM=BM, BN=tile.block_n,
-                 BK=BK, SPLIT_K=grid[2], GATED=gated, num_warps=tile.warps,
+                 zeros.stride(0), scales.stride(0), out.stride(0), *xargs, G=G, BM=BM, BN=tile.block_n,
+                 BK=BK, SPLIT_K=grid[2], XMODE=xmode, num_warps=tile.warps,
                  **({"num_stages": tile.stages} if tile.stages else {}),
                  **({"FOLD": tile.fold} if forms else {}))
     return out
 
 
 def awq_tc_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-                  tile: Optional[TcTile] = None, gated: bool = False) -> torch.Tensor:
+                  tile: Optional[TcTile] = None, gated: bool = False, norm: Optional[Norm] = None) -> torch.Tensor:
     """x [M, K] float16 -> [M, N] float16 over AutoAWQ's layout on tensor cores; ``tile`` None takes the
     shape's tuned tile for one row, else TC_TILE; ``gated``: x is [M, 2K], fused gate/up outputs, and the
-    product's input SiLU(gate) * up."""
-    return _launch(_awq_tc_kernel if HAVE_TRITON else None, TC_TILES, x, qweight, qzeros, scales, tile, True, gated)
+    product's input SiLU(gate) * up; ``norm``: the input is RMSNorm(x + residual) * weight (awq_input.py)."""
+    return _launch(_awq_tc_kernel if HAVE_TRITON else None, TC_TILES, x, qweight, qzeros, scales, tile, True, gated,
+                   norm)
 
 
 def kpack_tc_matmul(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
-                    tile: Optional[TcTile] = None, gated: bool = False) -> torch.Tensor:
+                    tile: Optional[TcTile] = None, gated: bool = False, norm: Optional[Norm] = None) -> torch.Tensor:
     """x [M, K] float16 -> [M, N] float16 over the K-packed layout on tensor cores (always the folded form);
-    ``tile`` None takes the shape's tuned tile for one row, else TC_TILE; ``gated`` as awq_tc_matmul's."""
+    ``tile`` None takes the shape's tuned tile for one row, else TC_TILE; ``gated``, ``norm`` as
+    awq_tc_matmul's."""
     return _launch(_kpack_tc_kernel if HAVE_TRITON else None, KPACK_TC_TILES, x, qweight_k, zeros, scales, tile,
-                   False, gated)
+                   False, gated, norm)

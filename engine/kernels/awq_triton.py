@@ -14,13 +14,14 @@ Split-K partial sums meet inside the kernels (awq_common.py).
 """
 from __future__ import annotations
 
-from typing import Set, Tuple
+from typing import Optional, Set, Tuple
 
 import torch
 
 from . import awq_tc
 from .awq_common import HAVE_TRITON, _sm_count, _split_for, _workspace  # noqa: F401 - HAVE_TRITON for callers
-from .awq_gemv import awq_gemv, gated_k, kpack_gemv
+from .awq_gemv import awq_gemv, kpack_gemv
+from .awq_input import Norm, gated_k, x_input
 
 if HAVE_TRITON:
     import triton
@@ -152,38 +153,57 @@ def _check(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-# (K, N, group size) of gated products that run faster with SiLU(gate) * up made by silu_mul's own kernel
-# than inside the product's (the tuner times both for each down projection: awq_tune.tune_gating)
+# (K, N, group size) of products whose input runs faster made by its own kernel than inside the product's:
+# SiLU(gate) * up by silu_mul (UNGATED), RMSNorm(x + residual) * weight by add_rmsnorm (UNNORMED); the tuner
+# times both ways for the model's shapes (awq_tune.tune_inputs)
 UNGATED: Set[Tuple[int, int, int]] = set()
+UNNORMED: Set[Tuple[int, int, int]] = set()
 
 
-def _ungate(x: torch.Tensor, gated: bool) -> torch.Tensor:
-    """The product's input for a kernel that does not gate: SiLU(gate) * up in one kernel of its own."""
-    if not gated:
+def _plain(x: torch.Tensor, gated: bool, norm: Optional[Norm]) -> torch.Tensor:
+    """The product's input made by a kernel of its own, for a product that takes x as it is: SiLU(gate) * up
+    (silu_mul), or RMSNorm(x + residual) * weight (add_rmsnorm; the residual sum copied into norm.res)."""
+    from . import gpu_fused
+    x_input(x, gated, norm)  # the same checks
+    if gated:
+        return gpu_fused.silu_mul(x)
+    if norm is None:
         return x
-    from .gpu_fused import silu_mul
-    gated_k(x, gated)
-    return silu_mul(x)
+    if norm.residual is None:
+        return gpu_fused.rmsnorm(x, norm.weight, norm.eps)
+    h, res = gpu_fused.add_rmsnorm(x, norm.residual, norm.weight, norm.eps)
+    norm.res.copy_(res)
+    return h
+
+
+def _inputs(x: torch.Tensor, K: int, N: int, G: int, gated: bool, norm: Optional[Norm]):
+    """(x, gated, norm) for the kernels: made apart first where the tuner found that faster for this shape."""
+    if (gated and (K, N, G) in UNGATED) or (norm is not None and (K, N, G) in UNNORMED):
+        return _plain(x, gated, norm), False, None
+    return x, gated, norm
 
 
 def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               split_k: int = 0, block_n: int = 0, block_k: int = 0, gated: bool = False) -> torch.Tensor:
+               split_k: int = 0, block_n: int = 0, block_k: int = 0, gated: bool = False,
+               norm: Optional[Norm] = None) -> torch.Tensor:
     """x [M, K] -> [M, N] in x's dtype over AutoAWQ's layout. ``split_k``, ``block_n``, ``block_k``: 0 picks
     from the shape. Unless a tile is asked for: float16 runs the tensor-core kernel (awq_tc.py), but one row
-    only where the tuner picked it for this shape; other one-row products go to awq_gemv. ``gated``: x is
-    [M, 2K], the MLP's fused gate/up output, and the product's input is SiLU(gate) * up: the one-row and
-    tensor-core kernels make it as they load x, the others (and shapes in UNGATED) after a silu_mul kernel."""
+    only where the tuner picked it for this shape; other one-row products go to awq_gemv.
+    ``gated``: x is [M, 2K], the MLP's fused gate/up output, and the product's input is SiLU(gate) * up;
+    ``norm``: the input is RMSNorm(x + residual) * weight, the residual sum written to norm.res. The one-row
+    and tensor-core kernels make these as they load x (awq_input.py), the others (and shapes in UNGATED /
+    UNNORMED) after a kernel of their own."""
     x = _check(x)
     K, N = gated_k(x, gated), scales.shape[1]
-    if gated and (K, N, K // scales.shape[0]) in UNGATED:
-        x, gated = _ungate(x, True), False
+    G = K // scales.shape[0]
+    x, gated, norm = _inputs(x, K, N, G, gated, norm)
     if not (split_k or block_n or block_k):
-        if x.dtype == torch.float16 and (x.shape[0] > 1 or (K, N, K // scales.shape[0]) in awq_tc.TC_TILES):
-            return awq_tc.awq_tc_matmul(x, qweight, qzeros, scales, gated=gated)
+        if x.dtype == torch.float16 and (x.shape[0] > 1 or (K, N, G) in awq_tc.TC_TILES):
+            return awq_tc.awq_tc_matmul(x, qweight, qzeros, scales, gated=gated, norm=norm)
         if x.shape[0] == 1:
-            return awq_gemv(x, qweight, qzeros, scales, gated=gated)
-    x = _ungate(x, gated)
-    return _tiled(_awq_kernel, x, qweight, qzeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0])
+            return awq_gemv(x, qweight, qzeros, scales, gated=gated, norm=norm)
+    x = _plain(x, gated, norm)
+    return _tiled(_awq_kernel, x, qweight, qzeros, scales, split_k, block_n, block_k, K, N, G)
 
 
 def kpack_dequantize(qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
@@ -209,25 +229,25 @@ DEQUANT_MIN_ROWS = 256
 
 def kpack_matmul(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor,
                  split_k: int = 0, block_n: int = 0, block_k: int = 0, nibble_dots: int = -1,
-                 gated: bool = False) -> torch.Tensor:
+                 gated: bool = False, norm: Optional[Norm] = None) -> torch.Tensor:
     """awq_matmul over the K-packed layout (repack_kpack); ``nibble_dots`` -1: KPACK_NIBBLE_DOTS (used where
     the K tile is 128 or more). Unless a tile or form is asked for: one row runs the tuned one-row kernel
     (the tensor-core one where the tuner found it faster for this shape, else kpack_gemv); from
     DEQUANT_MIN_ROWS rows on the weight is dequantized and multiplied by torch; float16 between runs on
-    tensor cores (awq_tc.kpack_tc_matmul). ``gated``: as awq_matmul's."""
+    tensor cores (awq_tc.kpack_tc_matmul). ``gated``, ``norm``: as awq_matmul's."""
     x = _check(x)
     K, N = gated_k(x, gated), scales.shape[1]
-    if gated and (K, N, K // scales.shape[0]) in UNGATED:
-        x, gated = _ungate(x, True), False
+    G = K // scales.shape[0]
+    x, gated, norm = _inputs(x, K, N, G, gated, norm)
     if not (split_k or block_n or block_k or nibble_dots >= 0):
         if x.shape[0] == 1:
-            tc = awq_tc.KPACK_TC_TILES.get((K, N, K // scales.shape[0])) if x.dtype == torch.float16 else None
-            return (awq_tc.kpack_tc_matmul(x, qweight_k, zeros, scales, tc, gated=gated) if tc
-                    else kpack_gemv(x, qweight_k, zeros, scales, gated=gated))
+            tc = awq_tc.KPACK_TC_TILES.get((K, N, G)) if x.dtype == torch.float16 else None
+            return (awq_tc.kpack_tc_matmul(x, qweight_k, zeros, scales, tc, gated=gated, norm=norm) if tc
+                    else kpack_gemv(x, qweight_k, zeros, scales, gated=gated, norm=norm))
         if x.shape[0] >= DEQUANT_MIN_ROWS:
-            return _ungate(x, gated) @ kpack_dequantize(qweight_k, zeros, scales, x.dtype)
+            return _plain(x, gated, norm) @ kpack_dequantize(qweight_k, zeros, scales, x.dtype)
         if x.dtype == torch.float16:
-            return awq_tc.kpack_tc_matmul(x, qweight_k, zeros, scales, gated=gated)
-    x = _ungate(x, gated)
-    return _tiled(_kpack_kernel, x, qweight_k, zeros, scales, split_k, block_n, block_k, K, N, K // scales.shape[0],
+            return awq_tc.kpack_tc_matmul(x, qweight_k, zeros, scales, gated=gated, norm=norm)
+    x = _plain(x, gated, norm)
+    return _tiled(_kpack_kernel, x, qweight_k, zeros, scales, split_k, block_n, block_k, K, N, G,
                   NIBBLE_DOTS=KPACK_NIBBLE_DOTS if nibble_dots < 0 else nibble_dots)

@@ -11,10 +11,10 @@ repeated calls (launch cost from Python is not in them); on CPU (the interpreter
 
 The choices go to ``awq_gemv.KPACK_GEMV_TILES``, ``awq_tc.KPACK_TC_TILES``, ``awq_tc.TC_TILES`` and
 ``$RAYLM_CACHE/w4a16_tiles.json`` keyed by device, Triton version, shape and dtype, so later starts skip the
-timing. The down projections are also timed reading the fused gate/up output themselves (SiLU(gate) * up
-made as they load it) against silu_mul's kernel then the product, and keep the faster (tune_gating).
-``RAYLM_W4A16_TUNE=0`` turns it all off (the default tiles, the K-packed layout, SiLU-mul inside the down
-projection).
+timing. The products that make their own input as they load it (awq_input.py: the down projection's
+SiLU(gate) * up, the RMSNorm before q/k/v and gate/up) are also timed against the separate kernel and the
+product, and keep the faster (tune_inputs). ``RAYLM_W4A16_TUNE=0`` turns it all off (the default tiles, the
+K-packed layout, the inputs made inside the products).
 """
 from __future__ import annotations
 
@@ -279,16 +279,17 @@ def pick_layout(chosen: Dict[Tuple[int, int, int], Choice], counts: Dict[Tuple[i
     return "awq" if tc is not None and tc < kpack else "kpack"
 
 
-def tune_gating(shapes: Iterable[Tuple[int, int, int]], device: torch.device, dtype: torch.dtype, layout: str,
-                use_cache: bool = True, timer: Callable[[Callable[[], object]], float] = graph_time
-                ) -> Dict[Tuple[int, int, int], Tuple[float, float]]:
-    """For each down projection's (K, N, group size): one row of the product making SiLU(gate) * up as it
-    loads its input, against silu_mul's kernel and then the product, over ``layout`` ("kpack" or "awq") with
-    the tiles already tuned; where the separate kernel wins the shape goes to awq_triton.UNGATED (the
-    kernels' SiLU can cost more than the launch it saves). Cached beside the tiles. -> {shape: (gated us,
-    separate us)}."""
-    from . import awq_triton
-    from .gpu_fused import silu_mul
+def tune_inputs(shapes: Dict[str, Iterable[Tuple[int, int, int]]], device: torch.device, dtype: torch.dtype,
+                layout: str, use_cache: bool = True, timer: Callable[[Callable[[], object]], float] = graph_time
+                ) -> Dict[Tuple[str, Tuple[int, int, int]], Tuple[float, float]]:
+    """For the products that make their own input (awq_input.py): ``shapes["gated"]`` (the down projections:
+    SiLU(gate) * up) and ``shapes["normed"]`` (q/k/v and gate/up: RMSNorm(x + residual) * weight), one row
+    made inside the product against made by its own kernel (silu_mul, add_rmsnorm) and then the product, over
+    ``layout`` ("kpack" or "awq") with the tiles already tuned. Where the separate kernel wins, the shape goes
+    to awq_triton.UNGATED / UNNORMED (the work inside, repeated by every program, can cost more than the
+    launch it saves). Cached beside the tiles. -> {(kind, shape): (inside us, apart us)}."""
+    from . import awq_triton, gpu_fused
+    from .awq_input import Norm
     device = torch.device(device)
     if timer is graph_time and device.type != "cuda":
         timer = wall_time
@@ -296,22 +297,33 @@ def tune_gating(shapes: Iterable[Tuple[int, int, int]], device: torch.device, dt
     cache = _read_cache(path) if use_cache else {}
     dev = cache.setdefault(_device_key(device), {})
     times, wrote = {}, False
-    for K, N, G in sorted(set(shapes)):
-        key = f"{_shape_key(K, N, G, dtype)} gated {layout}"
-        entry = dev.get(key)
-        if not (isinstance(entry, list) and len(entry) == 2):
-            qw, qz, s, qk, zk = _random_weights(K, N, G, device)
-            fn, w = ((awq_triton.kpack_matmul, (qk, zk, s)) if layout == "kpack"
-                     else (awq_triton.awq_matmul, (qw, qz, s)))
-            gu = torch.randn(1, 2 * K, generator=torch.Generator(device="cpu").manual_seed(2)).to(device, dtype)
-            awq_triton.UNGATED.discard((K, N, G))
-            entry = [timer(lambda: fn(gu, *w, gated=True)) * 1e6, timer(lambda: fn(silu_mul(gu), *w)) * 1e6]
-            dev[key], wrote = entry, True
-        times[(K, N, G)] = (float(entry[0]), float(entry[1]))
-        if entry[1] < entry[0]:
-            awq_triton.UNGATED.add((K, N, G))
-        else:
-            awq_triton.UNGATED.discard((K, N, G))
+    apart_sets = {"gated": awq_triton.UNGATED, "normed": awq_triton.UNNORMED}
+    for kind in ("gated", "normed"):
+        for K, N, G in sorted(set(shapes.get(kind, ()))):
+            key = f"{_shape_key(K, N, G, dtype)} {kind} {layout}"
+            entry = dev.get(key)
+            if not (isinstance(entry, list) and len(entry) == 2):
+                qw, qz, s, qk, zk = _random_weights(K, N, G, device)
+                fn, w = ((awq_triton.kpack_matmul, (qk, zk, s)) if layout == "kpack"
+                         else (awq_triton.awq_matmul, (qw, qz, s)))
+                g = torch.Generator(device="cpu").manual_seed(2)
+                apart_sets[kind].discard((K, N, G))
+                if kind == "gated":
+                    gu = torch.randn(1, 2 * K, generator=g).to(device, dtype)
+                    inside, apart = (lambda: fn(gu, *w, gated=True)), (lambda: fn(gpu_fused.silu_mul(gu), *w))
+                else:
+                    a, r = (torch.randn(1, K, generator=g).to(device, dtype) for _ in range(2))
+                    nw = (torch.rand(K, generator=g) + 0.5).to(device, dtype)
+                    res = torch.empty_like(a)
+                    inside = lambda: fn(a, *w, norm=Norm(r, nw, 1e-5, res))  # noqa: E731
+                    apart = lambda: fn(gpu_fused.add_rmsnorm(a, r, nw, 1e-5)[0], *w)  # noqa: E731
+                entry = [timer(inside) * 1e6, timer(apart) * 1e6]
+                dev[key], wrote = entry, True
+            times[(kind, (K, N, G))] = (float(entry[0]), float(entry[1]))
+            if entry[1] < entry[0]:
+                apart_sets[kind].add((K, N, G))
+            else:
+                apart_sets[kind].discard((K, N, G))
     if wrote and use_cache:
         _write_cache(path, cache)
     return times
@@ -324,13 +336,15 @@ def tune_model(model, device, dtype: torch.dtype) -> Optional[str]:
         return None
     from ..layers.awq_linear import AwqLinear
     counts: Dict[Tuple[int, int, int], int] = {}
-    downs = set()
+    made: Dict[str, set] = {"gated": set(), "normed": set()}  # products that make their own input
     for name, m in model.named_modules():
         if isinstance(m, AwqLinear):
             shape = (m.in_features, m.out_features, m.group_size)
             counts[shape] = counts.get(shape, 0) + 1
             if name.endswith("mlp.down"):
-                downs.add(shape)
+                made["gated"].add(shape)
+            elif name.endswith(("attn.qkv", "mlp.gate_up")):
+                made["normed"].add(shape)
     if not counts:
         return None
     chosen = tune(counts, device, dtype)
@@ -340,7 +354,8 @@ def tune_model(model, device, dtype: torch.dtype) -> Optional[str]:
     kp, tc = layout_totals(chosen, counts)
     logger.info("W4A16 layout: %s (one-row products per step: K-packed %.0f us, AutoAWQ layout on tensor cores "
                 "%s)", layout, kp, "not timed" if tc is None else f"{tc:.0f} us")
-    for (K, N, G), (gated, apart) in tune_gating(downs, device, dtype, layout).items():
-        logger.info("W4A16 down projection %dx%d: SiLU-mul %s (%.1f us inside the product, %.1f us apart)", K, N,
-                    "inside the product" if gated <= apart else "in its own kernel", gated, apart)
+    what = {"gated": "SiLU-mul", "normed": "RMSNorm"}
+    for (kind, (K, N, _)), (inside, apart) in tune_inputs(made, device, dtype, layout).items():
+        logger.info("W4A16 %dx%d: %s %s (%.1f us inside the product, %.1f us apart)", K, N, what[kind],
+                    "inside the product" if inside <= apart else "in its own kernel", inside, apart)
     return layout

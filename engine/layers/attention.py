@@ -153,9 +153,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
-        T = x.shape[0]
+        return self.attend(self.qkv(x), meta, k_cache, v_cache)
+
+    def attend(self, qkv: torch.Tensor, meta: AttentionMetadata, k_cache: torch.Tensor,
+               v_cache: torch.Tensor) -> torch.Tensor:
+        """The layer after its q/k/v product: qkv [T, (H + 2 KVH) D] -> the o projection's output."""
+        T = qkv.shape[0]
         if self.fused_rope and not meta.prefills and not isinstance(k_cache, QuantKV):
-            qkv = self.qkv(x)
             if self.fused_attend and meta.decode_fresh is not None:
                 from ..kernels.rope_decode_triton import rope_decode
                 out = rope_decode(qkv, meta.cos, meta.sin, k_cache, v_cache, meta, self.num_heads, self.num_kv_heads,
@@ -166,7 +170,7 @@ class Attention(nn.Module):
                            self.num_heads, self.num_kv_heads)
             out = self.decode_fn(q, k_cache, v_cache, meta, self.scale)
             return self.o(out.reshape(T, self.num_heads * self.head_dim))
-        q, k, v = self.qkv.split(self.qkv(x))
+        q, k, v = self.qkv.split(qkv)
         q = apply_rotary(q.reshape(T, self.num_heads, self.head_dim), meta.cos, meta.sin)
         k = apply_rotary(k.reshape(T, self.num_kv_heads, self.head_dim), meta.cos, meta.sin)
         v = v.reshape(T, self.num_kv_heads, self.head_dim)

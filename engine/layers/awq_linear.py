@@ -36,6 +36,7 @@ class AwqLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
         self.offsets = part_offsets(parts)
         self.kpack = False  # GPU: qweight/qzeros replaced by the K-packed layout (to_kpack)
+        self.kernels_on_cpu = False  # tests: CPU tensors through the Triton kernels (under TRITON_INTERPRET=1)
 
     def to_kpack(self) -> None:
         """Swap AutoAWQ's qweight/qzeros for the K-packed layout the GPU kernels read fastest (after loading;
@@ -68,7 +69,7 @@ class AwqLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, in] -> [tokens, out]."""
-        if x.is_cuda:
+        if x.is_cuda or self.kernels_on_cpu:
             from ..kernels.awq_triton import awq_matmul, kpack_matmul
             y = (kpack_matmul if self.kpack else awq_matmul)(x, self.qweight, self.qzeros, self.scales)
             return y if self.bias is None else y + self.bias
@@ -78,15 +79,32 @@ class AwqLinear(nn.Module):
     def forward_gated(self, gu: torch.Tensor) -> torch.Tensor:
         """gu: [tokens, 2 in], the MLP's fused gate/up output -> down(SiLU(gate) * up) [tokens, out]. On GPU
         the W4A16 kernels make SiLU(gate) * up as they load their input (no kernel of its own)."""
-        if gu.is_cuda:
+        if gu.is_cuda or self.kernels_on_cpu:
             from ..kernels.awq_triton import awq_matmul, kpack_matmul
             y = (kpack_matmul if self.kpack else awq_matmul)(gu, self.qweight, self.qzeros, self.scales, gated=True)
             return y if self.bias is None else y + self.bias
         return self.forward(F.silu(gu[:, :self.in_features]) * gu[:, self.in_features:])
 
+    def forward_normed(self, x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float):
+        """RMSNorm(x + residual) * weight through this layer (residual None: RMSNorm(x) * weight) -> (output,
+        the residual stream x + residual, or x itself). On GPU the W4A16 kernels make the normed input as they
+        load x (kernels/awq_input.py)."""
+        if x.is_cuda or self.kernels_on_cpu:
+            from ..kernels.awq_input import Norm
+            from ..kernels.awq_triton import awq_matmul, kpack_matmul
+            x = x.contiguous()
+            residual = residual.contiguous() if residual is not None else None
+            res = torch.empty_like(x) if residual is not None else None
+            y = (kpack_matmul if self.kpack else awq_matmul)(x, self.qweight, self.qzeros, self.scales,
+                                                              norm=Norm(residual, weight, eps, res))
+            return (y if self.bias is None else y + self.bias), (x if res is None else res)
+        from ..kernels.gpu_fused import add_rmsnorm, rmsnorm
+        h, res = add_rmsnorm(x, residual, weight, eps) if residual is not None else (rmsnorm(x, weight, eps), x)
+        return self.forward(h), res
+
     def forward_t(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, in] -> y^T [out, tokens], contiguous (the fused MLP slices rows of it)."""
-        if x.is_cuda:
+        if x.is_cuda or self.kernels_on_cpu:
             return self.forward(x).t().contiguous()
         w_t = self.weight_t(x.dtype)
         y = w_t.t() @ x.t()

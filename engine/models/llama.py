@@ -24,11 +24,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            gu = self.gate_up(x)
-            if hasattr(self.down, "forward_gated"):  # W4A16: the down kernel gates its own input
-                return self.down.forward_gated(gu)
-            from ..kernels.gpu_fused import silu_mul
-            return self.down(silu_mul(gu))
+            return self.down_of(self.gate_up(x))
         if getattr(self.gate_up, "packed", None) is not None and self.gate_up.packed_for(x) is not None:
             # packed products: [T, 2 * inter] row-major
             gu = self.gate_up(x)
@@ -36,6 +32,25 @@ class MLP(nn.Module):
         gu = self.gate_up.forward_t(x)  # [2 * inter, T]: gate rows then up rows, each slice contiguous
         h = F.silu(gu[:self.inter]) * gu[self.inter:]  # [inter, T]
         return self.down(h.t())
+
+    def down_of(self, gu: torch.Tensor) -> torch.Tensor:
+        """GPU: the down projection of SiLU(gate) * up from the fused gate/up output [T, 2 inter]."""
+        if hasattr(self.down, "forward_gated"):  # W4A16: the down kernel gates its own input
+            return self.down.forward_gated(gu)
+        from ..kernels.gpu_fused import silu_mul
+        return self.down(silu_mul(gu))
+
+
+def _normed(linear, x: torch.Tensor, residual: Optional[torch.Tensor], norm: RMSNorm):
+    """GPU: (linear(RMSNorm(x + residual)), the residual stream x + residual); without a residual (the first
+    layer) RMSNorm(x) and x itself."""
+    if hasattr(linear, "forward_normed"):  # W4A16: the product makes its input as it loads x
+        return linear.forward_normed(x, residual, norm.weight, norm.eps)
+    from ..kernels.gpu_fused import add_rmsnorm, rmsnorm
+    if residual is None:
+        return linear(rmsnorm(x, norm.weight, norm.eps)), x
+    h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
+    return linear(h), residual
 
 
 class DecoderLayer(nn.Module):
@@ -55,16 +70,12 @@ class DecoderLayer(nn.Module):
 
     def forward_fused(self, x, residual, meta, k_cache, v_cache):
         """GPU path (kernels/gpu_fused.py): the residual stream travels beside x and each residual add is
-        fused into the next RMSNorm; returns (this layer's MLP output, the residual stream before it)."""
-        from ..kernels.gpu_fused import add_rmsnorm, rmsnorm
-        n = self.input_norm
-        if residual is None:
-            h, residual = rmsnorm(x, n.weight, n.eps), x
-        else:
-            h, residual = add_rmsnorm(x, residual, n.weight, n.eps)
-        a = self.attn(h, meta, k_cache, v_cache)
-        h, residual = add_rmsnorm(a, residual, self.post_norm.weight, self.post_norm.eps)
-        return self.mlp(h), residual
+        fused into the next RMSNorm (W4A16: into the next product, awq_input.py); returns (this layer's MLP
+        output, the residual stream before it)."""
+        qkv, residual = _normed(self.attn.qkv, x, residual, self.input_norm)
+        a = self.attn.attend(qkv, meta, k_cache, v_cache)
+        gu, residual = _normed(self.mlp.gate_up, a, residual, self.post_norm)
+        return self.mlp.down_of(gu), residual
 
 
 class LlamaModel(nn.Module):
