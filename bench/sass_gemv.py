@@ -60,7 +60,7 @@ def compile_tc(tile, K: int, N: int, G: int, arch: int, sms: int = 132, kpack: b
     from engine.kernels.awq_tc import _awq_tc_kernel, _kpack_tc_kernel, tc_plan
     BM, BK, split = tc_plan(tile, M, K, N, G, sms)
     const = {"G": G, "BM": BM, "BN": tile.block_n, "BK": BK, "SPLIT_K": split, **({} if kpack else {"FOLD": tile.fold}),
-             "XMODE": xmode}
+             "XMODE": xmode, "ROW1": M == 1 and xmode > 0}
     names = TC_SIG
     if kpack:  # the K-packed kernel's zeros are float16 and its weight stride is per word row
         names = {("z_ptr" if k == "qz_ptr" else "sqw" if k == "sqk" else k): ("*fp16" if k == "qz_ptr" else v)

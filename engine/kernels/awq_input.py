@@ -72,12 +72,30 @@ if HAVE_TRITON:
         return rstd
 
     @triton.jit
-    def _tile_input(x_ptr, r_ptr, res_ptr, offs_m, mask_m, sxm, K, eps, writer, XMODE: tl.constexpr):
-        """The tiled kernels' prologue: 1 / RMS of the tile's rows ([BM, 1], XMODE 2 and 3) and, in the
-        ``writer`` programs, their residual sums written out (XMODE 2)."""
-        rstd = _input_rstd(x_ptr, r_ptr, offs_m, mask_m, sxm, K, eps, XMODE, 256)
-        _write_residual(x_ptr, r_ptr, res_ptr, offs_m, mask_m, sxm, K, writer, XMODE, 256)
-        return rstd[:, None]
+    def _tile_input(x_ptr, r_ptr, res_ptr, offs_m, mask_m, sxm, K, eps, writer, XMODE: tl.constexpr,
+                    ROW1: tl.constexpr):
+        """The tiled kernels' prologue: 1 / RMS of the tile's rows ([BM, 1]; ROW1, one row: [1]) for XMODE 2
+        and 3 and, in the ``writer`` programs, their residual sums written out (XMODE 2)."""
+        if ROW1:  # (a branch each: Triton compiles every return of a function, taken or not)
+            rstd = _row_input(x_ptr, r_ptr, res_ptr, K, eps, writer, XMODE)
+        else:
+            rstd = _input_rstd(x_ptr, r_ptr, offs_m, mask_m, sxm, K, eps, XMODE, 256)[:, None]
+            _write_residual(x_ptr, r_ptr, res_ptr, offs_m, mask_m, sxm, K, writer, XMODE, 256)
+        return rstd
+
+    @triton.jit
+    def _tile_x(x_ptr, offs_m, mask_m, ks, kmask, sxm, up, r_ptr, nw_ptr, rstd, XMODE: tl.constexpr,
+                ROW1: tl.constexpr):
+        """The tiled kernels' x tile [BM, BK] at K indices ks. ROW1 (one row, the rest padding): the row made
+        once as a [BK] vector and placed in row 0, so what making the input costs is not paid again for
+        every padding row; else row by row."""
+        if ROW1:
+            xr = _load_x(x_ptr, ks, ks, kmask, up, r_ptr, nw_ptr, rstd, XMODE)
+            x = tl.where(offs_m[:, None] == 0, xr[None, :], tl.zeros_like(xr)[None, :])
+        else:
+            x = _load_x(x_ptr, offs_m[:, None] * sxm + ks[None, :], offs_m[:, None] * 0 + ks[None, :],
+                        mask_m[:, None], up, r_ptr, nw_ptr, rstd, XMODE)
+        return x
 
     @triton.jit
     def _load_x(x_ptr, offs, koffs, mask, up, r_ptr, nw_ptr, rstd, XMODE: tl.constexpr):

@@ -38,7 +38,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     from .awq_common import _awq_shift, _columns8, _store_tile, _tile_coords
-    from .awq_input import _load_x, _tile_input
+    from .awq_input import _tile_input, _tile_x
 
     @triton.jit
     def _pairs(w, i: tl.constexpr):
@@ -72,16 +72,17 @@ if HAVE_TRITON:
     def _awq_tc_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KS,
                        sxm, sqk, szg, ssg, som, UP, r_ptr, nw_ptr, res_ptr, eps, G: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                       FOLD: tl.constexpr, XMODE: tl.constexpr):
+                       FOLD: tl.constexpr, XMODE: tl.constexpr, ROW1: tl.constexpr):
         """x [M, K] float16 @ the AutoAWQ weight -> [M, N]; a program takes BM rows, BN columns and K rows
         [pk KS, pk KS + KS) in tiles of BK (BK divides G: one group per tile). FOLD 0: each tile dequantized
         to float16 ((1024 + q) - (1024 + z)) * s, then one dot into the sum; FOLD 1: the dot takes the
         nibbles as 1 + q/16 (a shift and an AND-OR per two weights, nothing else), and each tile's scale
         and zero apply to its dot per column: s (16 t - (16 + z) sum_k x_k). XMODE: how the input is made
-        from x (awq_input.py)."""
+        from x (awq_input.py); ROW1: M is 1 and XMODE > 0 (the input made once per K tile, not for each
+        padding row; x as it is loads faster as a masked tile)."""
         pk, offs_m, offs_n, mask_m, mask_n = _tile_coords(M, N, BM, BN)
         rstd = _tile_input(x_ptr, r_ptr, res_ptr, offs_m, mask_m, sxm, K, eps, (tl.program_id(0) == 0) & (pk == 0),
-                           XMODE)
+                           XMODE, ROW1)
         offs_p = tl.program_id(0) * (BN // 8) + tl.arange(0, BN // 8)  # packed columns
         offs_k = tl.arange(0, BK)
         mask_p = offs_p < N // 8
@@ -110,8 +111,7 @@ if HAVE_TRITON:
             # [BK, BN/8, 2, 2, 2] -> columns 8p + 0..7 in order -> [BK, BN]
             t = tl.join(tl.join(tl.join(c0, c1), tl.join(c2, c3)), tl.join(tl.join(c4, c5), tl.join(c6, c7)))
             wt = tl.reshape(tl.permute(t, (0, 1, 4, 3, 2)), (BK, BN))
-            x = _load_x(x_ptr, offs_m[:, None] * sxm + ks[None, :], offs_m[:, None] * 0 + ks[None, :], mask_m[:, None],
-                        UP, r_ptr, nw_ptr, rstd, XMODE)
+            x = _tile_x(x_ptr, offs_m, mask_m, ks, ks < K, sxm, UP, r_ptr, nw_ptr, rstd, XMODE, ROW1)
             if FOLD:
                 d = tl.dot(x, wt)  # sum_k x (1 + q/16), float32
                 zw = tl.load(qz_ptr + g * szg + offs_n // 8, mask=mask_n, other=0)
@@ -128,14 +128,14 @@ if HAVE_TRITON:
     def _kpack_tc_kernel(x_ptr, qw_ptr, z_ptr, s_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, KS,
                          sxm, sqw, szg, ssg, som, UP, r_ptr, nw_ptr, res_ptr, eps, G: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-                         XMODE: tl.constexpr):
+                         XMODE: tl.constexpr, ROW1: tl.constexpr):
         """The folded form over the K-packed layout (word (r, n): rows 8r..8r+7 of column n): nibbles i and
         i + 4 are rows 8r + i and 8r + i + 4, two float16 1 + q/16 per shift and AND-OR as above, placed at
         their rows of the [BK, BN] tile; scale and zero (float16 [K/G, N]) apply per column after each dot.
         XMODE: as _awq_tc_kernel's."""
         pk, offs_m, offs_n, mask_m, mask_n = _tile_coords(M, N, BM, BN)
         rstd = _tile_input(x_ptr, r_ptr, res_ptr, offs_m, mask_m, sxm, K, eps, (tl.program_id(0) == 0) & (pk == 0),
-                           XMODE)
+                           XMODE, ROW1)
         offs_r = tl.arange(0, BK // 8)
         offs_k = tl.arange(0, BK)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -153,8 +153,7 @@ if HAVE_TRITON:
             t = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
             wt = tl.reshape(tl.permute(t, (0, 2, 3, 4, 1)), (BK, BN))
             ks = k0 + offs_k
-            x = _load_x(x_ptr, offs_m[:, None] * sxm + ks[None, :], offs_m[:, None] * 0 + ks[None, :], mask_m[:, None],
-                        UP, r_ptr, nw_ptr, rstd, XMODE)
+            x = _tile_x(x_ptr, offs_m, mask_m, ks, ks < K, sxm, UP, r_ptr, nw_ptr, rstd, XMODE, ROW1)
             d = tl.dot(x, wt)  # sum_k x (1 + q/16), float32
             g = k0 // G
             z = tl.load(z_ptr + g * szg + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -220,7 +219,7 @@ def _launch(kernel, tuned: Dict[Tuple[int, int, int], TcTile], x: torch.Tensor, 
     ws, cnt = _workspace(x.device, M * N, grid[0] * grid[1]) if grid[2] > 1 else (out, out)
     kernel[grid](x, qweight, zeros, scales, out, ws, cnt, M, N, K, KS, x.stride(0), qweight.stride(0),
                  zeros.stride(0), scales.stride(0), out.stride(0), *xargs, G=G, BM=BM, BN=tile.block_n,
-                 BK=BK, SPLIT_K=grid[2], XMODE=xmode, num_warps=tile.warps,
+                 BK=BK, SPLIT_K=grid[2], XMODE=xmode, ROW1=M == 1 and xmode > 0, num_warps=tile.warps,
                  **({"num_stages": tile.stages} if tile.stages else {}),
                  **({"FOLD": tile.fold} if forms else {}))
     return out
