@@ -33,10 +33,10 @@ def compile_tile(tile, K: int, N: int, G: int, arch: int, xmode: int = 0):
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from engine.kernels.awq_gemv import _kpack_gemv_kernel, gemv_plan
+    from engine.kernels.awq_gemv import _kpack_gemv_kernel, gemv_plan, nibble_form
     step, unroll, iters, split, _ = gemv_plan(tile, K, N, G)
     const = {"BN": tile.block_n, "G": G, "STEP": step, "UNROLL": unroll, "SPLIT_K": split,
-             "NIBBLE_LOOP": tile.nibble_loop, "MAGIC": tile.magic, "XMODE": xmode}
+             "NIBBLE_LOOP": nibble_form(tile, xmode), "MAGIC": tile.magic, "XMODE": xmode}
     sig = dict(SIG, **XSIG, **{k: "constexpr" for k in const})
     # as a launch specialises them: pointers and sizes divisible by 16 (so loads can be vectorised)
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(SIG) if name not in ("ITERS",)}
