@@ -200,6 +200,34 @@ def test_down_projection_gates_its_own_input_on_gpu():
             assert torch.allclose(layer.forward_gated(gu).float(), ref, atol=3e-2, rtol=2e-2), (kpack, m)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_products_norm_their_own_input_on_gpu():
+    """AwqLinear.forward_normed on the GPU, both layouts, 1 to 300 rows (one-row kernels, tensor cores, the
+    dequantized product), with and without a residual, against torch's float16 RMSNorm into the float32
+    dequantized product; the residual sum exact."""
+    from engine.layers.awq_linear import AwqLinear
+    K, N = 4096, 12288
+    layer = AwqLinear(K, [("", N)], 128).cuda()
+    _, _, s, qw, qz = random_awq(K, N, 128, seed=6)
+    for name, t in (("qweight", qw), ("qzeros", qz), ("scales", s)):
+        layer.load(name, t.cuda())
+    layer = layer.half()
+    w = dequantize_awq(qw, qz, s).cuda()
+    nw = (torch.rand(K, device="cuda") + 0.5).half()
+    for kpack in (False, True):
+        if kpack:
+            layer.to_kpack()
+        for m in (1, 7, 300):
+            a, r = (torch.randn(m, K, device="cuda", dtype=torch.float16) for _ in range(2))
+            for residual in (r, None):
+                x = a + r if residual is not None else a
+                y, res = layer.forward_normed(a, residual, nw, 1e-5)
+                ref = _rms(x, nw, dtype=torch.float16).float() @ w
+                assert torch.allclose(y.float(), ref, atol=3e-2, rtol=2e-2), (kpack, m)
+                assert torch.equal(res, x)
+
+
 def test_fused_awq_layer_loads_parts_and_computes():
     from engine.layers.awq_linear import AwqLinear
     layer = AwqLinear(64, [("q", 32), ("k", 16), ("v", 16)], 32, bias=True)
