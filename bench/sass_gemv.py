@@ -88,13 +88,13 @@ def sass_counts(cubin: bytes):
     return {k: int(v) for k, v in usage.items()}, ops
 
 
-def analyse(tile, K, N, G, arch, kind=None):
+def analyse(tile, K, N, G, arch, kind=None, xmode: int = 0):
     from engine.kernels.awq_tc import TcTile
     kind = kind or ("tc" if isinstance(tile, TcTile) else "kpack")
     if kind == "kpack":
-        c, plan = compile_tile(tile, K, N, G, arch)
+        c, plan = compile_tile(tile, K, N, G, arch, xmode)
     else:
-        c, plan = compile_tc(tile, K, N, G, arch, kpack=kind == "kpack_tc")
+        c, plan = compile_tc(tile, K, N, G, arch, kpack=kind == "kpack_tc", xmode=xmode)
     usage, ops = sass_counts(c.asm["cubin"])
     base = collections.Counter()
     for op, n in ops.items():
@@ -117,16 +117,22 @@ def render(rows, arch, shape) -> str:
     lines = [f"## W4A16 one-row kernel tiles, static SASS view (`bench/sass_gemv.py`, sm_{arch}, {shape})", "",
              "Compiled by Triton for the GPU on a machine without one; counts are of the SASS (the loop body "
              "once; a split-K program runs its loop several times, its epilogue once). ALU per word: the "
-             "instructions a thread runs per packed weight word it reads (8 weights). Tiles as in "
+             "instructions a thread runs per packed weight word it reads (8 weights); gated and normed: the "
+             "same where the kernel makes its input as it loads x (`engine/kernels/awq_input.py`: SiLU(gate) "
+             "* up for the down projection, RMSNorm(x + residual) * w for q/k/v and gate/up). Tiles as in "
              "`engine/kernels/awq_tune.py`.", "",
              "| kernel | tile | regs | spill (B) | shared (B) | global loads (128-bit) | shuffles | barriers | "
-             "ALU per word |", "|---|---|---|---|---|---|---|---|---|"]
+             "ALU per word | gated | normed |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def per_word(v):
+        return "" if v is None else f"{v:.1f}"
     for r in rows:
         if "error" in r:
-            lines.append(f"| {KINDS.get(r['kind'], r['kind'])} | {tuple(r['tile'])} | {r['error']} | | | | | | |")
+            lines.append(f"| {KINDS.get(r['kind'], r['kind'])} | {tuple(r['tile'])} | {r['error']} | | | | | | | | |")
             continue
         lines.append(f"| {KINDS[r['kind']]} | {tuple(r['tile'])} | {r['regs']} | {r['local']} | {r['shared']} | {r['ldg']} "
-                     f"({r['ldg128']}) | {r['shfl']} | {r['bar']} | {r['alu_per_word']:.1f} |")
+                     f"({r['ldg128']}) | {r['shfl']} | {r['bar']} | {r['alu_per_word']:.1f} | "
+                     f"{per_word(r.get('gated_alu_per_word'))} | {per_word(r.get('normed_alu_per_word'))} |")
     return "\n".join(lines)
 
 
@@ -144,6 +150,8 @@ def main() -> int:
     for tile, kind in jobs:
         try:
             rows.append(analyse(tile, K, N, 128, a.arch, kind))
+            for xmode, name in ((1, "gated"), (2, "normed")):
+                rows[-1][f"{name}_alu_per_word"] = analyse(tile, K, N, 128, a.arch, kind, xmode)["alu_per_word"]
         except Exception as e:  # noqa: BLE001 - a tile the compiler refuses: say so
             rows.append({"kind": kind, "tile": list(tile),
                          "error": f"{type(e).__name__}: {str(e)[:80]}"})
