@@ -429,6 +429,39 @@ def test_tuner_keeps_the_separate_input_kernel_where_it_times_faster(tmp_path, m
     assert torch.equal(res, a + r)
 
 
+def test_tune_model_sorts_the_products_by_the_input_they_make(tmp_path, monkeypatch):
+    """tune_model on a W4A16 model: the down projections' shape is timed gated, q/k/v's and gate/up's normed
+    (o's neither); a tensor-parallel model (layers with a reduce) times neither, as its layers run unfused."""
+    from engine.kernels import awq_triton, awq_tune
+    from engine.kernels.awq_gemv import GemvTile
+    from engine.layers.awq_linear import swap_in_awq
+    from engine.models.args import ModelArgs
+    from engine.models.loader import build_model
+    if not awq_triton.HAVE_TRITON:
+        pytest.skip("triton not installed")
+    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path))
+    tune = awq_tune.tune
+    monkeypatch.setattr(awq_tune, "tune", lambda shapes, d, t: tune(shapes, d, t, [GemvTile(32, 0, 4, 1, magic=1)], []))
+    made = []
+    monkeypatch.setattr(awq_tune, "tune_inputs", lambda shapes, *a: (made.append(shapes), {})[1])
+    args = ModelArgs(architecture="LlamaForCausalLM", vocab_size=96, hidden_size=64, intermediate_size=96,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
+                     max_position_embeddings=64, rope_theta=10000.0)
+    model = build_model(args, "cpu", torch.float32)
+    swap_in_awq(model, 32)
+    for m in model.modules():
+        if hasattr(m, "qweight"):
+            m.qweight.random_(-2 ** 31, 2 ** 31 - 1)
+            m.qzeros.random_(-2 ** 31, 2 ** 31 - 1)
+            m.scales.uniform_(0.001, 0.01)
+    assert awq_tune.tune_model(model, "cpu", torch.float32) == "kpack"
+    assert made == [{"gated": {(96, 64, 32)}, "normed": {(64, 128, 32), (64, 192, 32)}}]
+    for layer in model.layers:
+        layer.reduce = lambda t: t
+    awq_tune.tune_model(model, "cpu", torch.float32)
+    assert len(made) == 1
+
+
 def _rms(x, w, eps=1e-5, dtype=None):
     """RMSNorm(x) * w, rounded to ``dtype`` after the normalisation and after the weight (as torch's float16
     layers and gpu_fused.add_rmsnorm round); float32 where dtype is None."""

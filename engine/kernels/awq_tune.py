@@ -354,6 +354,8 @@ def tune_model(model, device, dtype: torch.dtype) -> Optional[str]:
     kp, tc = layout_totals(chosen, counts)
     logger.info("W4A16 layout: %s (one-row products per step: K-packed %.0f us, AutoAWQ layout on tensor cores "
                 "%s)", layout, kp, "not timed" if tc is None else f"{tc:.0f} us")
+    if any(getattr(layer, "reduce", None) is not None for layer in getattr(model, "layers", ())):
+        return layout  # tensor parallel: the layers run unfused, no product makes its own input
     what = {"gated": "SiLU-mul", "normed": "RMSNorm"}
     for (kind, (K, N, _)), (inside, apart) in tune_inputs(made, device, dtype, layout).items():
         logger.info("W4A16 %dx%d: %s %s (%.1f us inside the product, %.1f us apart)", K, N, what[kind],
