@@ -191,7 +191,9 @@ def test_w4a16_products_make_their_inputs_on_the_gpu_path(layout, monkeypatch):
     from engine.kernels import awq_gemv
     from engine.layers.awq_linear import AwqLinear, use_gpu_layout
     from engine.model_runner import ModelRunner
+    from engine.layers import awq_linear
     monkeypatch.setenv("RAYLM_W4A16_TUNE", "0")  # on a GPU: the default tiles, no timing at start
+    monkeypatch.setattr(awq_linear, "GPU_LAYOUT", layout)  # what a GPU runner repacks to without the tuner
     modes = []
     x_input = awq_gemv.x_input
     monkeypatch.setattr(awq_gemv, "x_input", lambda *a: (lambda r: (modes.append(r[1]), r)[1])(x_input(*a)))
