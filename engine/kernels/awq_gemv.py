@@ -226,7 +226,8 @@ def gemv_plan(tile: GemvTile, K: int, N: int, G: int) -> Tuple[int, int, int, in
 def nibble_form(tile: GemvTile, xmode: int) -> int:
     """The kernel's NIBBLE_LOOP for ``tile``: where the input is made as x is loaded (XMODE > 0) the nibble
     loop loads x once per step and splits it (form 2), so each x value is made once per thread, not once
-    per nibble (statically 62-98 -> 32-41 instructions per word gated or normed, sm_90)."""
+    per nibble (statically 62-98 -> 33-57 instructions per word gated or normed over the candidates, within
+    -9 to +12 of each tile's plain form; sm_90, bench/sass_gemv.py)."""
     return 2 if tile.nibble_loop == 1 and xmode else tile.nibble_loop
 
 
