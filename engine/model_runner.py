@@ -69,7 +69,7 @@ class ModelRunner:
     def _use_gpu_fused(self, quant_policy: int) -> None:
         from .kernels.gpu_fused import HAVE_TRITON, rope_ok
         if HAVE_TRITON and all(layer.reduce is None for layer in self.model.layers):
-            self.model.use_gpu_fused(rope_in_kernel=not quant_policy and rope_ok(self.model.args.head_dim))
+            self.model.use_gpu_fused(rope_in_kernel=rope_ok(self.model.args.head_dim))
             attn = self.model.layers[0].attn
             logger.info("GPU layers: fused Triton RMSNorm, SiLU-mul%s", " and RoPE + KV write + paged attention"
                         if attn.fused_attend else " and RoPE + KV write" if attn.fused_rope else "")

@@ -1,8 +1,9 @@
-"""The W4A16 Triton kernels (the forms that make their input included) and the fused RoPE + attention decode kernel compiled
-for NVIDIA GPUs on this machine, GPU or not: Triton's wheel carries ptxas, so a form the interpreter runs but
-the GPU compiler refuses (a layout it cannot lower, registers or shared memory past the limits) fails here
-rather than first on a lent GPU. Counting the compiled code is bench/sass_gemv.py's business; this checks
-that each form compiles to a cubin for sm_80 and sm_90.
+"""The W4A16 Triton kernels (the forms that make their input included), the fused RoPE + attention decode
+kernel and the RoPE + quantized K/V write kernel compiled for NVIDIA GPUs on this machine, GPU or not:
+Triton's wheel carries ptxas, so a form the interpreter runs but the GPU compiler refuses (a layout it cannot
+lower, registers or shared memory past the limits) fails here rather than first on a lent GPU. Counting the
+compiled code is bench/sass_gemv.py's business; this checks that each form compiles to a cubin for sm_80
+and sm_90.
 
 The compiles run in a subprocess without TRITON_INTERPRET (the test session interprets kernels on CPU)."""
 import json
@@ -79,6 +80,21 @@ for arch in (80, 90):
             out.append([arch, "rope_decode", [G, HALF], 1, len(c.asm["cubin"]) > 0, ""])
         except Exception as e:
             out.append([arch, "rope_decode", [G, HALF], 1, False, f"{type(e).__name__}: {str(e)[:300]}"])
+from engine.kernels.rope_write_quant import _rope_write_quant_kernel
+qsig = {"qkv_ptr": "*fp16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_out_ptr": "*fp16", "kd_ptr": "*u8",
+        "kp_ptr": "*fp16", "vd_ptr": "*u8", "vp_ptr": "*fp16", "blk_ptr": "*i64", "off_ptr": "*i64",
+        **{k: "i32" for k in ("s_t", "s_c", "s_qt", "s_qh", "s_db", "s_dh", "s_ds", "s_pb", "s_ph", "s_ps", "H",
+                              "KVH")}}
+for arch in (80, 90):
+    for bits in (8, 4):
+        const = {"HALF": 64, "BITS": bits}
+        try:
+            src = ASTSource(fn=_rope_write_quant_kernel, signature=dict(qsig, **{k: "constexpr" for k in const}),
+                            constexprs=const)
+            c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+            out.append([arch, "rope_write_quant", [bits], 1, len(c.asm["cubin"]) > 0, ""])
+        except Exception as e:
+            out.append([arch, "rope_write_quant", [bits], 1, False, f"{type(e).__name__}: {str(e)[:300]}"])
 print(json.dumps(out))
 """
 
@@ -91,6 +107,6 @@ def test_w4a16_kernels_compile_for_the_gpu():
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * len(CASES) + 4
+    assert len(results) == 2 * len(CASES) + 8
     failed = [r for r in results if not r[4]]
     assert not failed, failed

@@ -57,6 +57,44 @@ def test_rope_write_rotates_and_fills_the_slots():
     assert torch.allclose(kc, k_ref, atol=1e-5) and torch.equal(vc, v_ref)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_rope_write_quant_matches_rotary_then_the_quantized_write(bits):
+    """RoPE and the int8 / int4 K/V write in one kernel against apply_rotary and QuantKV.write (codes
+    rounded half to even, (scale, min) beside them): float32 codes and parameters identical, untouched slots
+    left as they were; float16 on a GPU within one code."""
+    from engine.kernels.rope_write_quant import rope_write_quant
+    from engine.layers.kv_quant import QuantKV, packed_dim
+    dtype = torch.float16 if CUDA else torch.float32
+    T, H, KVH, D, nb, bs = 5, 4, 2, 16, 4, 8
+    g = torch.Generator().manual_seed(6)
+    qkv = (3 * torch.randn(T, (H + 2 * KVH) * D, generator=g)).to(DEV, dtype)
+    qkv[1, (H + KVH) * D:(H + KVH + 1) * D] = 0.25  # a constant v: scale at its floor
+    pos = torch.tensor([0, 7, 8, 30, 13], device=DEV)
+    cos, sin = RotaryEmbedding(D, 10000.0, 64, device=DEV).cos_sin(pos)
+    blocks, offsets = torch.tensor([3, 0, 1, 2, 1], device=DEV), pos % bs
+    pdt = torch.float32 if dtype == torch.float32 else torch.float16
+
+    def caches():
+        codes = (nb, KVH, bs, packed_dim(D, bits))
+        return [QuantKV(torch.randint(0, 255, codes, generator=g, dtype=torch.uint8).to(DEV),
+                        torch.zeros(nb, KVH, bs, 2, dtype=pdt, device=DEV), bits, D, dtype) for _ in range(2)]
+    kc, vc = caches()
+    k_ref, v_ref = (QuantKV(c.data.clone(), c.params.clone(), bits, D, dtype) for c in (kc, vc))
+    q = rope_write_quant(qkv, cos, sin, kc, vc, blocks, offsets, H, KVH)
+    qr, kr, vr = qkv.split([H * D, KVH * D, KVH * D], dim=1)
+    q_ref = apply_rotary(qr.reshape(T, H, D), cos, sin).float()
+    assert torch.allclose(q.float(), q_ref, atol=2e-2 if CUDA else 1e-5)
+    k_ref.write(blocks, offsets, apply_rotary(kr.reshape(T, KVH, D), cos, sin))
+    v_ref.write(blocks, offsets, vr.reshape(T, KVH, D))
+    for got, want in ((kc, k_ref), (vc, v_ref)):
+        if CUDA:  # float16 rotation rounds apart from torch's
+            for codes in ((lambda d: d.int()), (lambda d: (d & 15).int()), (lambda d: (d >> 4).int())):
+                assert (codes(got.data) - codes(want.data)).abs().max() <= 1
+            assert torch.allclose(got.params.float(), want.params.float(), rtol=1e-2, atol=1e-3)
+        else:
+            assert torch.equal(got.data, want.data) and torch.equal(got.params, want.params)
+
+
 @pytest.mark.parametrize("G", [1, 3])
 def test_rope_decode_kernel_matches_rope_write_then_attention(G):
     """RoPE, the K/V write and paged attention in one kernel against the two steps it replaces (rope_write,
@@ -114,16 +152,19 @@ def _model(device, dtype, qkv_bias=False):
 
 
 def gpu_path_without_capture(runner, max_blocks: int, scratch: int, max_batch: int = 4) -> None:
-    """What a runner sets up on a GPU (fused kernels, Triton paged decode, the graphs' static buffers with a
-    scratch block), on a CPU runner: the static-buffer steps run without capture."""
+    """What a runner sets up on a GPU (fused kernels, Triton paged decode over dense or int8 / int4 blocks,
+    the graphs' static buffers with a scratch block), on a CPU runner: the static-buffer steps run without
+    capture."""
     from engine.cuda_graphs import DecodeGraphs
+    from engine.kernels.paged_attention_quant_triton import triton_quant_decode
     from engine.kernels.paged_attention_triton import triton_decode
     model = runner.model
     model.fused_decoder = None
+    quant = runner.kv.quant_policy
     for layer in model.layers:
-        layer.attn.decode_fn = triton_decode
+        layer.attn.decode_fn = triton_quant_decode if quant else triton_decode
     model.use_gpu_fused(rope_in_kernel=True)
-    assert all(layer.attn.fused_attend for layer in model.layers)
+    assert all(layer.attn.fused_attend != bool(quant) and layer.attn.fused_rope for layer in model.layers)
     runner.graphs = DecodeGraphs(model, runner.kv, runner.rope, runner.device, max_batch=max_batch,
                                  max_blocks=max_blocks, scratch_block=scratch, capture=False)
     runner._usable_blocks = scratch
@@ -215,6 +256,22 @@ def test_w4a16_products_make_their_inputs_on_the_gpu_path(layout, monkeypatch):
     assert modes[:8] == [3, 0, 2, 1, 2, 0, 2, 1]
     for a, b in zip(_prefill_then_decode(runner), _prefill_then_decode(ref)):
         assert torch.allclose(a.cpu(), b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_quantized_kv_decode_path_matches_the_ordinary_step(quant_policy):
+    """The GPU path over int8 / int4 KV blocks (RoPE and the quantized K/V write in one kernel, the Triton
+    quantized paged decode, the graphs' static buffers) against the CPU engine's ordinary step over the
+    same policy: prefill, three decode steps of three sequences padded to four, then two of them."""
+    from engine.model_runner import ModelRunner
+    ref = ModelRunner(_model("cpu", torch.float32), 9, 8, "cpu", torch.float32, [0], quant_policy=quant_policy)
+    runner = ModelRunner(_model(DEV, torch.float32), 10, 8, DEV, torch.float32, [0], quant_policy=quant_policy)
+    gpu_path_without_capture(runner, max_blocks=3, scratch=9)
+    tol = 1e-3 if CUDA else 1e-4  # a GPU's fused multiply-adds can move a code by one
+    for a, b in zip(_prefill_then_decode(runner), _prefill_then_decode(ref)):
+        assert torch.allclose(a.cpu(), b, atol=tol, rtol=tol)
+    if not CUDA:
+        assert torch.equal(runner.kv.data[:, :, :9], ref.kv.data)  # the same codes in every written slot
 
 
 @pytest.mark.gpu

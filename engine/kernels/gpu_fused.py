@@ -51,29 +51,39 @@ if HAVE_TRITON:
         tl.store(out_ptr + row * so + cols, (s * u).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _rotated(base, cos, sin, d, HALF: tl.constexpr):
+        """The two halves of the head vector at ``base`` rotated (rotate-half, as Hugging Face Llama), float32."""
+        x1 = tl.load(base + d).to(tl.float32)
+        x2 = tl.load(base + HALF + d).to(tl.float32)
+        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
+
+    @triton.jit
+    def _rotate_q(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, t, h, s_t, s_c, s_qt, s_qh, HALF: tl.constexpr):
+        """Head h of row t of the q/k/v output rotated into q_out [T, H, D]."""
+        d = tl.arange(0, HALF)
+        y1, y2 = _rotated(qkv_ptr + t * s_t + h * (2 * HALF), tl.load(cos_ptr + t * s_c + d),
+                          tl.load(sin_ptr + t * s_c + d), d, HALF)
+        dst = q_out_ptr + t * s_qt + h * s_qh
+        tl.store(dst + d, y1.to(q_out_ptr.dtype.element_ty))
+        tl.store(dst + HALF + d, y2.to(q_out_ptr.dtype.element_ty))
+
+    @triton.jit
     def _rope_write_kernel(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, k_ptr, v_ptr, blk_ptr, off_ptr,
                            s_t, s_c, s_qt, s_qh, s_kb, s_kh, s_ks, H, KVH, HALF: tl.constexpr):
         t = tl.program_id(0)
         h = tl.program_id(1)  # q heads first, then kv heads
-        d = tl.arange(0, HALF)
-        cos = tl.load(cos_ptr + t * s_c + d)
-        sin = tl.load(sin_ptr + t * s_c + d)
-        base = qkv_ptr + t * s_t + h * (2 * HALF)
-        x1 = tl.load(base + d).to(tl.float32)
-        x2 = tl.load(base + HALF + d).to(tl.float32)
-        y1 = (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty)
-        y2 = (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty)
         if h < H:
-            dst = q_out_ptr + t * s_qt + h * s_qh
-            tl.store(dst + d, y1)
-            tl.store(dst + HALF + d, y2)
+            _rotate_q(qkv_ptr, cos_ptr, sin_ptr, q_out_ptr, t, h, s_t, s_c, s_qt, s_qh, HALF)
         else:
             kh = h - H
+            d = tl.arange(0, HALF)
+            y1, y2 = _rotated(qkv_ptr + t * s_t + h * (2 * HALF), tl.load(cos_ptr + t * s_c + d),
+                              tl.load(sin_ptr + t * s_c + d), d, HALF)
             blk = tl.load(blk_ptr + t).to(tl.int64)
             off = tl.load(off_ptr + t).to(tl.int64)
             slot = blk * s_kb + kh * s_kh + off * s_ks
-            tl.store(k_ptr + slot + d, y1)
-            tl.store(k_ptr + slot + HALF + d, y2)
+            tl.store(k_ptr + slot + d, y1.to(k_ptr.dtype.element_ty))
+            tl.store(k_ptr + slot + HALF + d, y2.to(k_ptr.dtype.element_ty))
             vsrc = qkv_ptr + t * s_t + (H + KVH + kh) * (2 * HALF)
             tl.store(v_ptr + slot + d, tl.load(vsrc + d))
             tl.store(v_ptr + slot + HALF + d, tl.load(vsrc + HALF + d))

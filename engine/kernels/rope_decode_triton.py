@@ -22,14 +22,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from .gpu_fused import _rotated
     from .paged_attention_triton import _softmax_start, _softmax_update
-
-    @triton.jit
-    def _rotated(base, cos, sin, d, HALF: tl.constexpr):
-        """The two halves of the head vector at ``base`` rotated (rotate-half, as Hugging Face Llama), float32."""
-        x1 = tl.load(base + d).to(tl.float32)
-        x2 = tl.load(base + HALF + d).to(tl.float32)
-        return x1 * cos - x2 * sin, x2 * cos + x1 * sin
 
     @triton.jit
     def _rope_decode_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, blk_ptr, off_ptr, bt_ptr, ctx_ptr,

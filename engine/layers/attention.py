@@ -146,7 +146,9 @@ class Attention(nn.Module):
                                         ("v", num_kv_heads * head_dim)], bias=qkv_bias)
         self.o = Linear(num_heads * head_dim, hidden, bias=o_bias)
         self.decode_fn: DecodeFn = torch_decode
-        self.fused_rope = False  # decode steps: kernels/gpu_fused.rope_write (set by LlamaModel.use_gpu_fused)
+        # decode steps: RoPE and the K/V write in one kernel, gpu_fused.rope_write (dense blocks) or
+        # rope_write_quant (int8 / int4 blocks); set by LlamaModel.use_gpu_fused
+        self.fused_rope = False
         # decode steps with decode_fresh, where decode_fn is the Triton kernel: RoPE, the K/V write and the
         # attention in one kernel (kernels/rope_decode_triton.py; set by LlamaModel.use_gpu_fused)
         self.fused_attend = False
@@ -159,7 +161,13 @@ class Attention(nn.Module):
                v_cache: torch.Tensor) -> torch.Tensor:
         """The layer after its q/k/v product: qkv [T, (H + 2 KVH) D] -> the o projection's output."""
         T = qkv.shape[0]
-        if self.fused_rope and not meta.prefills and not isinstance(k_cache, QuantKV):
+        if self.fused_rope and not meta.prefills and isinstance(k_cache, QuantKV):
+            from ..kernels.rope_write_quant import rope_write_quant  # int8 / int4 blocks
+            q = rope_write_quant(qkv, meta.cos, meta.sin, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets,
+                                 self.num_heads, self.num_kv_heads)
+            out = self.decode_fn(q, k_cache, v_cache, meta, self.scale)
+            return self.o(out.reshape(T, self.num_heads * self.head_dim))
+        if self.fused_rope and not meta.prefills:
             if self.fused_attend and meta.decode_fresh is not None:
                 from ..kernels.rope_decode_triton import rope_decode
                 out = rope_decode(qkv, meta.cos, meta.sin, k_cache, v_cache, meta, self.num_heads, self.num_kv_heads,

@@ -92,8 +92,8 @@ class LlamaModel(nn.Module):
 
     def use_gpu_fused(self, rope_in_kernel: bool) -> None:
         """Route layers through the fused Triton kernels; ``rope_in_kernel``: decode steps rotate q/k and
-        write the cache in one kernel (dense caches, power-of-two head_dim halves), which also attends where
-        the layers' decode_fn is the Triton one (set that first)."""
+        write the cache in one kernel (power-of-two head_dim halves; dense or int8 / int4 blocks), which also
+        attends where the layers' decode_fn is the dense Triton one (set that first)."""
         from ..kernels.paged_attention_triton import triton_decode
         from ..kernels.rope_decode_triton import rope_decode_ok
         self.gpu_fused = True
