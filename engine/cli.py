@@ -24,6 +24,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enable-prefix-caching", action="store_true")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel workers (Ray actors)")
     p.add_argument("--quant-policy", type=int, default=0, choices=[0, 4, 8], help="KV cache: 0 off, 8 int8, 4 int4")
+    p.add_argument("--kv-qparams", default=None,
+                   help="static per-head K/V parameters for --quant-policy 8/4 (python -m quant_jobs kv_qparams)")
     p.add_argument("--num-speculative-tokens", type=int, default=0,
                    help="n-gram (prompt lookup) drafts per step (greedy generation gains most); 0 = off")
     p.add_argument("--matmul-precision", default="highest", choices=["highest", "high"],
@@ -39,6 +41,7 @@ def _configs(a):
     ecfg = EngineConfig(model=a.model, dtype=a.dtype, session_len=a.session_len, block_size=a.block_size,
                         max_batch_size=a.max_batch_size, cache_max_entry_count=a.cache_max_entry_count,
                         enable_prefix_caching=a.enable_prefix_caching, tp=a.tp, quant_policy=a.quant_policy,
+                        kv_qparams=a.kv_qparams,
                         num_speculative_tokens=a.num_speculative_tokens, matmul_precision=a.matmul_precision)
     gcfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                             top_k=a.top_k, seed=a.seed)

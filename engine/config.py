@@ -26,6 +26,10 @@ class EngineConfig(BaseModel):
     quant_policy: Literal[0, 4, 8] = Field(
         0, description="KV-cache quantization: 0 = off, 8 = int8, 4 = int4, asymmetric per token and head "
                        "(LMDeploy's knob)")
+    kv_qparams: Optional[str] = Field(
+        None, description="With quant_policy 8 or 4: static per-layer, per-head K/V parameters from "
+                          "`python -m quant_jobs kv_qparams` (its .safetensors file, folder or work dir) instead of "
+                          "each token's own range")
     block_size: int = Field(64, ge=1, le=1024, description="Tokens per KV-cache block")
     cache_max_entry_count: Optional[float] = Field(
         None, gt=0,

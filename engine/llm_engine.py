@@ -85,6 +85,7 @@ class LLMEngine:
             args = local_args = self.model.args
         self.args = args
         check_policy(cfg.quant_policy, args.head_dim)
+        kv_static = self._kv_static(cfg, args)  # tensor parallel: checked here, each rank loads its heads
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.eos_token_ids = _eos_ids(self.model_dir, args, self.tokenizer)
         if cfg.tp > 1:
@@ -108,12 +109,14 @@ class LLMEngine:
                                       self.eos_token_ids, cfg.rope_scaling_factor, cfg.seed, cfg.quant_policy,
                                       cuda_graph_max_batch=0 if cfg.eager_mode else cfg.max_batch_size,
                                       max_blocks_per_seq=-(-session_len // cfg.block_size),
-                                      matmul_precision=cfg.matmul_precision)
+                                      matmul_precision=cfg.matmul_precision, kv_static=kv_static)
         self.kv_bytes = self.runner.kv_bytes()
         kind = {0: str(self.dtype).replace("torch.", ""), 8: "int8", 4: "int4"}[cfg.quant_policy]
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB, %s %s, quant_policy %d%s); session_len %d",
                     num_blocks, cfg.block_size, capacity, self.kv_bytes / 2**30, self.device, kind,
                     cfg.quant_policy, f", over {cfg.tp} ranks" if cfg.tp > 1 else "", session_len)
+        if cfg.kv_qparams:
+            logger.info("KV cache: static per-head int%d parameters from %s", cfg.quant_policy, cfg.kv_qparams)
         self.requests: Dict[str, RequestState] = {}
         self.stats = {"steps": 0, "prompt_tokens": 0, "generation_tokens": 0}
         self.proposer = None
@@ -123,6 +126,16 @@ class LLMEngine:
             logger.info("speculative decoding: n-gram prompt lookup, up to %d draft tokens (n-grams %d..%d)",
                         cfg.num_speculative_tokens, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
         self.trace = StepTrace.from_env()  # RAYLM_STEP_TRACE: one line per step
+
+    @staticmethod
+    def _kv_static(cfg: EngineConfig, args, heads=None):
+        """The kv_qparams file's pairs for this cache (None without one); checked before any worker starts."""
+        if not cfg.kv_qparams:
+            return None
+        if not cfg.quant_policy:
+            raise ValueError("kv_qparams: static K/V parameters need quant_policy 8 or 4 (it is 0)")
+        from .layers.kv_quant import load_kv_qparams
+        return load_kv_qparams(cfg.kv_qparams, cfg.quant_policy, args.num_layers, args.num_kv_heads, heads)
 
     def _tp_plan(self, cfg: EngineConfig):
         """Model folder, full and per-rank (largest) ModelArgs; the partition errors out before any work."""
@@ -143,6 +156,7 @@ class LLMEngine:
                 "eos_token_ids": self.eos_token_ids, "rope_scaling_factor": cfg.rope_scaling_factor,
                 "matmul_precision": cfg.matmul_precision,
                 "seed": cfg.seed, "quant_policy": cfg.quant_policy, "num_threads": cfg.num_threads,
+                "kv_qparams": cfg.kv_qparams,
                 "max_step_tokens": cfg.max_prefill_tokens + cfg.max_batch_size}
         return RayTPExecutor(spec, placement=cfg.tp_placement, worker_cpus=cfg.tp_worker_cpus)
 

@@ -20,10 +20,11 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, device: str, dtype: torch.dtype,
                  eos_token_ids: List[int], rope_scaling_factor: float = 0.0, default_seed: int = 0,
                  quant_policy: int = 0, cuda_graph_max_batch: int = 0, max_blocks_per_seq: int = 0,
-                 matmul_precision: str = "highest"):
+                 matmul_precision: str = "highest", kv_static: Optional[torch.Tensor] = None):
         """``cuda_graph_max_batch`` > 0 (CUDA only): decode steps of up to that many sequences, each of up to
         ``max_blocks_per_seq`` blocks, replay CUDA graphs (engine/cuda_graphs.py); the cache then holds one
-        scratch block beyond ``num_blocks`` for the graphs' padding rows."""
+        scratch block beyond ``num_blocks`` for the graphs' padding rows. ``kv_static``: static per-head
+        (scale, min) pairs for a quantized cache (kv_quant.load_kv_qparams)."""
         a = model.args
         self.model, self.device, self.dtype, self.block_size = model, device, dtype, block_size
         self._usable_blocks = num_blocks
@@ -36,7 +37,7 @@ class ModelRunner:
                 logger.info("W4A16 layers repacked to the %s layout", layout or GPU_LAYOUT)
                 torch.cuda.empty_cache()
         self.kv = KVCache(a.num_layers, num_blocks + int(graphs), block_size, a.num_kv_heads, a.head_dim, dtype,
-                          device, quant_policy)
+                          device, quant_policy, kv_static)
         self.rope = RotaryEmbedding(a.head_dim, a.rope_theta, a.max_position_embeddings, a.rope_scaling,
                                     dynamic_factor=rope_scaling_factor, device=device)
         self.eos_token_ids = list(eos_token_ids)

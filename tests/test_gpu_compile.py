@@ -87,7 +87,7 @@ qsig = {"qkv_ptr": "*fp16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_out_ptr":
                               "KVH")}}
 for arch in (80, 90):
     for bits in (8, 4):
-        const = {"HALF": 64, "BITS": bits}
+        const = {"HALF": 64, "BITS": bits, "STATIC": bits == 4}
         try:
             src = ASTSource(fn=_rope_write_quant_kernel, signature=dict(qsig, **{k: "constexpr" for k in const}),
                             constexprs=const)

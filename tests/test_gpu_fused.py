@@ -57,11 +57,13 @@ def test_rope_write_rotates_and_fills_the_slots():
     assert torch.allclose(kc, k_ref, atol=1e-5) and torch.equal(vc, v_ref)
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_rope_write_quant_matches_rotary_then_the_quantized_write(bits):
+def test_rope_write_quant_matches_rotary_then_the_quantized_write(bits, static):
     """RoPE and the int8 / int4 K/V write in one kernel against apply_rotary and QuantKV.write (codes
-    rounded half to even, (scale, min) beside them): float32 codes and parameters identical, untouched slots
-    left as they were; float16 on a GPU within one code."""
+    rounded half to even, (scale, min) beside them; static: the slots' given per-head pairs, codes only):
+    float32 codes and parameters identical, untouched slots left as they were; float16 on a GPU within one
+    code."""
     from engine.kernels.rope_write_quant import rope_write_quant
     from engine.layers.kv_quant import QuantKV, packed_dim
     dtype = torch.float16 if CUDA else torch.float32
@@ -74,12 +76,15 @@ def test_rope_write_quant_matches_rotary_then_the_quantized_write(bits):
     blocks, offsets = torch.tensor([3, 0, 1, 2, 1], device=DEV), pos % bs
     pdt = torch.float32 if dtype == torch.float32 else torch.float16
 
+    pairs = torch.tensor([[0.07, -4.0], [0.05, -3.5]])  # static: per head (scale, min)
+
     def caches():
         codes = (nb, KVH, bs, packed_dim(D, bits))
+        params = (pairs[None, :, None, :].expand(nb, KVH, bs, 2) if static else torch.zeros(nb, KVH, bs, 2))
         return [QuantKV(torch.randint(0, 255, codes, generator=g, dtype=torch.uint8).to(DEV),
-                        torch.zeros(nb, KVH, bs, 2, dtype=pdt, device=DEV), bits, D, dtype) for _ in range(2)]
+                        params.to(DEV, pdt).clone(), bits, D, dtype, static) for _ in range(2)]
     kc, vc = caches()
-    k_ref, v_ref = (QuantKV(c.data.clone(), c.params.clone(), bits, D, dtype) for c in (kc, vc))
+    k_ref, v_ref = (QuantKV(c.data.clone(), c.params.clone(), bits, D, dtype, static) for c in (kc, vc))
     q = rope_write_quant(qkv, cos, sin, kc, vc, blocks, offsets, H, KVH)
     qr, kr, vr = qkv.split([H * D, KVH * D, KVH * D], dim=1)
     q_ref = apply_rotary(qr.reshape(T, H, D), cos, sin).float()

@@ -150,6 +150,23 @@ def test_tp2_equals_tp1_on_a_model_whose_kv_head_is_replicated(ray_local, tiny_m
     assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
 
 
+def test_tp2_with_static_kv_parameters_equals_tp1(ray_local, tmp_path, smol_dir):
+    """Static per-head int8 KV parameters (kv_qparams) under tp=2: each rank takes its KV head's pair (the
+    heads' ranges differ fourfold, so a rank holding the other head's would clip or coarsen its K/V)."""
+    from safetensors.torch import save_file
+    make_hf_model("llama", smol_dir, tmp_path / "m", seed=9)  # 4 heads, 2 KV heads: one per rank
+    half = torch.tensor([[1.0, 4.0], [1.5, 6.0]])  # [layers, KV heads]: each head's range is +-half
+    save_file({f"int8.{k}_{w}": (2 * half / 255 if w == "scale" else torch.zeros(2, 2)).contiguous()
+               for k in "kv" for w in ("scale", "zp")}, str(tmp_path / "kv_qparams.safetensors"))
+    kw = dict(quant_policy=8, kv_qparams=str(tmp_path))
+    ref = []
+    ref_out, ref_logits = run_engine(str(tmp_path / "m"), results=ref, **kw)
+    out, logits = run_engine(str(tmp_path / "m"), tp=2, **kw)
+    for r, got in zip(ref, out):
+        assert_greedy_agrees_up_to_a_near_tie(r, got)
+    assert torch.allclose(logits, ref_logits, atol=2e-2, rtol=1e-3)
+
+
 def test_tp2_with_shared_memory_all_reduce_equals_tp1(ray_local, tiny_mqa, monkeypatch):
     ref, ref_logits = run_engine(str(tiny_mqa))
     monkeypatch.setenv("RAYLM_TP_SHM", "1")

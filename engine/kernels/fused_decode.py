@@ -75,7 +75,7 @@ class FusedDecoder:
         rotary = (cos.data_ptr(), sin.data_ptr())
         rows = (blocks.data_ptr(), offsets.data_ptr(), bt.data_ptr(), ctx.data_ptr(), bt.shape[1], M, kv.block_size,
                 self.scale)
-        xp, bits = x.data_ptr(), kv.quant_policy  # int8 / int4 blocks: written and read quantized
+        xp, bits = x.data_ptr(), kv.native_bits  # int8 / int4 blocks: written and read quantized
         if self.splits(M, threads):
             ks, vs, kps, vps = kv.pointer_arrays
             self.so.decode_layers_split(xp, self.layer_array, len(self.structs), *rotary, ks.data_ptr(), vs.data_ptr(),
@@ -113,7 +113,7 @@ class FusedDecoder:
             (k_cache, v_cache), (k_params, v_params) = kv.pointers[i], kv.param_pointers[i]
             so.tm_attention(p(qkv), p(cos), p(sin), k_cache, v_cache, p(blocks), p(offsets), p(spans), p(bt),
                             spans.shape[0], bt.shape[1], T, NH, KVH, D, kv.block_size, self.scale, p(att), threads,
-                            k_params, v_params, kv.quant_policy)
+                            k_params, v_params, kv.native_bits)
             o = at.o(att).contiguous()
             so.tm_add_norm(p(x), p(o), p(layer.post_norm.weight), p(h), T, H, layer.post_norm.eps, ew)
             gu = mlp.gate_up(h).contiguous()
@@ -146,7 +146,7 @@ class FusedDecoder:
             (k_cache, v_cache), (k_params, v_params) = kv.pointers[i], kv.param_pointers[i]
             so.hy_attention(p(qkv_t), p(qkv), p(cos), p(sin), k_cache, v_cache, p(blocks), p(offsets), p(bt),
                             p(ctx), bt.shape[1], M, NH, KVH, D, kv.block_size, self.scale, p(att), threads,
-                            k_params, v_params, kv.quant_policy)
+                            k_params, v_params, kv.native_bits)
             _mm(at.o, att.t(), o_t)
             so.hy_add_norm(p(x), p(o_t), p(layer.post_norm.weight), p(h), M, H, layer.post_norm.eps, 1)
             _mm(mlp.gate_up, h.t(), gu_t)

@@ -52,13 +52,25 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: str, quant_policy: int = 0):
+                 dtype: torch.dtype, device: str, quant_policy: int = 0, static: Optional[torch.Tensor] = None):
+        """``static``: per-head (scale, min) pairs [layers, 2, kv_heads, 2] (kv_quant.load_kv_qparams) for a
+        quantized cache, written into every slot here; writers then put only the codes."""
         self.num_blocks, self.block_size, self.quant_policy = num_blocks, block_size, quant_policy
+        if static is not None and (not quant_policy or tuple(static.shape) != (num_layers, 2, kv_heads, 2)):
+            raise ValueError(f"kv_qparams: static parameters need quant_policy 8 or 4 and the shape "
+                             f"[{num_layers}, 2, {kv_heads}, 2] (got quant_policy {quant_policy}, "
+                             f"{list(static.shape)})")
+        self.static = static is not None
+        # the bits the native CPU kernels take: with KV_FIXED (0x100) where the slots' pairs are given
+        self.native_bits = quant_policy | (0x100 if self.static else 0)
         self.dtype, self.head_dim = dtype, head_dim
         shape = (num_layers, 2, num_blocks, kv_heads, block_size)
         if quant_policy:
             self.data = _zeros(shape + (packed_dim(head_dim, quant_policy),), torch.uint8, device)
             self.params = _zeros(shape + (2,), kv_params_dtype(dtype), device)
+            if static is not None:  # [layers, 2, kv_heads, 2] into every block and slot
+                pairs = static.to(device=self.params.device, dtype=self.params.dtype)
+                self.params.copy_(pairs[:, :, None, :, None, :].expand_as(self.params))
         else:
             self.data = _zeros(shape + (head_dim,), dtype, device)
             self.params = None
@@ -78,7 +90,8 @@ class KVCache:
 
     def _views(self, i: int) -> Tuple:
         if self.quant_policy:
-            return tuple(QuantKV(self.data[i, j], self.params[i, j], self.quant_policy, self.head_dim, self.dtype)
+            return tuple(QuantKV(self.data[i, j], self.params[i, j], self.quant_policy, self.head_dim, self.dtype,
+                                 self.static)
                          for j in (0, 1))
         return self.data[i, 0], self.data[i, 1]
 

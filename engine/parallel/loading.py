@@ -62,6 +62,7 @@ def load_rank_model(spec: Dict[str, Any], rank: int, device: str, dtype: torch.d
                          f"unexpected {unexpected[:4]})")
     net.tie_weights()
     net.eval()
+    net.kv_head_ids, net.total_kv_heads = list(layout.kv_heads), args.num_kv_heads  # this rank's KV heads
     logger.info("rank %d: %d q heads, %d kv heads, %d mlp columns from the %s in %.1f s", rank, layout.num_heads,
                 layout.num_kv_heads, layout.inter[1], src, time.perf_counter() - t0)
     return net

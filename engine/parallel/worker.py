@@ -66,9 +66,14 @@ class TPWorker:
         if shm_name is not None:
             from .shm_allreduce import ShmAllReduce
             self._shm = ShmAllReduce(shm_name, self.rank, self.tp, s["max_step_tokens"] * self.model.args.hidden_size)
+        static = None
+        if s.get("kv_qparams"):  # this rank's KV heads of the static parameters
+            from ..layers.kv_quant import load_kv_qparams
+            static = load_kv_qparams(s["kv_qparams"], s["quant_policy"], self.model.args.num_layers,
+                                     self.model.total_kv_heads, self.model.kv_head_ids)
         self.runner = ModelRunner(self.model, num_blocks, s["block_size"], self.device, getattr(torch, s["dtype"]),
                                   s["eos_token_ids"], s["rope_scaling_factor"], s["seed"], s["quant_policy"],
-                                  matmul_precision=s.get("matmul_precision", "highest"))
+                                  matmul_precision=s.get("matmul_precision", "highest"), kv_static=static)
         self.model.fused_decoder = None  # the fused CPU decoder has no all-reduce between its layers
         return self.runner.kv_bytes()
 

@@ -251,17 +251,31 @@ void skinny_linear(const float *x, const float *w, const float *b, float *y, int
 typedef struct {
     const float *kp, *vp;  /* the K and V (scale, min) pairs; the data pointers travel as k_cache / v_cache */
     int bits;              /* 8 or 4; 0: float32 blocks */
+    int fixed;             /* 1: the pairs are given (static per-head parameters, kv_quant.load_kv_qparams) */
 } kv_quant;
 
-static void kvq_write_row(const float *x, int D, int bits, uint8_t *q, float *p) {
-    float mn = x[0], mx = x[0];
-    for (int i = 1; i < D; i++) {
-        mn = x[i] < mn ? x[i] : mn;
-        mx = x[i] > mx ? x[i] : mx;
-    }
+/* The kv_bits argument of the entry points: the bits, plus KV_FIXED where the pairs are given */
+#define KV_FIXED 0x100
+#define KV_QUANT(kp, vp, kv_bits) {(kp), (vp), (kv_bits) & 0xFF, ((kv_bits) & KV_FIXED) != 0}
+
+/* One vector into its slot: codes and the (scale, min) pair p, made from the vector's own range; ``fixed``:
+ * p holds the pair already and only the codes are written */
+static void kvq_write_row(const float *x, int D, int bits, uint8_t *q, float *p, int fixed) {
     const float qmax = (float)((1 << bits) - 1);
-    float scale = (mx - mn) / qmax;
-    if (scale < 1e-8f) scale = 1e-8f;
+    float mn, scale;
+    if (fixed) {
+        scale = p[0];
+        mn = p[1];
+    } else {
+        float mx = x[0];
+        mn = x[0];
+        for (int i = 1; i < D; i++) {
+            mn = x[i] < mn ? x[i] : mn;
+            mx = x[i] > mx ? x[i] : mx;
+        }
+        scale = (mx - mn) / qmax;
+        if (scale < 1e-8f) scale = 1e-8f;
+    }
     if (bits == 4) memset(q, 0, (size_t)D / 2);
     for (int i = 0; i < D; i++) {
         float r = nearbyintf((x[i] - mn) / scale);
@@ -269,14 +283,16 @@ static void kvq_write_row(const float *x, int D, int bits, uint8_t *q, float *p)
         if (bits == 8) q[i] = (uint8_t)r;
         else q[i / 2] |= (uint8_t)((unsigned)r << (4 * (i & 1)));
     }
-    p[0] = scale;
-    p[1] = mn;
+    if (!fixed) {
+        p[0] = scale;
+        p[1] = mn;
+    }
 }
 
 /* rows vectors of D values -> their integers and (scale, min) pairs (tests compare it with kv_quant's) */
 void kvq_quantize(const float *x, int rows, int D, int bits, uint8_t *q, float *params) {
     for (int r = 0; r < rows; r++)
-        kvq_write_row(x + (int64_t)r * D, D, bits, q + (int64_t)r * (bits == 8 ? D : D / 2), params + 2 * r);
+        kvq_write_row(x + (int64_t)r * D, D, bits, q + (int64_t)r * (bits == 8 ? D : D / 2), params + 2 * r, 0);
 }
 
 /* n consecutive cache slots from slot0 on (one block's rows of one KV head) dequantized into out [n, D];
@@ -984,8 +1000,9 @@ static void rotate_write(float *qkv, const float *cos, const float *sin, float *
         if (hd >= NH && kq && kq->bits) {
             const int kh = hd - NH, Dq = kq->bits == 8 ? D : D / 2;
             const int64_t slot = ((int64_t)slot_blocks[m] * KVH + kh) * BS + slot_offsets[m];
-            kvq_write_row(v, D, kq->bits, (uint8_t *)k_cache + slot * Dq, (float *)kq->kp + 2 * slot);
-            kvq_write_row(v + (int64_t)KVH * D, D, kq->bits, (uint8_t *)v_cache + slot * Dq, (float *)kq->vp + 2 * slot);
+            kvq_write_row(v, D, kq->bits, (uint8_t *)k_cache + slot * Dq, (float *)kq->kp + 2 * slot, kq->fixed);
+            kvq_write_row(v + (int64_t)KVH * D, D, kq->bits, (uint8_t *)v_cache + slot * Dq, (float *)kq->vp + 2 * slot,
+                          kq->fixed);
         } else if (hd >= NH) {
             int kh = hd - NH;
             int64_t off = slot_blocks[m] * block_stride + kh * head_stride + (int64_t)slot_offsets[m] * D;
@@ -1028,7 +1045,7 @@ void decode_layer(float *x, const layer_weights *L, const float *cos, const floa
                   const int32_t *block_tables, const int32_t *ctx_lens, int max_blocks, int M, int BS,
                   float scale, float *scratch, int nthreads, const float *k_params, const float *v_params,
                   int kv_bits) {
-    const kv_quant kq = {k_params, v_params, kv_bits};
+    const kv_quant kq = KV_QUANT(k_params, v_params, kv_bits);
     const int H = L->H, NH = L->NH, KVH = L->KVH, D = L->D, I = L->I;
     const int QKV = (NH + 2 * KVH) * D;
     float *h = scratch;                      /* [M, H]   normed input */
@@ -1115,7 +1132,7 @@ void hy_attention(const float *qkvT, float *qkv, const float *cos, const float *
         #pragma omp for schedule(static)
         for (int j = 0; j < QKV; j++)
             for (int m = 0; m < M; m++) qkv[(int64_t)m * QKV + j] = qkvT[(int64_t)j * M + m];
-        const kv_quant kq = {k_params, v_params, kv_bits};
+        const kv_quant kq = KV_QUANT(k_params, v_params, kv_bits);
         rotate_write_attend(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, block_tables, ctx_lens,
                             max_blocks, M, NH, KVH, D, BS, scale, att, &kq);
     }
@@ -1368,7 +1385,7 @@ void tm_attention(float *qkv, const float *cos, const float *sin, float *k_cache
                   float scale, float *att, int nthreads, const float *k_params, const float *v_params, int kv_bits) {
     const int G = NH / KVH, QKV = (NH + 2 * KVH) * D;
     if (kv_bits) {
-        const kv_quant kq = {k_params, v_params, kv_bits};
+        const kv_quant kq = KV_QUANT(k_params, v_params, kv_bits);
         tm_attention_q(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, spans, block_tables, S, max_blocks,
                        T, NH, KVH, D, BS, scale, att, nthreads, &kq);
         return;
