@@ -42,7 +42,9 @@ def memory_run(policy: int, batch: int, context: int, out_tokens: int) -> dict:
     return {"kv_MiB": eng.kv_bytes / 2 ** 20, "peak_MiB": peak / 1024, "after_load_MiB": base / 1024}
 
 
-def accuracy(windows: int, seqlen: int, chunk: int) -> dict:
+def accuracy(windows: int, seqlen: int, chunk: int, kv_qparams: str = "") -> dict:
+    """Perplexity and greedy agreement per policy; with ``kv_qparams`` (the kv_qparams job's output) also
+    int8 and int4 with those static per-head parameters ("8s", "4s")."""
     from transformers import AutoTokenizer
 
     from engine.generation import GenerationConfig
@@ -50,8 +52,10 @@ def accuracy(windows: int, seqlen: int, chunk: int) -> dict:
     from engine.offline import Pipeline
     from engine.scoring import window_logits, window_nll
     from quant_jobs.data import wikitext2_test_text
-    engines = {p: LLMEngine(quant_policy=p, block_size=64, max_batch_size=8, num_cpu_blocks=-(-seqlen // 64) + 2)
-               for p in POLICIES}
+    kw = dict(block_size=64, max_batch_size=8, num_cpu_blocks=-(-seqlen // 64) + 2)
+    engines = {p: LLMEngine(quant_policy=p, **kw) for p in POLICIES}
+    if kv_qparams:
+        engines.update({f"{p}s": LLMEngine(quant_policy=p, kv_qparams=kv_qparams, **kw) for p in (8, 4)})
     tok = AutoTokenizer.from_pretrained(str(engines[0].model_dir))
     ids = tok(wikitext2_test_text(SHARED / "wikitext2" / "wiki.test.raw"), add_special_tokens=False)["input_ids"]
     res = {}
@@ -61,15 +65,15 @@ def accuracy(windows: int, seqlen: int, chunk: int) -> dict:
         print(f"  quant_policy {p}: ppl {res[p]['ppl']:.4f}", flush=True)
     gc = GenerationConfig(max_new_tokens=32, temperature=0, ignore_eos=True)
     outs = Pipeline(engines[0])(PROMPTS, gc)
-    agree = {p: [0, 0] for p in POLICIES}
+    agree = {p: [0, 0] for p in engines}
     for prompt, o in zip(PROMPTS, outs):
         seq = tok(prompt, add_special_tokens=False)["input_ids"] + o.token_ids
         n = len(o.token_ids)
-        for p in POLICIES:
+        for p in engines:
             pick = window_logits(engines[p], seq, chunk=1)[-n - 1:-1].argmax(-1).tolist()
             agree[p][0] += sum(a == b for a, b in zip(pick, o.token_ids))
             agree[p][1] += n
-    for p in POLICIES:
+    for p in engines:
         res[p]["greedy_agreement"] = agree[p][0] / agree[p][1]
     return res
 
@@ -133,7 +137,9 @@ def main() -> int:
     ap.add_argument("--ppl-seqlen", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--speed-runs", type=int, default=3)
-    ap.add_argument("--only", choices=["memory", "speed"],
+    ap.add_argument("--kv-qparams", default="",
+                    help="the kv_qparams job's output: accuracy also with static per-head parameters")
+    ap.add_argument("--only", choices=["memory", "speed", "accuracy"],
                     help="run only this part (the others keep their results from the last run)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: policy,batch for a child process
     ap.add_argument("--no-doc", action="store_true")
@@ -148,6 +154,10 @@ def main() -> int:
         if a.only == "speed":
             res["speed"], res["speed_machine"] = speed(a.speed_runs), machine_description()
             res["args"]["speed_runs"] = a.speed_runs
+        elif a.only == "accuracy":
+            res["accuracy"] = accuracy(a.ppl_windows, a.ppl_seqlen, a.chunk, a.kv_qparams)
+            res["args"].update(ppl_windows=a.ppl_windows, ppl_seqlen=a.ppl_seqlen, chunk=a.chunk,
+                               kv_qparams=a.kv_qparams)
         else:
             res["memory"], res["machine"] = memory(batches, a.context, a.out_tokens), machine_description()
             res["args"].update(batches=a.batches, context=a.context, out_tokens=a.out_tokens)
@@ -157,7 +167,7 @@ def main() -> int:
     import torch
     per_seq = {p: KVCache.bytes_per_block(30, 64, 3, 64, torch.float32, p) * -(-a.context // 64) for p in POLICIES}
     fits = {p: int(a.budget_gib * 2 ** 30 // per_seq[p]) for p in POLICIES}
-    acc = accuracy(a.ppl_windows, a.ppl_seqlen, a.chunk)
+    acc = accuracy(a.ppl_windows, a.ppl_seqlen, a.chunk, a.kv_qparams)
     res = {"machine": machine_description(), "args": vars(a), "memory": mem, "fits": fits, "accuracy": acc,
            "speed": speed(a.speed_runs), "speed_machine": machine_description()}
     return _finish(res, batches, a.no_doc)
@@ -193,10 +203,18 @@ def render(res, batches) -> str:
               "cache); greedy agreement = share of 32-token greedy continuations of 8 prompts where the "
               "quantized cache, fed the same tokens one at a time, picks the same next token.", "",
               "| quant_policy | perplexity | vs fp32 cache | greedy agreement |", "|---|---|---|---|"]
-    acc = {int(k): v for k, v in res["accuracy"].items()}
-    for p in POLICIES:
-        lines.append(f"| {p} | {acc[p]['ppl']:.4f} | {acc[p]['ppl'] / acc[0]['ppl'] - 1:+.2%} | "
+    acc = {str(k): v for k, v in res["accuracy"].items()}  # int keys, or str ones read back from the JSON
+    static = {"8s": "8, static per-head parameters", "4s": "4, static per-head parameters"}
+    for p in [str(p) for p in POLICIES] + [s for s in static if s in acc]:
+        lines.append(f"| {static.get(p, p)} | {acc[p]['ppl']:.4f} | {acc[p]['ppl'] / acc['0']['ppl'] - 1:+.2%} | "
                      f"{acc[p]['greedy_agreement']:.1%} |")
+    if any(s in acc for s in static):
+        lines += ["", "Static per-head parameters: `python -m quant_jobs calibrate --calib-samples 64 "
+                  "--calib-seqlen 512` (WikiText-2 train) then `kv_qparams`: one (scale, zero point) per layer, "
+                  "K or V and KV head from the calibrated range (`kv_qparams` in the engine config), where the "
+                  "other rows use each token's own range. One range per head holds a head's outliers in every "
+                  "token's 16 int4 levels, hence int4's loss; int8 keeps its 256 levels within reach of the "
+                  "online form."]
     if res.get("speed"):
         lines += _speed_table(res)
     return "\n".join(lines)
