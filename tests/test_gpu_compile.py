@@ -68,11 +68,11 @@ import triton
 from engine.kernels.rope_decode_triton import _rope_decode_kernel
 sig = {"qkv_ptr": "*fp16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "k_ptr": "*fp16", "v_ptr": "*fp16",
        "blk_ptr": "*i64", "off_ptr": "*i64", "bt_ptr": "*i32", "ctx_ptr": "*i32", "fresh_ptr": "*i32",
-       "out_ptr": "*fp16", "scale": "fp32", **{k: "i32" for k in ("s_t", "s_c", "s_kb", "s_kh", "s_ks", "s_btb",
-                                                                  "s_ot", "s_oh", "H", "KVH")}}
+       "out_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "scale": "fp32", "CHUNK": "i32",
+       **{k: "i32" for k in ("s_t", "s_c", "s_kb", "s_kh", "s_ks", "s_btb", "s_ot", "s_oh", "H", "KVH")}}
 for arch in (80, 90):
-    for G, HALF in ((1, 64), (3, 32)):  # Llama-2-7B's heads; SmolLM2's 9 heads over 3 KV heads
-        const = {"G": G, "G_PAD": 4 if G == 3 else 1, "HALF": HALF, "BS": 64}
+    for G, HALF, S in ((1, 64, 1), (3, 32, 4)):  # Llama-2-7B's heads; SmolLM2's 9 heads over 3 KV heads, split
+        const = {"G": G, "G_PAD": 4 if G == 3 else 1, "HALF": HALF, "BS": 64, "SPLITS": S}
         try:
             src = ASTSource(fn=_rope_decode_kernel, signature=dict(sig, **{k: "constexpr" for k in const}),
                             constexprs=const)

@@ -100,14 +100,16 @@ def test_rope_write_quant_matches_rotary_then_the_quantized_write(bits, static):
             assert torch.equal(got.data, want.data) and torch.equal(got.params, want.params)
 
 
-@pytest.mark.parametrize("G", [1, 3])
-def test_rope_decode_kernel_matches_rope_write_then_attention(G):
+@pytest.mark.parametrize("G,splits", [(1, 0), (3, 0), (1, 2), (3, 3)])
+def test_rope_decode_kernel_matches_rope_write_then_attention(G, splits):
     """RoPE, the K/V write and paged attention in one kernel against the two steps it replaces (rope_write,
     then torch_decode over the written cache): a sequence with two drafts (three rows attending to each other
     and to 13 cached positions across blocks), one with a single row and nothing cached, one at a block's
     first slot; grouped heads padded (3 to 4) or not. The kernel writes this step's K/V into a block no
     table names and the tables' slots for them hold noise, so its outputs show it took this step's rows
-    from q/k/v (programs of one launch cannot see each other's writes on a GPU), not from the cache."""
+    from q/k/v (programs of one launch cannot see each other's writes on a GPU), not from the cache.
+    splits 2 and 3: the cached context attended in parts of 16 and 8 positions by programs of their own
+    (some parts empty), merged by the last to finish, which leaves its counter zeroed."""
     from engine.kernels.rope_decode_triton import rope_decode
     from engine.layers.attention import AttentionMetadata, torch_decode
     KVH, D, nb, bs = 2, 16, 8, 8
@@ -131,8 +133,11 @@ def test_rope_decode_kernel_matches_rope_write_then_attention(G):
     kmeta = AttentionMetadata(positions=pos, slot_blocks=scratch, slot_offsets=slots, num_decode=5,
                               decode_block_tables=bt, decode_ctx_lens=meta.decode_ctx_lens,
                               decode_fresh=meta.decode_fresh)
-    out = rope_decode(qkv, meta.cos, meta.sin, kc, vc, kmeta, H, KVH, D ** -0.5)
+    out = rope_decode(qkv, meta.cos, meta.sin, kc, vc, kmeta, H, KVH, D ** -0.5, splits=splits)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    if splits:
+        from engine.kernels.awq_common import _workspace
+        assert not _workspace(qkv.device, 1, 5 * KVH)[1].any()
     assert torch.allclose(kc[nb - 1, :, :5], k_ref[blocks, :, pos % bs].transpose(0, 1), atol=1e-6)
     assert torch.equal(vc[nb - 1, :, :5], v_ref[blocks, :, pos % bs].transpose(0, 1))
     with pytest.raises(ValueError, match="does not match 4 heads"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from .awq_common import _workspace
 from .paged_attention_triton import HAVE_TRITON, _pow2
 
 if HAVE_TRITON:
@@ -26,11 +27,38 @@ if HAVE_TRITON:
     from .paged_attention_triton import _softmax_start, _softmax_update
 
     @triton.jit
+    def _combine_splits(ws_ptr, base, offs_g, d, SPLITS: tl.constexpr, G_PAD: tl.constexpr, HALF: tl.constexpr):
+        """The last split's program: the SPLITS partial softmaxes (max, sum, two output halves each, at
+        ``base`` of the workspace) merged -> (output halves [G_PAD, HALF]). Read past the L1 cache (".cg"):
+        other programs wrote them."""
+        W: tl.constexpr = 2 * G_PAD + 2 * G_PAD * HALF
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        for sp in range(SPLITS):
+            m = tl.maximum(m, tl.load(ws_ptr + base + sp * W + offs_g, cache_modifier=".cg"))
+        l = tl.zeros([G_PAD], tl.float32)
+        o1 = tl.zeros([G_PAD, HALF], tl.float32)
+        o2 = tl.zeros([G_PAD, HALF], tl.float32)
+        for sp in range(SPLITS):
+            b = base + sp * W
+            w = tl.exp(tl.load(ws_ptr + b + offs_g, cache_modifier=".cg") - m)  # 0 for an empty split
+            l += w * tl.load(ws_ptr + b + G_PAD + offs_g, cache_modifier=".cg")
+            a = b + 2 * G_PAD + offs_g[:, None] * (2 * HALF) + d[None, :]
+            o1 += w[:, None] * tl.load(ws_ptr + a, cache_modifier=".cg")
+            o2 += w[:, None] * tl.load(ws_ptr + a + HALF, cache_modifier=".cg")
+        return o1 / l[:, None], o2 / l[:, None]
+
+    @triton.jit
     def _rope_decode_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, blk_ptr, off_ptr, bt_ptr, ctx_ptr,
-                            fresh_ptr, out_ptr, scale, s_t, s_c, s_kb, s_kh, s_ks, s_btb, s_ot, s_oh, H, KVH,
-                            G: tl.constexpr, G_PAD: tl.constexpr, HALF: tl.constexpr, BS: tl.constexpr):
+                            fresh_ptr, out_ptr, ws_ptr, cnt_ptr, scale, CHUNK, s_t, s_c, s_kb, s_kh, s_ks, s_btb,
+                            s_ot, s_oh, H, KVH, G: tl.constexpr, G_PAD: tl.constexpr, HALF: tl.constexpr,
+                            BS: tl.constexpr, SPLITS: tl.constexpr):
+        """One program per (row, KV head, split of the cached context: CHUNK positions each, whole blocks).
+        SPLITS > 1 (long contexts): each split's partial softmax goes to the workspace and the last split
+        to finish (a counter per row and head says which, as the W4A16 split-K does) merges them; the step's
+        own rows are the last split's, the K/V write the first's."""
         t = tl.program_id(0)
         h = tl.program_id(1)
+        sp = tl.program_id(2)
         d = tl.arange(0, HALF)
         offs_g = tl.arange(0, G_PAD)
         offs_s = tl.arange(0, BS)
@@ -48,18 +76,21 @@ if HAVE_TRITON:
         # this row's K (rotated) and V into its slot
         k1, k2 = _rotated(qkv_ptr + t * s_t + (H + h) * (2 * HALF), cos, sin, d, HALF)
         vsrc = qkv_ptr + t * s_t + (H + KVH + h) * (2 * HALF)
-        slot = tl.load(blk_ptr + t).to(tl.int64) * s_kb + h * s_kh + tl.load(off_ptr + t).to(tl.int64) * s_ks
-        tl.store(k_ptr + slot + d, k1.to(cdt))
-        tl.store(k_ptr + slot + HALF + d, k2.to(cdt))
-        tl.store(v_ptr + slot + d, tl.load(vsrc + d).to(cdt))
-        tl.store(v_ptr + slot + HALF + d, tl.load(vsrc + HALF + d).to(cdt))
-        # the positions earlier steps cached, block by block
+        if sp == 0:
+            slot = tl.load(blk_ptr + t).to(tl.int64) * s_kb + h * s_kh + tl.load(off_ptr + t).to(tl.int64) * s_ks
+            tl.store(k_ptr + slot + d, k1.to(cdt))
+            tl.store(k_ptr + slot + HALF + d, k2.to(cdt))
+            tl.store(v_ptr + slot + d, tl.load(vsrc + d).to(cdt))
+            tl.store(v_ptr + slot + HALF + d, tl.load(vsrc + HALF + d).to(cdt))
+        # this split's share of the positions earlier steps cached, block by block
         fresh = tl.load(fresh_ptr + t)
         cached = tl.load(ctx_ptr + t) - fresh
+        lo = sp * CHUNK
+        hi = tl.minimum(lo + CHUNK, cached)
         m, l, acc1, acc2 = _softmax_start(G_PAD, HALF)
-        for i in range(0, tl.cdiv(cached, BS)):
+        for i in range(lo // BS, tl.cdiv(hi, BS)):
             blk = tl.load(bt_ptr + t * s_btb + i).to(tl.int64)
-            smask = (i * BS + offs_s) < cached
+            smask = (i * BS + offs_s) < hi
             kb = k_ptr + blk * s_kb + h * s_kh + offs_s[:, None] * s_ks + d[None, :]
             ka = tl.load(kb, mask=smask[:, None], other=0.0).to(tl.float32)  # [BS, HALF]
             kz = tl.load(kb + HALF, mask=smask[:, None], other=0.0).to(tl.float32)
@@ -73,7 +104,7 @@ if HAVE_TRITON:
             acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * va[None, :, :], axis=1)
             acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vz[None, :, :], axis=1)
         # then this step's rows of the sequence (its drafts before this row, and this row), from q/k/v
-        for j in range(0, fresh):
+        for j in range(0, tl.where(sp == SPLITS - 1, fresh, 0)):
             r = t - fresh + 1 + j
             rc = tl.load(cos_ptr + r * s_c + d)
             rs = tl.load(sin_ptr + r * s_c + d)
@@ -89,21 +120,50 @@ if HAVE_TRITON:
             acc2 = acc2 * alpha[:, None] + p * b2[None, :]
         ob = out_ptr + t * s_ot + (h * G + offs_g)[:, None] * s_oh + d[None, :]
         odt = out_ptr.dtype.element_ty
-        tl.store(ob, (acc1 / l[:, None]).to(odt), mask=gmask[:, None])
-        tl.store(ob + HALF, (acc2 / l[:, None]).to(odt), mask=gmask[:, None])
+        if SPLITS == 1:
+            tl.store(ob, (acc1 / l[:, None]).to(odt), mask=gmask[:, None])
+            tl.store(ob + HALF, (acc2 / l[:, None]).to(odt), mask=gmask[:, None])
+        else:
+            W: tl.constexpr = 2 * G_PAD + 2 * G_PAD * HALF
+            base = (t * KVH + h).to(tl.int64) * (SPLITS * W)
+            b = base + sp * W
+            tl.store(ws_ptr + b + offs_g, m)
+            tl.store(ws_ptr + b + G_PAD + offs_g, l)
+            a = b + 2 * G_PAD + offs_g[:, None] * (2 * HALF) + d[None, :]
+            tl.store(ws_ptr + a, acc1)
+            tl.store(ws_ptr + a + HALF, acc2)
+            tl.debug_barrier()  # every thread's partials are out before the counter moves
+            done = tl.atomic_add(cnt_ptr + t * KVH + h, 1)
+            if done == SPLITS - 1:
+                o1, o2 = _combine_splits(ws_ptr, base, offs_g, d, SPLITS, G_PAD, HALF)
+                tl.store(ob, o1.to(odt), mask=gmask[:, None])
+                tl.store(ob + HALF, o2.to(odt), mask=gmask[:, None])
+                tl.store(cnt_ptr + t * KVH + h, 0)
 
 
 def rope_decode_ok(head_dim: int, block_size: int) -> bool:
     return HAVE_TRITON and head_dim % 2 == 0 and _pow2(head_dim // 2) and _pow2(block_size)
 
 
+# Cached positions per split of a long context (whole blocks): a row's context is split in as many parts as
+# the block tables' width allows this many positions each, up to MAX_SPLITS (flash-decoding, vLLM's paged
+# attention v2): one program per row and KV head leaves most SMs idle when a few sequences attend to
+# thousands of positions. Tables of up to SPLIT_POSITIONS positions run unsplit.
+SPLIT_POSITIONS, MAX_SPLITS = 1024, 8
+
+
+def splits_for(max_blocks: int, block_size: int) -> int:
+    return max(1, min(MAX_SPLITS, -(-max_blocks * block_size // SPLIT_POSITIONS)))
+
+
 def rope_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta, H: int, KVH: int, scale: float) -> torch.Tensor:
+                v_cache: torch.Tensor, meta, H: int, KVH: int, scale: float, splits: int = 0) -> torch.Tensor:
     """qkv [T, (H + 2 KVH) D], every row a decode row; cos/sin [T, D] (float32, halves equal); caches
     [num_blocks, KVH, bs, D] alike; ``meta``'s slot_blocks/slot_offsets (each row's slot), decode_block_tables,
     decode_ctx_lens (context with the row itself) and decode_fresh (this step's rows of the row's sequence up
     to and including it: 1, or 2, 3, ... for drafts). Writes each row's rotated k and its v into its slot;
-    -> attention output [T, H, D]."""
+    -> attention output [T, H, D]. ``splits``: parts of the cached context attended by programs of their own
+    (0: splits_for the tables' width, which a CUDA graph fixes at capture)."""
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed")
     T = qkv.shape[0]
@@ -121,10 +181,17 @@ def rope_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache
         raise ValueError(f"rope_decode: {T} rows need [T, blocks] block tables, [T] context lengths and [T] fresh "
                          f"counts")
     bt = bt if bt.stride(-1) == 1 else bt.contiguous()
-    G = H // KVH
+    G, G_PAD = H // KVH, max(triton.next_power_of_2(H // KVH), 1)
+    S = splits or splits_for(bt.shape[1], bs)
+    chunk = -(-bt.shape[1] // S) * bs  # whole blocks per split
     out = torch.empty(T, H, D, dtype=qkv.dtype, device=qkv.device)
-    _rope_decode_kernel[(T, KVH)](
-        qkv, cos, sin, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets, bt, ctx, fresh, out, scale,
-        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
-        out.stride(0), out.stride(1), H, KVH, G=G, G_PAD=max(triton.next_power_of_2(G), 1), HALF=D // 2, BS=bs)
+    if S > 1:  # partial softmaxes [T, KVH, S, 2 G_PAD + 2 G_PAD D/2]; counters left zeroed by the kernel
+        ws = torch.empty(T * KVH * S * (2 * G_PAD + G_PAD * D), dtype=torch.float32, device=qkv.device)
+        cnt = _workspace(qkv.device, 1, T * KVH)[1]
+    else:
+        ws = cnt = out
+    _rope_decode_kernel[(T, KVH, S)](
+        qkv, cos, sin, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets, bt, ctx, fresh, out, ws, cnt, scale,
+        chunk, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
+        out.stride(0), out.stride(1), H, KVH, G=G, G_PAD=G_PAD, HALF=D // 2, BS=bs, SPLITS=S)
     return out
