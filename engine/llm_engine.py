@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Dict, List, Optional, Union
 
 import torch
@@ -156,7 +157,8 @@ class LLMEngine:
                 "eos_token_ids": self.eos_token_ids, "rope_scaling_factor": cfg.rope_scaling_factor,
                 "matmul_precision": cfg.matmul_precision,
                 "seed": cfg.seed, "quant_policy": cfg.quant_policy, "num_threads": cfg.num_threads,
-                "kv_qparams": cfg.kv_qparams,
+                # absolute: workers may start in another directory (the file must exist on their nodes too)
+                "kv_qparams": str(Path(cfg.kv_qparams).expanduser().resolve()) if cfg.kv_qparams else None,
                 "max_step_tokens": cfg.max_prefill_tokens + cfg.max_batch_size}
         return RayTPExecutor(spec, placement=cfg.tp_placement, worker_cpus=cfg.tp_worker_cpus)
 
