@@ -1,9 +1,9 @@
 """The W4A16 Triton kernels (the forms that make their input included), the fused RoPE + attention decode
-kernel and the RoPE + quantized K/V write kernel compiled for NVIDIA GPUs on this machine, GPU or not:
-Triton's wheel carries ptxas, so a form the interpreter runs but the GPU compiler refuses (a layout it cannot
-lower, registers or shared memory past the limits) fails here rather than first on a lent GPU. Counting the
-compiled code is bench/sass_gemv.py's business; this checks that each form compiles to a cubin for sm_80
-and sm_90.
+kernel, the RoPE + quantized K/V write kernel and the split quantized attention compiled for NVIDIA GPUs on
+this machine, GPU or not: Triton's wheel carries ptxas, so a form the interpreter runs but the GPU compiler
+refuses (a layout it cannot lower, registers or shared memory past the limits) fails here rather than first
+on a lent GPU. Counting the compiled code is bench/sass_gemv.py's business; this checks that each form
+compiles to a cubin for sm_80 and sm_90.
 
 The compiles run in a subprocess without TRITON_INTERPRET (the test session interprets kernels on CPU)."""
 import json
@@ -65,36 +65,44 @@ for arch in (80, 90):
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import triton
+
+
+def compile_kernel(fn, sig, const, name, tag):  # one attention-side kernel, both archs
+    for arch in (80, 90):
+        try:
+            src = ASTSource(fn=fn, signature=dict(sig, **{k: "constexpr" for k in const}), constexprs=const)
+            c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+            out.append([arch, name, tag, 1, len(c.asm["cubin"]) > 0, ""])
+        except Exception as e:
+            out.append([arch, name, tag, 1, False, f"{type(e).__name__}: {str(e)[:300]}"])
+
+
+def ints(*names):
+    return {k: "i32" for k in names}
+
+
 from engine.kernels.rope_decode_triton import _rope_decode_kernel
 sig = {"qkv_ptr": "*fp16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "k_ptr": "*fp16", "v_ptr": "*fp16",
        "blk_ptr": "*i64", "off_ptr": "*i64", "bt_ptr": "*i32", "ctx_ptr": "*i32", "fresh_ptr": "*i32",
        "out_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "scale": "fp32", "CHUNK": "i32",
-       **{k: "i32" for k in ("s_t", "s_c", "s_kb", "s_kh", "s_ks", "s_btb", "s_ot", "s_oh", "H", "KVH")}}
-for arch in (80, 90):
-    for G, HALF, S in ((1, 64, 1), (3, 32, 4)):  # Llama-2-7B's heads; SmolLM2's 9 heads over 3 KV heads, split
-        const = {"G": G, "G_PAD": 4 if G == 3 else 1, "HALF": HALF, "BS": 64, "SPLITS": S}
-        try:
-            src = ASTSource(fn=_rope_decode_kernel, signature=dict(sig, **{k: "constexpr" for k in const}),
-                            constexprs=const)
-            c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-            out.append([arch, "rope_decode", [G, HALF], 1, len(c.asm["cubin"]) > 0, ""])
-        except Exception as e:
-            out.append([arch, "rope_decode", [G, HALF], 1, False, f"{type(e).__name__}: {str(e)[:300]}"])
+       **ints("s_t", "s_c", "s_kb", "s_kh", "s_ks", "s_btb", "s_ot", "s_oh", "H", "KVH")}
+for G, HALF, S in ((1, 64, 1), (3, 32, 4)):  # Llama-2-7B's heads; SmolLM2's 9 heads over 3 KV heads, split
+    compile_kernel(_rope_decode_kernel, sig, {"G": G, "G_PAD": 4 if G == 3 else 1, "HALF": HALF, "BS": 64,
+                                              "SPLITS": S}, "rope_decode", [G, HALF, S])
 from engine.kernels.rope_write_quant import _rope_write_quant_kernel
-qsig = {"qkv_ptr": "*fp16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_out_ptr": "*fp16", "kd_ptr": "*u8",
-        "kp_ptr": "*fp16", "vd_ptr": "*u8", "vp_ptr": "*fp16", "blk_ptr": "*i64", "off_ptr": "*i64",
-        **{k: "i32" for k in ("s_t", "s_c", "s_qt", "s_qh", "s_db", "s_dh", "s_ds", "s_pb", "s_ph", "s_ps", "H",
-                              "KVH")}}
-for arch in (80, 90):
-    for bits in (8, 4):
-        const = {"HALF": 64, "BITS": bits, "STATIC": bits == 4}
-        try:
-            src = ASTSource(fn=_rope_write_quant_kernel, signature=dict(qsig, **{k: "constexpr" for k in const}),
-                            constexprs=const)
-            c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
-            out.append([arch, "rope_write_quant", [bits], 1, len(c.asm["cubin"]) > 0, ""])
-        except Exception as e:
-            out.append([arch, "rope_write_quant", [bits], 1, False, f"{type(e).__name__}: {str(e)[:300]}"])
+sig = {"qkv_ptr": "*fp16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "q_out_ptr": "*fp16", "kd_ptr": "*u8",
+       "kp_ptr": "*fp16", "vd_ptr": "*u8", "vp_ptr": "*fp16", "blk_ptr": "*i64", "off_ptr": "*i64",
+       **ints("s_t", "s_c", "s_qt", "s_qh", "s_db", "s_dh", "s_ds", "s_pb", "s_ph", "s_ps", "H", "KVH")}
+for bits in (8, 4):
+    compile_kernel(_rope_write_quant_kernel, sig, {"HALF": 64, "BITS": bits, "STATIC": bits == 4},
+                   "rope_write_quant", [bits])
+from engine.kernels.paged_attention_quant_triton import _paged_decode_quant_kernel
+sig = {"q_ptr": "*fp16", "kd_ptr": "*u8", "kp_ptr": "*fp16", "vd_ptr": "*u8", "vp_ptr": "*fp16", "bt_ptr": "*i32",
+       "ctx_ptr": "*i32", "out_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "sm_scale": "fp32", "CHUNK": "i32",
+       **ints("s_qb", "s_qh", "s_db", "s_dh", "s_ds", "s_pb", "s_ph", "s_ps", "s_btb", "s_ob", "s_oh", "KVH")}
+for bits, S in ((8, 1), (4, 4)):
+    compile_kernel(_paged_decode_quant_kernel, sig, {"G": 1, "G_PAD": 1, "W": 128 if bits == 8 else 64, "BS": 64,
+                                                     "BITS": bits, "SPLITS": S}, "quant_decode", [bits, S])
 print(json.dumps(out))
 """
 
@@ -107,6 +115,6 @@ def test_w4a16_kernels_compile_for_the_gpu():
                           text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 2 * len(CASES) + 8
+    assert len(results) == 2 * len(CASES) + 12
     failed = [r for r in results if not r[4]]
     assert not failed, failed

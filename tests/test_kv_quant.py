@@ -85,6 +85,13 @@ def test_triton_quant_decode_matches_torch_dequantize_then_attend(bits, B, H, KV
     out = triton_quant_decode(q, kc, vc, meta, 0.25)
     ref = torch_decode(q, kc, vc, meta, 0.25)
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    from engine.kernels.awq_common import _workspace
+    from engine.kernels.paged_attention_quant_triton import paged_decode_attention_quant_triton
+    for splits in (2, 3):  # long contexts: parts attended by programs of their own (some empty), then merged
+        out = paged_decode_attention_quant_triton(q, kc.data, kc.params, vc.data, vc.params, meta.decode_block_tables,
+                                                  meta.decode_ctx_lens, 0.25, bits, splits=splits)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+        assert not _workspace(q.device, 1, B * KVH)[1].any()  # the counters left zeroed
 
 
 @pytest.mark.gpu

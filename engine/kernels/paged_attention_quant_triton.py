@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import torch
 
-from .paged_attention_triton import HAVE_TRITON, _pow2
+from .awq_common import _workspace
+from .paged_attention_triton import HAVE_TRITON, _pow2, splits_for
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .paged_attention_triton import _softmax_start, _softmax_update
+    from .paged_attention_triton import _combine_splits, _softmax_start, _softmax_update, _store_partial
 
     @triton.jit
     def _dequant_plane(ptr, base, offs_s, offs_c, s_ds, scale, mn, smask, SHIFT: tl.constexpr,
@@ -30,14 +31,19 @@ if HAVE_TRITON:
         return codes.to(tl.float32) * scale[:, None] + mn[:, None]  # [BS, W]
 
     @triton.jit
-    def _paged_decode_quant_kernel(q_ptr, kd_ptr, kp_ptr, vd_ptr, vp_ptr, bt_ptr, ctx_ptr, out_ptr, sm_scale,
-                                   s_qb, s_qh, s_db, s_dh, s_ds, s_pb, s_ph, s_ps, s_btb, s_ob, s_oh,
-                                   G: tl.constexpr, G_PAD: tl.constexpr, W: tl.constexpr, BS: tl.constexpr,
-                                   BITS: tl.constexpr):
-        # W = width of one plane: D at int8 (one plane), D/2 at int4 (even plane, odd plane)
+    def _paged_decode_quant_kernel(q_ptr, kd_ptr, kp_ptr, vd_ptr, vp_ptr, bt_ptr, ctx_ptr, out_ptr, ws_ptr,
+                                   cnt_ptr, sm_scale, CHUNK, s_qb, s_qh, s_db, s_dh, s_ds, s_pb, s_ph, s_ps, s_btb,
+                                   s_ob, s_oh, KVH, G: tl.constexpr, G_PAD: tl.constexpr, W: tl.constexpr,
+                                   BS: tl.constexpr, BITS: tl.constexpr, SPLITS: tl.constexpr):
+        # W = width of one plane: D at int8 (one plane), D/2 at int4 (even plane, odd plane). SPLITS > 1: the
+        # context in parts of CHUNK positions, one program each, merged by the last to finish
+        # (paged_attention_triton._store_partial / _combine_splits)
         b = tl.program_id(0)
         h = tl.program_id(1)
+        sp = tl.program_id(2)
         ctx = tl.load(ctx_ptr + b)
+        lo = sp * CHUNK
+        hi = tl.minimum(lo + CHUNK, ctx)
         offs_g = tl.arange(0, G_PAD)
         offs_c = tl.arange(0, W)
         offs_s = tl.arange(0, BS)
@@ -51,9 +57,9 @@ if HAVE_TRITON:
         else:
             q1 = tl.zeros([G_PAD, W], tl.float32)
         m, l, acc0, acc1 = _softmax_start(G_PAD, W)
-        for i in range(0, tl.cdiv(ctx, BS)):
+        for i in range(lo // BS, tl.cdiv(hi, BS)):
             blk = tl.load(bt_ptr + b * s_btb + i).to(tl.int64)
-            smask = (i * BS + offs_s) < ctx
+            smask = (i * BS + offs_s) < hi
             dbase = blk * s_db + h * s_dh
             pbase = blk * s_pb + h * s_ph + offs_s * s_ps
             ks = tl.load(kp_ptr + pbase, mask=smask, other=0.0).to(tl.float32)
@@ -73,17 +79,28 @@ if HAVE_TRITON:
                 v1 = _dequant_plane(vd_ptr, dbase, offs_s, offs_c, s_ds, vs, vz, smask, 4, MASK)
                 acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * v1[None, :, :], axis=1)
         o_rows = out_ptr + b * s_ob + (h * G + offs_g)[:, None] * s_oh
-        tl.store(o_rows + (offs_c * STEP)[None, :], (acc0 / l[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=gmask[:, None])
-        if BITS == 4:
-            tl.store(o_rows + (offs_c * STEP + 1)[None, :], (acc1 / l[:, None]).to(out_ptr.dtype.element_ty),
-                     mask=gmask[:, None])
+        odt = out_ptr.dtype.element_ty
+        if SPLITS == 1:
+            tl.store(o_rows + (offs_c * STEP)[None, :], (acc0 / l[:, None]).to(odt), mask=gmask[:, None])
+            if BITS == 4:
+                tl.store(o_rows + (offs_c * STEP + 1)[None, :], (acc1 / l[:, None]).to(odt), mask=gmask[:, None])
+        else:
+            base = (b * KVH + h).to(tl.int64) * (SPLITS * (2 * G_PAD + 2 * G_PAD * W))
+            done = _store_partial(m, l, acc0, acc1, ws_ptr, base, cnt_ptr + b * KVH + h, sp, offs_g, offs_c, G_PAD, W)
+            if done == SPLITS - 1:
+                o0, o1 = _combine_splits(ws_ptr, base, offs_g, offs_c, SPLITS, G_PAD, W)
+                tl.store(o_rows + (offs_c * STEP)[None, :], o0.to(odt), mask=gmask[:, None])
+                if BITS == 4:
+                    tl.store(o_rows + (offs_c * STEP + 1)[None, :], o1.to(odt), mask=gmask[:, None])
+                tl.store(cnt_ptr + b * KVH + h, 0)
 
 
 def paged_decode_attention_quant_triton(q: torch.Tensor, k_data: torch.Tensor, k_params: torch.Tensor,
                                         v_data: torch.Tensor, v_params: torch.Tensor, block_tables: torch.Tensor,
-                                        context_lens: torch.Tensor, scale: float, bits: int) -> torch.Tensor:
-    """q [B, H, D]; codes [num_blocks, KVH, bs, D or D/2] uint8; params [num_blocks, KVH, bs, 2] -> [B, H, D]."""
+                                        context_lens: torch.Tensor, scale: float, bits: int,
+                                        splits: int = 0) -> torch.Tensor:
+    """q [B, H, D]; codes [num_blocks, KVH, bs, D or D/2] uint8; params [num_blocks, KVH, bs, 2] -> [B, H, D].
+    ``splits``: parts of each context attended by programs of their own (0: splits_for the tables' width)."""
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed")
     if bits not in (4, 8):
@@ -108,15 +125,22 @@ def paged_decode_attention_quant_triton(q: torch.Tensor, k_data: torch.Tensor, k
             raise ValueError(f"the last dimension of {name} must be contiguous")
     if k_data.stride() != v_data.stride() or k_params.stride() != v_params.stride():
         raise ValueError("K and V caches must share one layout")
-    G = H // KVH
+    G, G_PAD = H // KVH, max(triton.next_power_of_2(H // KVH), 1)
     out = torch.empty_like(q)
     bt = block_tables.to(torch.int32).contiguous()
     ctx = context_lens.to(torch.int32).contiguous()
-    _paged_decode_quant_kernel[(B, KVH)](
-        q, k_data, k_params, v_data, v_params, bt, ctx, out, scale,
+    S = splits or splits_for(bt.shape[1], BS)
+    chunk = -(-bt.shape[1] // S) * BS  # whole blocks per split
+    if S > 1:  # partial softmaxes [B, KVH, S, 2 G_PAD + 2 G_PAD W]; counters left zeroed by the kernel
+        ws = torch.empty(B * KVH * S * (2 * G_PAD + 2 * G_PAD * W), dtype=torch.float32, device=q.device)
+        cnt = _workspace(q.device, 1, B * KVH)[1]
+    else:
+        ws = cnt = out
+    _paged_decode_quant_kernel[(B, KVH, S)](
+        q, k_data, k_params, v_data, v_params, bt, ctx, out, ws, cnt, scale, chunk,
         q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),
-        k_params.stride(0), k_params.stride(1), k_params.stride(2), bt.stride(0), out.stride(0), out.stride(1),
-        G=G, G_PAD=max(triton.next_power_of_2(G), 1), W=W, BS=BS, BITS=bits)
+        k_params.stride(0), k_params.stride(1), k_params.stride(2), bt.stride(0), out.stride(0), out.stride(1), KVH,
+        G=G, G_PAD=G_PAD, W=W, BS=BS, BITS=bits, SPLITS=S)
     return out
 
 

@@ -31,6 +31,41 @@ if HAVE_TRITON:
         return m_new, l * alpha + tl.sum(p, axis=1), p, alpha
 
     @triton.jit
+    def _store_partial(m, l, o0, o1, ws_ptr, base, cnt_ptr, sp, offs_g, offs_c, G_PAD: tl.constexpr,
+                       W: tl.constexpr):
+        """Split ``sp`` of a split context: its partial softmax (max, sum [G_PAD], two output planes [G_PAD, W])
+        into the workspace at ``base``, then the row and head's counter moved -> how many splits were in
+        before (SPLITS - 1: this program merges, _combine_splits)."""
+        b = base + sp * (2 * G_PAD + 2 * G_PAD * W)
+        tl.store(ws_ptr + b + offs_g, m)
+        tl.store(ws_ptr + b + G_PAD + offs_g, l)
+        a = b + 2 * G_PAD + offs_g[:, None] * (2 * W) + offs_c[None, :]
+        tl.store(ws_ptr + a, o0)
+        tl.store(ws_ptr + a + W, o1)
+        tl.debug_barrier()  # every thread's partials are out before the counter moves
+        return tl.atomic_add(cnt_ptr, 1)
+
+    @triton.jit
+    def _combine_splits(ws_ptr, base, offs_g, offs_c, SPLITS: tl.constexpr, G_PAD: tl.constexpr, W: tl.constexpr):
+        """The last split's program: the SPLITS partial softmaxes at ``base`` (_store_partial) merged -> the
+        output planes [G_PAD, W] x 2. Read past the L1 cache (".cg"): other programs wrote them."""
+        S: tl.constexpr = 2 * G_PAD + 2 * G_PAD * W
+        m = tl.full([G_PAD], float("-inf"), tl.float32)
+        for sp in range(SPLITS):
+            m = tl.maximum(m, tl.load(ws_ptr + base + sp * S + offs_g, cache_modifier=".cg"))
+        l = tl.zeros([G_PAD], tl.float32)
+        o0 = tl.zeros([G_PAD, W], tl.float32)
+        o1 = tl.zeros([G_PAD, W], tl.float32)
+        for sp in range(SPLITS):
+            b = base + sp * S
+            w = tl.exp(tl.load(ws_ptr + b + offs_g, cache_modifier=".cg") - m)  # 0 for an empty split
+            l += w * tl.load(ws_ptr + b + G_PAD + offs_g, cache_modifier=".cg")
+            a = b + 2 * G_PAD + offs_g[:, None] * (2 * W) + offs_c[None, :]
+            o0 += w[:, None] * tl.load(ws_ptr + a, cache_modifier=".cg")
+            o1 += w[:, None] * tl.load(ws_ptr + a + W, cache_modifier=".cg")
+        return o0 / l[:, None], o1 / l[:, None]
+
+    @triton.jit
     def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, bt_ptr, ctx_ptr, out_ptr, scale,
                              s_qb, s_qh, s_kb, s_ks, s_kh, s_vb, s_vs, s_vh, s_btb, s_ob, s_oh,
                              G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BS: tl.constexpr):
@@ -60,6 +95,18 @@ if HAVE_TRITON:
         out = acc / l[:, None]
         tl.store(out_ptr + b * s_ob + (h * G + offs_g)[:, None] * s_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+# Cached positions per split of a long context (whole blocks): a row's context is split in as many parts as
+# the block tables' width allows this many positions each, up to MAX_SPLITS (flash-decoding, vLLM's paged
+# attention v2): one program per row and KV head leaves most SMs idle when a few sequences attend to
+# thousands of positions. Tables of up to SPLIT_POSITIONS positions run unsplit. (rope_decode_triton and
+# paged_attention_quant_triton split; this file's dense kernel serves the unfused path.)
+SPLIT_POSITIONS, MAX_SPLITS = 1024, 8
+
+
+def splits_for(max_blocks: int, block_size: int) -> int:
+    return max(1, min(MAX_SPLITS, -(-max_blocks * block_size // SPLIT_POSITIONS)))
 
 
 def _pow2(n: int) -> bool:

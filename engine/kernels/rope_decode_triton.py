@@ -17,35 +17,14 @@ from __future__ import annotations
 import torch
 
 from .awq_common import _workspace
-from .paged_attention_triton import HAVE_TRITON, _pow2
+from .paged_attention_triton import HAVE_TRITON, _pow2, splits_for
 
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     from .gpu_fused import _rotated
-    from .paged_attention_triton import _softmax_start, _softmax_update
-
-    @triton.jit
-    def _combine_splits(ws_ptr, base, offs_g, d, SPLITS: tl.constexpr, G_PAD: tl.constexpr, HALF: tl.constexpr):
-        """The last split's program: the SPLITS partial softmaxes (max, sum, two output halves each, at
-        ``base`` of the workspace) merged -> (output halves [G_PAD, HALF]). Read past the L1 cache (".cg"):
-        other programs wrote them."""
-        W: tl.constexpr = 2 * G_PAD + 2 * G_PAD * HALF
-        m = tl.full([G_PAD], float("-inf"), tl.float32)
-        for sp in range(SPLITS):
-            m = tl.maximum(m, tl.load(ws_ptr + base + sp * W + offs_g, cache_modifier=".cg"))
-        l = tl.zeros([G_PAD], tl.float32)
-        o1 = tl.zeros([G_PAD, HALF], tl.float32)
-        o2 = tl.zeros([G_PAD, HALF], tl.float32)
-        for sp in range(SPLITS):
-            b = base + sp * W
-            w = tl.exp(tl.load(ws_ptr + b + offs_g, cache_modifier=".cg") - m)  # 0 for an empty split
-            l += w * tl.load(ws_ptr + b + G_PAD + offs_g, cache_modifier=".cg")
-            a = b + 2 * G_PAD + offs_g[:, None] * (2 * HALF) + d[None, :]
-            o1 += w[:, None] * tl.load(ws_ptr + a, cache_modifier=".cg")
-            o2 += w[:, None] * tl.load(ws_ptr + a + HALF, cache_modifier=".cg")
-        return o1 / l[:, None], o2 / l[:, None]
+    from .paged_attention_triton import _combine_splits, _softmax_start, _softmax_update, _store_partial
 
     @triton.jit
     def _rope_decode_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, blk_ptr, off_ptr, bt_ptr, ctx_ptr,
@@ -124,16 +103,8 @@ if HAVE_TRITON:
             tl.store(ob, (acc1 / l[:, None]).to(odt), mask=gmask[:, None])
             tl.store(ob + HALF, (acc2 / l[:, None]).to(odt), mask=gmask[:, None])
         else:
-            W: tl.constexpr = 2 * G_PAD + 2 * G_PAD * HALF
-            base = (t * KVH + h).to(tl.int64) * (SPLITS * W)
-            b = base + sp * W
-            tl.store(ws_ptr + b + offs_g, m)
-            tl.store(ws_ptr + b + G_PAD + offs_g, l)
-            a = b + 2 * G_PAD + offs_g[:, None] * (2 * HALF) + d[None, :]
-            tl.store(ws_ptr + a, acc1)
-            tl.store(ws_ptr + a + HALF, acc2)
-            tl.debug_barrier()  # every thread's partials are out before the counter moves
-            done = tl.atomic_add(cnt_ptr + t * KVH + h, 1)
+            base = (t * KVH + h).to(tl.int64) * (SPLITS * (2 * G_PAD + 2 * G_PAD * HALF))
+            done = _store_partial(m, l, acc1, acc2, ws_ptr, base, cnt_ptr + t * KVH + h, sp, offs_g, d, G_PAD, HALF)
             if done == SPLITS - 1:
                 o1, o2 = _combine_splits(ws_ptr, base, offs_g, d, SPLITS, G_PAD, HALF)
                 tl.store(ob, o1.to(odt), mask=gmask[:, None])
@@ -145,17 +116,6 @@ def rope_decode_ok(head_dim: int, block_size: int) -> bool:
     return HAVE_TRITON and head_dim % 2 == 0 and _pow2(head_dim // 2) and _pow2(block_size)
 
 
-# Cached positions per split of a long context (whole blocks): a row's context is split in as many parts as
-# the block tables' width allows this many positions each, up to MAX_SPLITS (flash-decoding, vLLM's paged
-# attention v2): one program per row and KV head leaves most SMs idle when a few sequences attend to
-# thousands of positions. Tables of up to SPLIT_POSITIONS positions run unsplit.
-SPLIT_POSITIONS, MAX_SPLITS = 1024, 8
-
-
-def splits_for(max_blocks: int, block_size: int) -> int:
-    return max(1, min(MAX_SPLITS, -(-max_blocks * block_size // SPLIT_POSITIONS)))
-
-
 def rope_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta, H: int, KVH: int, scale: float, splits: int = 0) -> torch.Tensor:
     """qkv [T, (H + 2 KVH) D], every row a decode row; cos/sin [T, D] (float32, halves equal); caches
@@ -163,7 +123,7 @@ def rope_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache
     decode_ctx_lens (context with the row itself) and decode_fresh (this step's rows of the row's sequence up
     to and including it: 1, or 2, 3, ... for drafts). Writes each row's rotated k and its v into its slot;
     -> attention output [T, H, D]. ``splits``: parts of the cached context attended by programs of their own
-    (0: splits_for the tables' width, which a CUDA graph fixes at capture)."""
+    (0: paged_attention_triton.splits_for the tables' width, which a CUDA graph fixes at capture)."""
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed")
     T = qkv.shape[0]
