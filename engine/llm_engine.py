@@ -129,14 +129,14 @@ class LLMEngine:
         self.trace = StepTrace.from_env()  # RAYLM_STEP_TRACE: one line per step
 
     @staticmethod
-    def _kv_static(cfg: EngineConfig, args, heads=None):
+    def _kv_static(cfg: EngineConfig, args):
         """The kv_qparams file's pairs for this cache (None without one); checked before any worker starts."""
         if not cfg.kv_qparams:
             return None
         if not cfg.quant_policy:
             raise ValueError("kv_qparams: static K/V parameters need quant_policy 8 or 4 (it is 0)")
         from .layers.kv_quant import load_kv_qparams
-        return load_kv_qparams(cfg.kv_qparams, cfg.quant_policy, args.num_layers, args.num_kv_heads, heads)
+        return load_kv_qparams(cfg.kv_qparams, cfg.quant_policy, args.num_layers, args.num_kv_heads)
 
     def _tp_plan(self, cfg: EngineConfig):
         """Model folder, full and per-rank (largest) ModelArgs; the partition errors out before any work."""

@@ -135,7 +135,12 @@ def rope_ok(head_dim: int) -> bool:
 def rope_write(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, H: int, KVH: int) -> torch.Tensor:
     """qkv [T, (H + 2 KVH) D]; cos/sin [T, D] (float32, halves equal); caches [num_blocks, KVH, bs, D].
-    Writes rotated k and plain v into slot (blocks[t], offsets[t]); returns rotated q [T, H, D]."""
+    Writes rotated k and plain v into slot (blocks[t], offsets[t]); returns rotated q [T, H, D]. int8 / int4
+    caches (kv_quant.QuantKV) go to rope_write_quant, which quantizes them as it writes."""
+    from ..layers.kv_quant import QuantKV
+    if isinstance(k_cache, QuantKV):
+        from .rope_write_quant import rope_write_quant
+        return rope_write_quant(qkv, cos, sin, k_cache, v_cache, blocks, offsets, H, KVH)
     T = qkv.shape[0]
     D = k_cache.shape[-1]
     if k_cache.stride(-1) != 1 or v_cache.stride() != k_cache.stride():

@@ -174,22 +174,16 @@ class Attention(nn.Module):
                v_cache: torch.Tensor) -> torch.Tensor:
         """The layer after its q/k/v product: qkv [T, (H + 2 KVH) D] -> the o projection's output."""
         T = qkv.shape[0]
-        if self.fused_rope and not meta.prefills and isinstance(k_cache, QuantKV):
-            from ..kernels.rope_write_quant import rope_write_quant  # int8 / int4 blocks
-            q = rope_write_quant(qkv, meta.cos, meta.sin, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets,
-                                 self.num_heads, self.num_kv_heads)
-            out = self.decode_fn(q, k_cache, v_cache, meta, self.scale)
-            return self.o(out.reshape(T, self.num_heads * self.head_dim))
         if self.fused_rope and not meta.prefills:
-            if self.fused_attend and meta.decode_fresh is not None:
+            if self.fused_attend and meta.decode_fresh is not None:  # (dense blocks only: see use_gpu_fused)
                 from ..kernels.rope_decode_triton import rope_decode
                 out = rope_decode(qkv, meta.cos, meta.sin, k_cache, v_cache, meta, self.num_heads, self.num_kv_heads,
                                   self.scale)
-                return self.o(out.reshape(T, self.num_heads * self.head_dim))
-            from ..kernels.gpu_fused import rope_write
-            q = rope_write(qkv, meta.cos, meta.sin, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets,
-                           self.num_heads, self.num_kv_heads)
-            out = self.decode_fn(q, k_cache, v_cache, meta, self.scale)
+            else:
+                from ..kernels.gpu_fused import rope_write  # dense or int8 / int4 blocks
+                q = rope_write(qkv, meta.cos, meta.sin, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets,
+                               self.num_heads, self.num_kv_heads)
+                out = self.decode_fn(q, k_cache, v_cache, meta, self.scale)
             return self.o(out.reshape(T, self.num_heads * self.head_dim))
         q, k, v = self.qkv.split(qkv)
         q = apply_rotary(q.reshape(T, self.num_heads, self.head_dim), meta.cos, meta.sin)

@@ -67,44 +67,47 @@ class AwqLinear(nn.Module):
             return dequantize_kpack(self.qweight, self.qzeros, self.scales, dtype)
         return dequantize_awq(self.qweight, self.qzeros, self.scales, dtype)  # [in, out]
 
+    def _kernels(self, x: torch.Tensor) -> bool:
+        return x.is_cuda or self.kernels_on_cpu
+
+    def _product(self, x: torch.Tensor, **input_mode) -> torch.Tensor:
+        """The Triton kernels' product over this layer's layout (``input_mode``: awq_triton's gated / norm),
+        plus the bias."""
+        from ..kernels.awq_triton import awq_matmul, kpack_matmul
+        y = (kpack_matmul if self.kpack else awq_matmul)(x, self.qweight, self.qzeros, self.scales, **input_mode)
+        return y if self.bias is None else y + self.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, in] -> [tokens, out]."""
-        if x.is_cuda or self.kernels_on_cpu:
-            from ..kernels.awq_triton import awq_matmul, kpack_matmul
-            y = (kpack_matmul if self.kpack else awq_matmul)(x, self.qweight, self.qzeros, self.scales)
-            return y if self.bias is None else y + self.bias
+        if self._kernels(x):
+            return self._product(x)
         y = x @ self.weight_t(x.dtype)
         return y if self.bias is None else y + self.bias
 
     def forward_gated(self, gu: torch.Tensor) -> torch.Tensor:
         """gu: [tokens, 2 in], the MLP's fused gate/up output -> down(SiLU(gate) * up) [tokens, out]. On GPU
         the W4A16 kernels make SiLU(gate) * up as they load their input (no kernel of its own)."""
-        if gu.is_cuda or self.kernels_on_cpu:
-            from ..kernels.awq_triton import awq_matmul, kpack_matmul
-            y = (kpack_matmul if self.kpack else awq_matmul)(gu, self.qweight, self.qzeros, self.scales, gated=True)
-            return y if self.bias is None else y + self.bias
+        if self._kernels(gu):
+            return self._product(gu, gated=True)
         return self.forward(F.silu(gu[:, :self.in_features]) * gu[:, self.in_features:])
 
     def forward_normed(self, x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float):
         """RMSNorm(x + residual) * weight through this layer (residual None: RMSNorm(x) * weight) -> (output,
         the residual stream x + residual, or x itself). On GPU the W4A16 kernels make the normed input as they
         load x (kernels/awq_input.py)."""
-        if x.is_cuda or self.kernels_on_cpu:
+        if self._kernels(x):
             from ..kernels.awq_input import Norm
-            from ..kernels.awq_triton import awq_matmul, kpack_matmul
             x = x.contiguous()
             residual = residual.contiguous() if residual is not None else None
             res = torch.empty_like(x) if residual is not None else None
-            y = (kpack_matmul if self.kpack else awq_matmul)(x, self.qweight, self.qzeros, self.scales,
-                                                              norm=Norm(residual, weight, eps, res))
-            return (y if self.bias is None else y + self.bias), (x if res is None else res)
+            return self._product(x, norm=Norm(residual, weight, eps, res)), (x if res is None else res)
         from ..kernels.gpu_fused import add_rmsnorm, rmsnorm
         h, res = add_rmsnorm(x, residual, weight, eps) if residual is not None else (rmsnorm(x, weight, eps), x)
         return self.forward(h), res
 
     def forward_t(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, in] -> y^T [out, tokens], contiguous (the fused MLP slices rows of it)."""
-        if x.is_cuda or self.kernels_on_cpu:
+        if self._kernels(x):
             return self.forward(x).t().contiguous()
         w_t = self.weight_t(x.dtype)
         y = w_t.t() @ x.t()
