@@ -26,6 +26,8 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from .gpu_fused import _scaled_by_weight, _silu_times
+
     @triton.jit
     def _residual_sum(x_ptr, r_ptr, offs, mask, XMODE: tl.constexpr):
         """x (+ the residual, XMODE 2) at offs, rounded to x's dtype, as float32."""
@@ -103,15 +105,11 @@ if HAVE_TRITON:
         masked; ``rstd`` (XMODE 2 and 3) broadcasts against it. XMODE 1: offs address the gate half of the
         fused gate/up row, the up half ``up`` elements further on."""
         if XMODE == 1:
-            g = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(x_ptr + offs + up, mask=mask, other=0.0)
-            s = (g / (1.0 + tl.exp(-g))).to(u.dtype).to(tl.float32)
-            return (s * u.to(tl.float32)).to(u.dtype)
+            return _silu_times(tl.load(x_ptr + offs, mask=mask, other=0.0),
+                               tl.load(x_ptr + offs + up, mask=mask, other=0.0), x_ptr.dtype.element_ty)
         if XMODE >= 2:
-            dt = x_ptr.dtype.element_ty
-            y = (_residual_sum(x_ptr, r_ptr, offs, mask, XMODE) * rstd).to(dt).to(tl.float32)
-            w = tl.load(nw_ptr + koffs, mask=mask, other=0.0).to(tl.float32)
-            return (y * w).to(dt)
+            return _scaled_by_weight(_residual_sum(x_ptr, r_ptr, offs, mask, XMODE), rstd,
+                                     tl.load(nw_ptr + koffs, mask=mask, other=0.0), x_ptr.dtype.element_ty)
         return tl.load(x_ptr + offs, mask=mask, other=0.0)
 
 

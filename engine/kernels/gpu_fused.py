@@ -22,6 +22,20 @@ except ImportError:  # pragma: no cover
 
 if HAVE_TRITON:
     @triton.jit
+    def _scaled_by_weight(xf, rstd, w, dt: tl.constexpr):
+        """RMSNorm's last two roundings, as torch's layer makes them: x / RMS rounded to ``dt``, then times the
+        weight rounded to ``dt``."""
+        y = (xf * rstd).to(dt)
+        return (y.to(tl.float32) * w.to(tl.float32)).to(dt)
+
+    @triton.jit
+    def _silu_times(g, u, dt: tl.constexpr):
+        """SiLU(gate) * up as torch rounds it: SiLU rounded to ``dt``, then the product rounded to ``dt``."""
+        gf = g.to(tl.float32)
+        s = (gf / (1.0 + tl.exp(-gf))).to(dt).to(tl.float32)
+        return (s * u.to(tl.float32)).to(dt)
+
+    @triton.jit
     def _rmsnorm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, res_out_ptr, N, sx, sr, so, sro, eps,
                         HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0)
@@ -34,9 +48,8 @@ if HAVE_TRITON:
             tl.store(res_out_ptr + row * sro + cols, x, mask=mask)
         xf = x.to(tl.float32)
         var = tl.sum(xf * xf, axis=0) / N
-        y = (xf * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-        tl.store(out_ptr + row * so + cols, (y.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + row * so + cols, _scaled_by_weight(xf, tl.rsqrt(var + eps), w, out_ptr.dtype.element_ty),
                  mask=mask)
 
     @triton.jit
@@ -44,11 +57,9 @@ if HAVE_TRITON:
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < I
-        g = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(x_ptr + row * sx + I + cols, mask=mask, other=0.0).to(tl.float32)
-        # torch rounds silu(g) to the activation dtype before the product
-        s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
-        tl.store(out_ptr + row * so + cols, (s * u).to(out_ptr.dtype.element_ty), mask=mask)
+        g = tl.load(x_ptr + row * sx + cols, mask=mask, other=0.0)
+        u = tl.load(x_ptr + row * sx + I + cols, mask=mask, other=0.0)
+        tl.store(out_ptr + row * so + cols, _silu_times(g, u, out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rotated(base, cos, sin, d, HALF: tl.constexpr):
