@@ -125,6 +125,18 @@ def _write_cache(path: Path, data: dict) -> None:
         logger.warning("W4A16 tiles not cached at %s: %s", path, e)
 
 
+def _timer_for(device: torch.device, timer: Callable[[Callable[[], object]], float]):
+    """CUDA graph replays for GPU tensors; the wall clock for CPU ones, even where a GPU is present."""
+    return wall_time if timer is graph_time and device.type != "cuda" else timer
+
+
+def _device_cache(device: torch.device, use_cache: bool) -> Tuple[Path, dict, dict]:
+    """(the cache file, its contents, this device and Triton version's entries in them)."""
+    path = cache_path()
+    cache = _read_cache(path) if use_cache else {}
+    return path, cache, cache.setdefault(_device_key(device), {})
+
+
 def _random_weights(K: int, N: int, G: int, device: torch.device, seed: int = 0):
     """Random AutoAWQ tensors and the same weight K-packed: (qweight, qzeros, scales, qweight_k, zeros)."""
     from .awq_torch import repack_kpack
@@ -212,14 +224,11 @@ def tune(shapes: Iterable[Tuple[int, int, int]], device: torch.device, dtype: to
     it has one; installs the choices (awq_gemv.KPACK_GEMV_TILES, awq_tc.KPACK_TC_TILES, awq_tc.TC_TILES)
     and returns them. ``record`` collects every timing."""
     device = torch.device(device)
-    if timer is graph_time and device.type != "cuda":
-        timer = wall_time  # CPU tensors, even where a GPU is present
+    timer = _timer_for(device, timer)
     tc_candidates = list(tc_candidates)
     lists = {"kpack": list(candidates), "tc": tc_candidates,
              "kpack_tc": [t for t in tc_candidates if t.fold]}  # the K-packed tensor-core kernel is folded only
-    path = cache_path()
-    cache = _read_cache(path) if use_cache else {}
-    dev = cache.setdefault(_device_key(device), {})
+    path, cache, dev = _device_cache(device, use_cache)
     chosen, wrote = {}, False
     for K, N, G in sorted(set(shapes)):
         key = _shape_key(K, N, G, dtype)
@@ -291,11 +300,8 @@ def tune_inputs(shapes: Dict[str, Iterable[Tuple[int, int, int]]], device: torch
     from . import awq_triton, gpu_fused
     from .awq_input import Norm
     device = torch.device(device)
-    if timer is graph_time and device.type != "cuda":
-        timer = wall_time
-    path = cache_path()
-    cache = _read_cache(path) if use_cache else {}
-    dev = cache.setdefault(_device_key(device), {})
+    timer = _timer_for(device, timer)
+    path, cache, dev = _device_cache(device, use_cache)
     times, wrote = {}, False
     apart_sets = {"gated": awq_triton.UNGATED, "normed": awq_triton.UNNORMED}
     for kind in ("gated", "normed"):
