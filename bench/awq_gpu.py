@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import save_json, write_section  # noqa: E402
+from bench.common import publish, write_section  # noqa: E402
 
 
 def gpu_time(fn, device: str, calls: int = 20, replays: int = 7) -> float:
@@ -350,11 +350,7 @@ def main() -> int:
                     print(json.dumps(d), flush=True)
                     res["decode"].append(d)
                     dump()
-    save_json("awq_gpu" if device == "cuda" else "awq_gpu_smoke", res)
-    table = render(res)
-    print(table)
-    if not a.no_doc:
-        write_section("awq_gpu", table)
+    publish("awq_gpu" if device == "cuda" else "awq_gpu_smoke", res, render(res), not a.no_doc, "awq_gpu")
     return 0
 
 

@@ -163,6 +163,15 @@ def save_json(name: str, data) -> Path:
     return out
 
 
+def publish(name: str, data, table: str, doc: bool = True, section: str = "") -> None:
+    """A bench's end: its results as bench/results/<name>.json, its table printed and (``doc``) written into
+    docs/benchmarks.md's section (``section``, default the name)."""
+    save_json(name, data)
+    print(table)
+    if doc:
+        write_section(section or name, table)
+
+
 class PeerSession:
     """A peer's script kept running in its own interpreter and asked for one measurement at a time, so that
     its runs can alternate with ours (this host drifts over minutes). The script prints a JSON line when

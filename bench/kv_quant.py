@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import SHARED, machine_description, save_json, write_section  # noqa: E402
+from bench.common import SHARED, machine_description, publish  # noqa: E402
 
 POLICIES = (0, 8, 4)
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
@@ -174,11 +174,7 @@ def main() -> int:
 
 
 def _finish(res, batches, no_doc: bool) -> int:
-    save_json("kv_quant", res)
-    table = render(res, batches)
-    print(table)
-    if not no_doc:
-        write_section("kv_quant", table)
+    publish("kv_quant", res, render(res, batches), not no_doc)
     return 0
 
 

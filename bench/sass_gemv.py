@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import save_json, write_section  # noqa: E402
+from bench.common import publish  # noqa: E402
 
 SIG = {"x_ptr": "*fp16", "qw_ptr": "*i32", "z_ptr": "*fp16", "s_ptr": "*fp16", "out_ptr": "*fp16",
        "ws_ptr": "*fp32", "cnt_ptr": "*i32", "N": "i32", "K": "i32", "ITERS": "i32", "sqw": "i32", "szg": "i32",
@@ -156,11 +156,8 @@ def main() -> int:
             rows.append({"kind": kind, "tile": list(tile),
                          "error": f"{type(e).__name__}: {str(e)[:80]}"})
         print(rows[-1], flush=True)
-    save_json("sass_gemv", {"arch": a.arch, "shape": a.shape, "rows": rows})
-    table = render(rows, a.arch, a.shape)
-    print(table)
-    if not a.no_doc:
-        write_section("sass_gemv", table)
+    publish("sass_gemv", {"arch": a.arch, "shape": a.shape, "rows": rows}, render(rows, a.arch, a.shape),
+            not a.no_doc)
     return 0
 
 
