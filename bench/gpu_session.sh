@@ -21,7 +21,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 PHASE=${PHASE:-all}
 if [ "$PHASE" != bench ]; then
     timeout "${TEST_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fused.py \
-        "tests/test_kernels.py" "tests/test_kv_quant.py" "tests/test_awq_engine.py" -m "gpu or not gpu" \
+        "tests/test_kernels.py" "tests/test_kv_quant.py" "tests/test_awq_engine.py" "tests/test_awq_inputs.py" \
+        "tests/test_awq_tune.py" -m "gpu or not gpu" \
         -k "${TEST_K:-gpu or fused or static}" 2>&1 | tee "$OUT/tests.log" | tail -40
 fi
 if [ "$PHASE" != tests ]; then
