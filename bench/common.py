@@ -32,10 +32,13 @@ def param_count(model) -> int:
 
 def held_weight_bytes(model) -> int:
     """Bytes of the weights a model holds in memory: parameters and buffers, and the packed copies of CPU
-    Linears (panels, their bf16x3 copies, oneDNN's blocked layout), each storage once."""
+    Linears (panels, their bf16x3 copies, oneDNN's blocked layout, W4A16 layers' 4-bit panels), each storage once."""
+    from engine.layers.awq_linear import AwqLinear
     from engine.layers.linear import Linear
     tensors = list(model.parameters()) + list(model.buffers())
     for m in model.modules():
+        if isinstance(m, AwqLinear) and m.packed is not None:  # the native CPU kernel's 4-bit panels
+            tensors += [m.packed.codes, m.packed.pairs]
         if isinstance(m, Linear) and m.packed is not None:
             packed = getattr(m.packed, "data", m.packed)  # Panels hold .data; oneDNN's is the tensor itself
             tensors.append(packed)
@@ -65,6 +68,20 @@ def machine_description() -> str:
     mem = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
     import torch
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def cold_pass_medians(fns: dict, copies: int, repeats: int) -> dict:
+    """Seconds per call, the median over ``repeats`` passes of each ``fns[name](i)`` over i < ``copies`` (the
+    weight copies walked in turn, so that they come cold from memory), the functions' passes alternating;
+    one more pass first warms up and is dropped."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats + 1):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for i in range(copies):
+                fn(i)
+            times[name].append((time.perf_counter() - t) / copies)
+    return {name: statistics.median(ts[1:]) for name, ts in times.items()}
 
 
 def median_of(fn: Callable[[], float], repeats: int) -> float:

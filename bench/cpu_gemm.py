@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine_description, save_json, write_section  # noqa: E402
+from bench.common import cold_pass_medians, machine_description, save_json, write_section  # noqa: E402
 
 # SmolLM2-135M: hidden 576, intermediate 1536, 9 + 2 * 3 heads of 64; [out, in] and how many the model has
 SHAPES = [("qkv", (960, 576), 30), ("o", (576, 576), 30), ("gate_up", (3072, 576), 30),
@@ -47,16 +46,8 @@ def measure(tokens, repeats):
             for b in packed:
                 if b != "bf16x3" or m >= cpu_gemm.x3_min_rows():
                     fns[b] = (lambda ps: lambda i: cpu_gemm.linear(x, ps[i], None))(packed[b])
-            times = {b: [] for b in fns}
-            for _ in range(repeats + 1):  # the first pass warms up and is dropped
-                for b, fn in fns.items():
-                    t = time.perf_counter()
-                    for i in range(copies):
-                        fn(i)
-                    times[b].append((time.perf_counter() - t) / copies)
             row = {"shape": name, "out": n, "in": k, "tokens": m}
-            for b, ts in times.items():
-                med = sorted(ts[1:])[repeats // 2]
+            for b, med in cold_pass_medians(fns, copies, repeats).items():
                 row[f"{b}_us"] = med * 1e6
                 row[f"{b}_gflops"] = 2 * m * n * k / med / 1e9
             rows.append(row)

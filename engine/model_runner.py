@@ -56,6 +56,9 @@ class ModelRunner:
             params_to_huge_pages(model)  # before anything keeps pointers to them (the fused decoder)
         if device == "cpu" and dtype == torch.float32:
             from .kernels import cpu_gemm
+            from .layers.awq_linear import use_cpu_layout
+            if use_cpu_layout(model):
+                logger.info("W4A16 layers repacked to the native CPU kernel's 4-bit panels")
             packed = cpu_gemm.pack_model(model, matmul_precision, release=True)  # the fused decoder takes its layout
             if packed:
                 logger.info("CPU float32 products: %s over %d packed weights", cpu_gemm.backend(), packed)

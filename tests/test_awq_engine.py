@@ -222,6 +222,33 @@ def test_engine_serves_awq_checkpoint_like_the_dequantized_model(awq_tiny):
     assert out.token_ids == seq[len(ids):]
 
 
+def test_engine_decodes_batches_on_4bit_panels_like_the_dequantized_model(awq_tiny):
+    """CPU with AVX-512: the W4A16 layers run on the native 4-bit panels, whole decode layers in native code
+    (one to four rows read the codes straight into the FMAs, more rows dequantize blocks first); prompts of
+    different lengths, so steps mix prefill chunks with decodes too."""
+    from engine.generation import GenerationConfig
+    from engine.kernels import w4_cpu
+    from engine.llm_engine import LLMEngine
+    from engine.offline import Pipeline
+    from quant_jobs.dense import logits
+    from quant_jobs.model_io import load_full
+    if not w4_cpu.available():
+        pytest.skip("the native 4-bit products need AVX-512")
+    eng = LLMEngine(model=str(awq_tiny["llama"]), max_batch_size=8, block_size=16, num_cpu_blocks=64,
+                    max_prefill_tokens=64)
+    model = eng.model
+    assert isinstance(model.layers[0].mlp.down.packed, w4_cpu.W4Panels)
+    assert model.fused_decoder is not None and model.fused_decoder.panels == 2
+    prompts = [[(7 * i + 3 * j) % 4000 + 5 for j in range(3 + 9 * i)] for i in range(6)]
+    outs = Pipeline(eng)(prompts, GenerationConfig(max_new_tokens=5, temperature=0, ignore_eos=True))
+    dense = load_full(str(awq_tiny["llama"]))
+    for ids, out in zip(prompts, outs):
+        seq = list(ids)
+        for _ in range(5):
+            seq.append(int(logits(dense, torch.tensor([seq]))[0, -1].argmax()))
+        assert out.token_ids == seq[len(ids):]
+
+
 def test_internlm2_awq_checkpoint_matches_llama_in_the_engine(awq_tiny):
     from engine.generation import GenerationConfig
     from engine.llm_engine import LLMEngine

@@ -1,4 +1,5 @@
-"""Native CPU kernels (csrc/cpu_kernels.c, csrc/amx_bf16x3.c), compiled once per machine with the system C compiler.
+"""Native CPU kernels (csrc/cpu_kernels.c, amx_bf16x3.c, greedy_head.c, w4_panels.c), compiled once per machine with
+the system C compiler.
 
 The build is cached under ``$RAYLM_CACHE/kernels`` (default ``~/.cache/raylm/kernels``), keyed by the
 source, the compiler and the CPU, and written to a temporary name then renamed. Without a compiler, or
@@ -23,8 +24,8 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SRCS = [CSRC / "cpu_kernels.c", CSRC / "amx_bf16x3.c", CSRC / "greedy_head.c"]
-HEADERS = [CSRC / "amx_bf16x3.h", CSRC / "greedy_head.h"]
+SRCS = [CSRC / "cpu_kernels.c", CSRC / "amx_bf16x3.c", CSRC / "greedy_head.c", CSRC / "w4_panels.c"]
+HEADERS = [CSRC / "amx_bf16x3.h", CSRC / "greedy_head.h", CSRC / "w4_panels.h", CSRC / "tile_store.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 MAX_GROUP = 64  # query heads per KV head the decode kernel supports
 
@@ -143,6 +144,12 @@ def lib() -> Optional[ctypes.CDLL]:
         so.gh_pack.restype = _I
         so.gh_greedy.argtypes = [_P, _I, _I, _I, _P, _P, _P, _I, _P, _I]
         so.gh_greedy.restype = _I
+        so.w4_available.argtypes = []
+        so.w4_available.restype = _I
+        so.w4_block.argtypes = []
+        so.w4_block.restype = _I
+        so.w4_linear.argtypes = [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I]
+        so.w4_linear.restype = None
         _lib = so
         return _lib
 

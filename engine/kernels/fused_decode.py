@@ -20,6 +20,7 @@ from typing import List, Optional
 import torch
 
 from . import cpu_gemm, cpu_native
+from .w4_cpu import W4Panels
 
 MAX_TOKENS = 8  # decode batches up to this size take the fused path (the skinny-matmul regime)
 MAX_PANEL_TOKENS = 256  # with panel-packed weights, decode batches up to here take it: one call per layer
@@ -34,7 +35,11 @@ class _LayerWeights(ctypes.Structure):
     _fields_ = [(n, ctypes.c_void_p) for n in ("in_norm", "post_norm", "w_qkv", "b_qkv", "w_o", "b_o",
                                                 "w_gu", "b_gu", "w_down", "b_down")] + \
                [("eps", ctypes.c_float)] + [(n, ctypes.c_int) for n in ("H", "NH", "KVH", "D", "I", "panels")] + \
-               [(n, ctypes.c_void_p) for n in ("x_qkv", "x_o", "x_gu", "x_down")]
+               [(n, ctypes.c_void_p) for n in ("x_qkv", "x_o", "x_gu", "x_down", "s_qkv", "s_o", "s_gu", "s_down")] + \
+               [("group", ctypes.c_int)]
+
+
+W4 = 2  # _LayerWeights.panels for 4-bit weights (csrc/w4_panels.c)
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -47,12 +52,16 @@ class FusedDecoder:
     def __init__(self, model, so: ctypes.CDLL):
         a = model.args
         self.so, self.a, self.model = so, a, model
-        # the panel products' layout when the layers were packed for them (cpu_gemm's native backend)
-        self.panels = all(isinstance(lin.packed, cpu_gemm.Panels) for layer in model.layers
-                          for lin in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down))
-        w = (lambda lin: lin.packed.data.data_ptr()) if self.panels else (lambda lin: lin.weight.data_ptr())
+        lins = [lin for layer in model.layers for lin in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)]
+        # the panel products' layout when the layers were packed for them (cpu_gemm's native backend), or the
+        # 4-bit panels of W4A16 layers (w4_cpu.py)
+        w4 = all(isinstance(lin.packed, W4Panels) for lin in lins)
+        self.panels = W4 if w4 else int(all(isinstance(lin.packed, cpu_gemm.Panels) for lin in lins))
+        w = (lambda lin: lin.packed.codes.data_ptr()) if w4 else (lambda lin: lin.packed.data.data_ptr()) \
+            if self.panels else (lambda lin: lin.weight.data_ptr())
+        sm = (lambda lin: lin.packed.pairs.data_ptr()) if w4 else (lambda lin: None)
         # their bf16x3 copies under matmul_precision="high" (AMX): products of x3_min_rows()+ rows run on those
-        x3 = lambda lin: lin.packed.x3.data.data_ptr() if self.panels and lin.packed.x3 is not None else None  # noqa: E731
+        x3 = lambda lin: lin.packed.x3.data.data_ptr() if self.panels == 1 and lin.packed.x3 is not None else None  # noqa: E731
         self.structs: List[_LayerWeights] = []
         for layer in model.layers:
             at, mlp = layer.attn, layer.mlp
@@ -61,7 +70,8 @@ class FusedDecoder:
                 w(at.o), _ptr(at.o.bias), w(mlp.gate_up), _ptr(mlp.gate_up.bias),
                 w(mlp.down), _ptr(mlp.down.bias), layer.input_norm.eps,
                 a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size, int(self.panels),
-                x3(at.qkv), x3(at.o), x3(mlp.gate_up), x3(mlp.down)))
+                x3(at.qkv), x3(at.o), x3(mlp.gate_up), x3(mlp.down), sm(at.qkv), sm(at.o), sm(mlp.gate_up),
+                sm(mlp.down), at.qkv.packed.group_size if w4 else 0))
         self.layer_array = (_LayerWeights * len(self.structs))(*self.structs)  # for decode_layers_split
         self.scale = a.head_dim ** -0.5
         self.per_token = a.hidden_size + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + \
@@ -89,7 +99,7 @@ class FusedDecoder:
     def splits(self, M: int, threads: int) -> bool:
         """Whether a decode step of M tokens splits its sequences between the threads (decode_layers_split):
         on panel products (float32; not the bf16x3 copies, untried there) with SPLIT_MIN_ROWS rows a thread."""
-        return self.panels and threads > 1 and M >= SPLIT_MIN_ROWS * threads and self.structs[0].x_qkv is None
+        return bool(self.panels) and threads > 1 and M >= SPLIT_MIN_ROWS * threads and self.structs[0].x_qkv is None
 
 
     def run_mixed(self, x: torch.Tensor, meta, kv) -> torch.Tensor:
@@ -180,8 +190,9 @@ def fused_decoder_for(model, dtype: torch.dtype) -> Optional[FusedDecoder]:
     """A FusedDecoder when the native library is built and the model fits its assumptions, else None."""
     so = cpu_native.lib()
     a = model.args
-    if any(not hasattr(layer.attn.qkv, "weight") for layer in model.layers):
-        return None  # quantized (AWQ) layers: the per-layer path dequantizes them
+    if any(not hasattr(layer.attn.qkv, "weight") and not isinstance(getattr(layer.attn.qkv, "packed", None), W4Panels)
+           for layer in model.layers):
+        return None  # quantized (AWQ) layers without the native 4-bit panels: the per-layer path dequantizes them
     if (so is None or dtype != torch.float32 or a.num_heads // a.num_kv_heads > cpu_native.MAX_GROUP
             or a.head_dim % 2 or any(not p.is_contiguous() for p in model.parameters())):
         return None

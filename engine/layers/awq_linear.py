@@ -3,7 +3,8 @@
 A fused layer (q/k/v, gate/up) keeps its parts side by side along the output dimension, which in this
 layout is the packed column dimension: part p fills columns [start/8, (start+size)/8) of qweight/qzeros
 and [start, start+size) of scales. On GPU the Triton kernel dequantizes inside the matmul; on CPU the
-layer dequantizes its weight in the call (the gain there is memory, not speed).
+layer's product runs on 4-bit panels (kernels/w4_cpu.py, repacked at load) where the native kernels are built
+for AVX-512, else it dequantizes its weight in the call.
 """
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ class AwqLinear(nn.Module):
         self.offsets = part_offsets(parts)
         self.kpack = False  # GPU: qweight/qzeros replaced by the K-packed layout (to_kpack)
         self.kernels_on_cpu = False  # tests: CPU tensors through the Triton kernels (under TRITON_INTERPRET=1)
+        self.packed = None  # CPU: the 4-bit panels (w4_cpu.W4Panels) that replace qweight/qzeros/scales
+
+    def to_cpu_panels(self) -> None:
+        """Swap AutoAWQ's tensors for the native CPU kernel's 4-bit panels (after loading; the tensors are
+        released, so the layer holds its weights once)."""
+        from ..kernels.w4_cpu import W4Panels
+        self.packed = W4Panels.from_awq(self.qweight, self.qzeros, self.scales)
+        for name in QUANT_TENSORS:
+            setattr(self, name, torch.empty(0, dtype=getattr(self, name).dtype))
 
     def to_kpack(self) -> None:
         """Swap AutoAWQ's qweight/qzeros for the K-packed layout the GPU kernels read fastest (after loading;
@@ -61,7 +71,15 @@ class AwqLinear(nn.Module):
                              f"{tuple(dst.shape)}{hint}")
         dst.copy_(tensor.to(dst.dtype))
 
+    def packed_for(self, x: torch.Tensor):
+        """The 4-bit panels when they serve x (CPU, 2-D float32), else None (as ``Linear.packed_for``)."""
+        if self.packed is None or x.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.float32:
+            return None
+        return self.packed
+
     def weight_t(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.packed is not None:
+            return self.packed.weight_t().to(dtype)
         if self.kpack:
             from ..kernels.awq_torch import dequantize_kpack
             return dequantize_kpack(self.qweight, self.qzeros, self.scales, dtype)
@@ -81,6 +99,9 @@ class AwqLinear(nn.Module):
         """x: [tokens, in] -> [tokens, out]."""
         if self._kernels(x):
             return self._product(x)
+        if self.packed_for(x) is not None:
+            from ..kernels.w4_cpu import linear
+            return linear(x, self.packed, self.bias)
         y = x @ self.weight_t(x.dtype)
         return y if self.bias is None else y + self.bias
 
@@ -107,7 +128,7 @@ class AwqLinear(nn.Module):
 
     def forward_t(self, x: torch.Tensor) -> torch.Tensor:
         """x: [tokens, in] -> y^T [out, tokens], contiguous (the fused MLP slices rows of it)."""
-        if self._kernels(x):
+        if self._kernels(x) or self.packed is not None:
             return self.forward(x).t().contiguous()
         w_t = self.weight_t(x.dtype)
         y = w_t.t() @ x.t()
@@ -128,6 +149,18 @@ def use_gpu_layout(model, layout: Optional[str] = None) -> int:
             m.to_kpack()
         return len(layers)
     return 0
+
+
+def use_cpu_layout(model) -> int:
+    """On CPU, after loading: every AwqLinear to the native 4-bit panels where they are built (AVX-512);
+    -> how many were repacked."""
+    from ..kernels.w4_cpu import available
+    layers = [m for m in model.modules() if isinstance(m, AwqLinear) and m.packed is None and not m.kpack]
+    if not layers or not available():
+        return 0
+    for m in layers:
+        m.to_cpu_panels()
+    return len(layers)
 
 
 def swap_in_awq(model, group_size: int) -> None:

@@ -17,6 +17,8 @@
 #include <omp.h>
 #include "amx_bf16x3.h"
 #include "greedy_head.h"
+#include "tile_store.h"
+#include "w4_panels.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define HAVE_AVX2 1
@@ -706,17 +708,7 @@ static inline __attribute__((always_inline)) void panel_tile(const float *x, int
             for (int v = 0; v < NV; v++) acc[m][v] = _mm512_fmadd_ps(xb, w[v], acc[m][v]);
         }
     }
-    for (int v = 0; v < NV; v++) {
-        const int left = ncols - 16 * v;
-        const __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-        const __m512 bv = b ? _mm512_maskz_loadu_ps(mk, b + 16 * v) : _mm512_setzero_ps();
-        for (int m = 0; m < MR; m++) {
-            float *yr = y + (int64_t)m * ldy + 16 * v;
-            __m512 r = _mm512_add_ps(acc[m][v], bv);
-            if (accumulate) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(mk, yr));
-            _mm512_mask_storeu_ps(yr, mk, r);
-        }
-    }
+    tile_store(&acc[0][0], PANEL_NV, MR, NV, b, y, ldy, ncols, accumulate);
 }
 
 /* One panel against one or two token rows, its K rows read in order: a single sequential stream, which the
@@ -934,8 +926,10 @@ typedef struct {
     const float *in_norm, *post_norm, *w_qkv, *b_qkv, *w_o, *b_o, *w_gu, *b_gu, *w_down, *b_down;
     float eps;
     int H, NH, KVH, D, I;
-    int panels; /* the w_* are panel-packed (panel_linear's layout), not row-major */
+    int panels; /* the w_* are row-major (0), panel-packed (1: panel_linear's layout) or 4-bit (2: w4_panels.c) */
     const uint16_t *x_qkv, *x_o, *x_gu, *x_down; /* bf16x3 copies (amx_bf16x3.c), or NULL */
+    const float *s_qkv, *s_o, *s_gu, *s_down; /* 4-bit weights: their (scale, min) pairs */
+    int group; /* 4-bit weights: input rows per (scale, min) pair */
 } layer_weights;
 
 /* One row: x += add (when given; its elements add_step apart), then h = rmsnorm(x) * w. */
@@ -1025,7 +1019,11 @@ static void rotate_write_attend(float *qkv, const float *cos, const float *sin, 
 /* one of a layer's products inside its parallel region, in the layout its weights were given in */
 static void layer_product(const layer_weights *L, const float *x, const float *w, const float *b, float *y,
                           int M, int N, int K, int accumulate, panel_range *ranges, uint32_t *epoch,
-                          const uint16_t *wx3, uint16_t *x3_scratch) {
+                          const uint16_t *wx3, uint16_t *x3_scratch, const float *sm) {
+    if (L->panels == 2) {
+        w4_rows(x, (const uint8_t *)w, sm, b, y, M, N, K, L->group, accumulate);
+        return;
+    }
     if (wx3 && x3_scratch) {
         x3_rows(x, wx3, b, y, M, N, K, accumulate, x3_scratch);
         return;
@@ -1065,19 +1063,19 @@ void decode_layer(float *x, const layer_weights *L, const float *cos, const floa
         uint32_t epoch = 0;
         #pragma omp single
         rmsnorm_rows(x, L->in_norm, h, M, H, L->eps);
-        layer_product(L, h, L->w_qkv, L->b_qkv, qkv, M, QKV, H, 0, ranges, &epoch, L->x_qkv, xs);
+        layer_product(L, h, L->w_qkv, L->b_qkv, qkv, M, QKV, H, 0, ranges, &epoch, L->x_qkv, xs, L->s_qkv);
         rotate_write_attend(qkv, cos, sin, k_cache, v_cache, slot_blocks, slot_offsets, block_tables, ctx_lens,
                             max_blocks, M, NH, KVH, D, BS, scale, att, &kq);
-        layer_product(L, att, L->w_o, L->b_o, x, M, H, NH * D, 1, ranges, &epoch, L->x_o, xs);  /* x += o(att) */
+        layer_product(L, att, L->w_o, L->b_o, x, M, H, NH * D, 1, ranges, &epoch, L->x_o, xs, L->s_o);  /* x += o(att) */
         #pragma omp single
         rmsnorm_rows(x, L->post_norm, h, M, H, L->eps);
-        layer_product(L, h, L->w_gu, L->b_gu, gu, M, 2 * I, H, 0, ranges, &epoch, L->x_gu, xs);
+        layer_product(L, h, L->w_gu, L->b_gu, gu, M, 2 * I, H, 0, ranges, &epoch, L->x_gu, xs, L->s_gu);
         #pragma omp for schedule(static)
         for (int t = 0; t < M * ((I + 255) / 256); t++) {  /* (row, 256-wide slice) */
             int m = t / ((I + 255) / 256), i = t % ((I + 255) / 256) * 256, n = I - i < 256 ? I - i : 256;
             silu_mul_f32(gu + (int64_t)m * 2 * I + i, gu + (int64_t)m * 2 * I + I + i, act + (int64_t)m * I + i, n);
         }
-        layer_product(L, act, L->w_down, L->b_down, x, M, H, I, 1, ranges, &epoch, L->x_down, xs);  /* x += down(act) */
+        layer_product(L, act, L->w_down, L->b_down, x, M, H, I, 1, ranges, &epoch, L->x_down, xs, L->s_down);  /* x += down(act) */
     }
     free(xs);
 }
