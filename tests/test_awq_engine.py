@@ -224,7 +224,7 @@ def test_engine_serves_awq_checkpoint_like_the_dequantized_model(awq_tiny):
 
 def test_engine_decodes_batches_on_4bit_panels_like_the_dequantized_model(awq_tiny):
     """CPU with AVX-512: the W4A16 layers run on the native 4-bit panels, whole decode layers in native code
-    (one to four rows read the codes straight into the FMAs, more rows dequantize blocks first); prompts of
+    (up to eight rows read the codes straight into the FMAs, more rows dequantize blocks first); prompts of
     different lengths, so steps mix prefill chunks with decodes too."""
     from engine.generation import GenerationConfig
     from engine.kernels import w4_cpu

@@ -7,7 +7,7 @@ min = -zero * scale. Torch reference: ``awq_torch.dequantize_awq`` (``W4Panels.w
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -65,6 +65,20 @@ class W4Panels:
 
     def nbytes(self) -> int:
         return self.codes.numel() + self.pairs.numel() * 4
+
+
+def to_huge_pages(panels: List[W4Panels]) -> None:
+    """Move the panels' tensors into one arena of huge pages (host_memory.huge_empty), each on a 64-byte
+    boundary: a decode step streams all of them, as it streams the float32 panels' arena."""
+    from ..host_memory import huge_empty
+    tensors = [(p, name) for p in panels for name in ("codes", "pairs")]
+    size = lambda t: -(-t.numel() * t.element_size() // 64) * 64  # noqa: E731
+    arena, at = huge_empty(sum(size(getattr(p, n)) for p, n in tensors), torch.uint8), 0
+    for p, name in tensors:
+        t = getattr(p, name)
+        n = t.numel() * t.element_size()
+        setattr(p, name, arena[at:at + n].view(t.dtype).view(t.shape).copy_(t))
+        at += size(t)
 
 
 def linear(x: torch.Tensor, packed: W4Panels, bias: Optional[torch.Tensor]) -> torch.Tensor:

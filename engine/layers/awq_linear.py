@@ -160,6 +160,8 @@ def use_cpu_layout(model) -> int:
         return 0
     for m in layers:
         m.to_cpu_panels()
+    from ..kernels.w4_cpu import to_huge_pages
+    to_huge_pages([m.packed for m in layers])
     return len(layers)
 
 

@@ -28,7 +28,7 @@
 #define W4_NV 2            /* 16-output panels per block */
 #define W4_BLOCK (16 * W4_NV)
 #define W4_MR 4            /* token rows per pass of the direct kernel */
-#define W4_DIRECT_MAX 4    /* up to this many rows: the direct kernel */
+#define W4_DIRECT_MAX 8    /* up to this many rows: the direct kernel */
 #define W4_TILE_MR 8       /* token rows per register tile over dequantized weights */
 
 #if defined(W4_AVX512)
