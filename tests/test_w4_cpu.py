@@ -1,6 +1,11 @@
 """W4A16 products on CPU (engine/kernels/w4_cpu.py, csrc/w4_panels.c): the native kernel over 4-bit panels
-against the float64 product with the weights dequantized by the torch reference (awq_torch.dequantize_awq),
-and the AWQ layer on those panels against the dequantizing layer."""
+(the AVX-512 form where the CPU has it, and the AVX2 form, compiled here with AVX-512 switched off) against the
+float64 product with the weights dequantized by the torch reference (awq_torch.dequantize_awq), and the AWQ
+layer on those panels against the dequantizing layer."""
+import ctypes
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -8,7 +13,7 @@ from awq_random import random_awq, rms
 from engine.kernels import w4_cpu
 from engine.kernels.awq_torch import dequantize_awq
 
-pytestmark = pytest.mark.skipif(not w4_cpu.available(), reason="the native 4-bit products need AVX-512")
+pytestmark = pytest.mark.skipif(not w4_cpu.available(), reason="the native 4-bit products need AVX2 and a C compiler")
 
 
 def panels(K, N, G, seed=0):
@@ -34,6 +39,28 @@ def test_w4_linear_matches_the_dequantized_product(K, N, G, M):
         y = w4_cpu.linear(x, p, b)
         assert y.shape == (M, N) and y.is_contiguous()
         want = ref if b is None else ref + b.double()
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_avx2_form_matches_the_dequantized_product(tmp_path):
+    """The kernels a CPU with AVX2 but without AVX-512 runs: w4_panels.c compiled with AVX-512 switched off."""
+    from engine.kernels import cpu_native
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    so_path = tmp_path / "w4_portable.so"
+    flags = [f for f in cpu_native.FLAGS if f != "-march=native"] + ["-march=native", "-mno-avx512f"]
+    subprocess.run([cc, *flags, str(cpu_native.CSRC / "w4_panels.c"), "-o", str(so_path)], check=True)
+    so = ctypes.CDLL(str(so_path))
+    so.w4_linear.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5
+    assert so.w4_available() == 256  # the AVX2 form, whatever this CPU has
+    for K, N, G, M in [(64, 40, 32, 1), (576, 96, 64, 3), (128, 8, 64, 8), (256, 48, 128, 13), (64, 40, 32, 40)]:
+        p, w = panels(K, N, G, seed=M)
+        x, b = torch.randn(M, K), torch.randn(N)
+        y = torch.empty(M, N)
+        so.w4_linear(x.data_ptr(), p.codes.data_ptr(), p.pairs.data_ptr(), b.data_ptr(), y.data_ptr(), M, N, K, G,
+                     2)
+        want = x.double() @ w + b.double()
         torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 

@@ -16,7 +16,7 @@ from .awq_torch import unpack_columns
 
 
 def available() -> bool:
-    """Whether the native 4-bit products are built for this CPU (AVX-512)."""
+    """Whether the native 4-bit products are built (AVX-512 kernels, or AVX2 and FMA ones)."""
     so = cpu_native.lib()
     return so is not None and bool(so.w4_available())
 

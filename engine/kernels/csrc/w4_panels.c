@@ -12,7 +12,9 @@
  * Up to W4_DIRECT_MAX token rows (decode) read the codes straight into the FMAs, W4_MR rows at a time.
  * More rows (prefill, large decode batches) dequantize a block of W4_BLOCK outputs once into a per-thread
  * float32 buffer (L2-sized) and run an 8-row register tile over it, so the FMAs see float32 weights.
- * Checked against the dequantizing torch reference in tests/test_w4_cpu.py.
+ * Without AVX-512 the same kernels run in 256-bit vectors (AVX2 and FMA); with neither, w4_available() is 0
+ * and the layers keep the torch path. Both forms are checked against the dequantizing torch reference in
+ * tests/test_w4_cpu.py.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -23,16 +25,18 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define W4_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define W4_AVX2 1
 #endif
 
 #define W4_NV 2            /* 16-output panels per block */
 #define W4_BLOCK (16 * W4_NV)
-#define W4_MR 4            /* token rows per pass of the direct kernel */
 #define W4_DIRECT_MAX 8    /* up to this many rows: the direct kernel */
 #define W4_TILE_MR 8       /* token rows per register tile over dequantized weights */
 
 #if defined(W4_AVX512)
-int w4_available(void) { return 1; }
+#define W4_MR 4            /* token rows per pass of the direct kernel */
 
 /* One block (W4_NV panels) against MR token rows, every group, codes straight into the FMAs. */
 static inline __attribute__((always_inline)) void w4_direct(const float *x, int K, const float *xs, int G, int group,
@@ -109,20 +113,6 @@ static inline __attribute__((always_inline)) void w4_tile(const float *x, int K,
     tile_store(&acc[0][0], W4_NV, MR, W4_NV, b, y, ldy, ncols, accumulate);
 }
 
-/* each thread's dequantized block, kept between calls (grown as needed, never freed) */
-static __thread float *w4_buf;
-static __thread int64_t w4_buf_len;
-
-static float *w4_block_buffer(int K) {
-    const int64_t need = (int64_t)W4_NV * K * 16;
-    if (need > w4_buf_len) {
-        free(w4_buf);
-        w4_buf = aligned_alloc(64, (size_t)need * sizeof(float));
-        w4_buf_len = w4_buf ? need : 0;
-    }
-    return w4_buf;
-}
-
 /* Row sums of x over each group, xs [M][G]. */
 static void w4_group_sums(const float *x, int M, int K, int group, float *xs) {
     const int G = K / group;
@@ -136,6 +126,144 @@ static void w4_group_sums(const float *x, int M, int K, int group, float *xs) {
             for (; i < group; i++) r += xg[i];
             xs[(int64_t)m * G + g] = r;
         }
+}
+
+#elif defined(W4_AVX2)
+/* The same kernels in 256-bit vectors (AVX2 and FMA, without AVX-512): a panel row is two of them. */
+typedef __m256 v8f;
+#define W4_NH (2 * W4_NV) /* 8-float vectors per block row */
+#define W4_MR 2            /* token rows per pass of the direct kernel (16 vector registers) */
+
+static inline __attribute__((always_inline)) v8f load8(const float *p) { return _mm256_loadu_ps(p); }
+
+static inline __attribute__((always_inline)) __m256i codes8(const uint8_t *p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+}
+
+static inline __attribute__((always_inline)) v8f low4(__m256i q) {
+    return _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32(15)));
+}
+
+static inline __attribute__((always_inline)) v8f high4(__m256i q) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)); }
+
+/* the 8-float vector h of a block's row k: panel h / 2, outputs 8 (h % 2).. */
+static inline __attribute__((always_inline)) const uint8_t *codes_at(const uint8_t *pb, int64_t ps, int k, int h) {
+    return pb + (h / 2) * ps + (int64_t)k * 8 + 8 * (h % 2);
+}
+
+static inline __attribute__((always_inline)) void tile_store_v(const v8f *acc, int MR, const float *b, float *y,
+                                                               int64_t ldy, int ncols, int accumulate) {
+    for (int m = 0; m < MR; m++)
+        for (int h = 0; h < W4_NH; h++) {
+            const int n = ncols - 8 * h < 8 ? ncols - 8 * h : 8;
+            float r[8];
+            _mm256_storeu_ps(r, acc[m * W4_NH + h]);
+            float *yr = y + (int64_t)m * ldy + 8 * h;
+            for (int j = 0; j < n; j++) {
+                const float o = r[j] + (b ? b[8 * h + j] : 0.f);
+                yr[j] = accumulate ? yr[j] + o : o;
+            }
+        }
+}
+
+static inline __attribute__((always_inline)) void w4_direct(const float *x, int K, const float *xs, int G, int group,
+                                                            const uint8_t *pb, const float *smb, const float *b,
+                                                            float *y, int64_t ldy, int ncols, int accumulate,
+                                                            const int MR) {
+    const int64_t ps = (int64_t)K * 8, ss = (int64_t)G * 32;
+    v8f out[W4_MR][W4_NH];
+    for (int m = 0; m < MR; m++)
+        for (int h = 0; h < W4_NH; h++) out[m][h] = _mm256_setzero_ps();
+    for (int g = 0; g < G; g++) {
+        v8f al[W4_MR][W4_NH], ah[W4_MR][W4_NH]; /* even and odd rows: two FMA chains per output vector */
+        for (int m = 0; m < MR; m++)
+            for (int h = 0; h < W4_NH; h++) al[m][h] = ah[m][h] = _mm256_setzero_ps();
+        for (int k = g * group; k < (g + 1) * group; k += 2)
+            for (int h = 0; h < W4_NH; h++) {
+                const __m256i q = codes8(codes_at(pb, ps, k, h));
+                const v8f wl = low4(q), wh = high4(q);
+                for (int m = 0; m < MR; m++) {
+                    al[m][h] = _mm256_fmadd_ps(_mm256_set1_ps(x[(int64_t)m * K + k]), wl, al[m][h]);
+                    ah[m][h] = _mm256_fmadd_ps(_mm256_set1_ps(x[(int64_t)m * K + k + 1]), wh, ah[m][h]);
+                }
+            }
+        for (int h = 0; h < W4_NH; h++) {
+            const float *sp = smb + (h / 2) * ss + g * 32 + 8 * (h % 2);
+            const v8f s = load8(sp), mn = load8(sp + 16);
+            for (int m = 0; m < MR; m++) {
+                out[m][h] = _mm256_fmadd_ps(s, _mm256_add_ps(al[m][h], ah[m][h]), out[m][h]);
+                out[m][h] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xs[(int64_t)m * G + g]), out[m][h]);
+            }
+        }
+    }
+    tile_store_v(&out[0][0], MR, b, y, ldy, ncols, accumulate);
+}
+
+static void w4_dequant_block(const uint8_t *pb, const float *smb, int K, int G, int group, float *w) {
+    const int64_t ps = (int64_t)K * 8, ss = (int64_t)G * 32;
+    for (int h = 0; h < W4_NH; h++)
+        for (int g = 0; g < G; g++) {
+            const float *sp = smb + (h / 2) * ss + g * 32 + 8 * (h % 2);
+            const v8f s = load8(sp), mn = load8(sp + 16);
+            for (int k = g * group; k < (g + 1) * group; k += 2) {
+                const __m256i q = codes8(codes_at(pb, ps, k, h));
+                float *wk = w + ((int64_t)(h / 2) * K + k) * 16 + 8 * (h % 2);  /* [W4_NV][K][16], as on AVX-512 */
+                _mm256_storeu_ps(wk, _mm256_fmadd_ps(low4(q), s, mn));
+                _mm256_storeu_ps(wk + 16, _mm256_fmadd_ps(high4(q), s, mn));
+            }
+        }
+}
+
+static inline __attribute__((always_inline)) void w4_tile(const float *x, int K, const float *w, const float *b,
+                                                          float *y, int64_t ldy, int ncols, int accumulate,
+                                                          const int MR) {
+    v8f acc[W4_TILE_MR][W4_NH];
+    for (int m = 0; m < MR; m++)
+        for (int h = 0; h < W4_NH; h++) acc[m][h] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        v8f wv[W4_NH];
+        for (int h = 0; h < W4_NH; h++) wv[h] = load8(w + ((int64_t)(h / 2) * K + k) * 16 + 8 * (h % 2));
+        for (int m = 0; m < MR; m++) {
+            const v8f xv = _mm256_set1_ps(x[(int64_t)m * K + k]);
+            for (int h = 0; h < W4_NH; h++) acc[m][h] = _mm256_fmadd_ps(xv, wv[h], acc[m][h]);
+        }
+    }
+    tile_store_v(&acc[0][0], MR, b, y, ldy, ncols, accumulate);
+}
+
+static void w4_group_sums(const float *x, int M, int K, int group, float *xs) {
+    const int G = K / group;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < G; g++) {
+            float r = 0.f;
+            for (int i = 0; i < group; i++) r += x[(int64_t)m * K + (int64_t)g * group + i];
+            xs[(int64_t)m * G + g] = r;
+        }
+}
+#endif
+
+/* 512 or 256: the vector width of the kernels built; 0: none (no AVX2, the torch path runs instead) */
+#if defined(W4_AVX512)
+int w4_available(void) { return 512; }
+#elif defined(W4_AVX2)
+int w4_available(void) { return 256; }
+#else
+int w4_available(void) { return 0; }
+#endif
+
+#if defined(W4_AVX512) || defined(W4_AVX2)
+/* each thread's dequantized block, kept between calls (grown as needed, never freed) */
+static __thread float *w4_buf;
+static __thread int64_t w4_buf_len;
+
+static float *w4_block_buffer(int K) {
+    const int64_t need = (int64_t)W4_NV * K * 16;
+    if (need > w4_buf_len) {
+        free(w4_buf);
+        w4_buf = aligned_alloc(64, (size_t)need * sizeof(float));
+        w4_buf_len = w4_buf ? need : 0;
+    }
+    return w4_buf;
 }
 
 #define W4_DIRECT_CASE(R) case R: w4_direct(xm, K, xs + (int64_t)m0 * G, G, group, pb, smb, bb, ym, N, ncols, \
@@ -158,7 +286,10 @@ void w4_rows(const float *x, const uint8_t *p, const float *sm, const float *b, 
                 const float *xm = x + (int64_t)m0 * K;
                 float *ym = y + (int64_t)m0 * N + n0;
                 switch (M - m0 < W4_MR ? M - m0 : W4_MR) {
-                    W4_DIRECT_CASE(1) W4_DIRECT_CASE(2) W4_DIRECT_CASE(3) W4_DIRECT_CASE(4)
+                    W4_DIRECT_CASE(1) W4_DIRECT_CASE(2)
+#if W4_MR > 2
+                    W4_DIRECT_CASE(3) W4_DIRECT_CASE(4)
+#endif
                 }
             }
         }
@@ -181,8 +312,6 @@ void w4_rows(const float *x, const uint8_t *p, const float *sm, const float *b, 
     }
 }
 #else
-int w4_available(void) { return 0; }
-
 void w4_rows(const float *x, const uint8_t *p, const float *sm, const float *b, float *y, int M, int N, int K,
              int group, int accumulate) {
     (void)x; (void)p; (void)sm; (void)b; (void)y; (void)M; (void)N; (void)K; (void)group; (void)accumulate;

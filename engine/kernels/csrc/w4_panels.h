@@ -3,7 +3,7 @@
 #define W4_PANELS_H
 #include <stdint.h>
 
-int w4_available(void);
+int w4_available(void); /* the kernels' vector width: 512, 256 (AVX2), or 0 (none built) */
 int w4_block(void);
 /* y [M, N] (+)= x [M, K] W^T (+ b) over the packed codes p and (scale, min) pairs sm; an orphaned omp-for:
  * call it inside a parallel region (every thread of the team) */
