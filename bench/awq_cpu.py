@@ -9,11 +9,13 @@
    --llama-python (an interpreter with llama-cpp-python), llama.cpp on the embedded Q4_1 GGUF too, batch 1.
 
     python bench/awq_cpu.py [--repeats 3] [--checkpoint DIR] [--llama-python PY] [--no-doc]
+    python bench/awq_cpu.py --render bench/results/awq_cpu.json     # table and docs/awq_cpu.png again
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -132,6 +134,41 @@ def render(res) -> str:
     return "\n".join(out)
 
 
+def plot(res) -> None:
+    """docs/awq_cpu.png: the products' speed against float32 by token count, and the engine's tok/s by cap."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, _ in SHAPES:
+        pts = [(r["tokens"], r["f32_us"] / r["w4_us"]) for r in res["kernels"] if r["shape"] == name]
+        if pts:
+            left.plot(*zip(*pts), marker="o", label=name)
+    left.axhline(1.0, ls="--", color="gray")
+    left.set_xscale("log", base=2)
+    left.set_xlabel("token rows")
+    left.set_ylabel("4-bit / float32 speed (weights cold)")
+    left.set_title("products, SmolLM2 shapes")
+    left.legend()
+    for engine, style in (("float32", "o-"), ("W4A16", "s-"), ("llama.cpp Q4_1", "^")):
+        pts = [(r["cap"], r["tokens_per_s"]) for r in res["engine"]["rows"] if r["engine"] == engine]
+        if pts:
+            right.plot(*zip(*pts), style, label=engine, markersize=8)
+    right.set_xscale("log", base=2)
+    right.set_xlabel("batch cap")
+    right.set_ylabel("output tokens/s")
+    right.set_title("engine offline, 128 + 128 tokens")
+    right.legend()
+    fig.suptitle("W4A16 on CPU, SmolLM2-135M: " + res["machine"].split(", 24")[0].replace(", AVX-512", ""))
+    fig.tight_layout()
+    out = ROOT / "docs" / "awq_cpu.png"
+    fig.savefig(out.with_suffix(".tmp.png"), dpi=100)
+    os.replace(out.with_suffix(".tmp.png"), out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
@@ -139,7 +176,13 @@ def main() -> int:
     ap.add_argument("--llama-python", default="", help="interpreter of a venv with llama-cpp-python")
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--render", metavar="JSON", help="only redraw the table and plot from a results file")
     args = ap.parse_args()
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        publish("awq_cpu", res, render(res), not args.no_doc)
+        plot(res)
+        return 0
     from engine.kernels import w4_cpu
     if not w4_cpu.available():
         print("the native 4-bit products need AVX-512 and a C compiler", file=sys.stderr)
@@ -149,6 +192,7 @@ def main() -> int:
     res["kernels"] = [] if args.skip_kernels else kernels(res["kernel_passes"])
     res["engine"] = engines(checkpoint(args.checkpoint), args.repeats, args.llama_python)
     publish("awq_cpu", res, render(res), not args.no_doc)
+    plot(res)
     return 0
 
 
