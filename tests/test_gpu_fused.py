@@ -236,7 +236,8 @@ def _awq_model(device, dtype):
 def test_w4a16_products_make_their_inputs_on_the_gpu_path(layout, monkeypatch):
     """The GPU decode path of a W4A16 model, whose q/k/v and gate/up products make RMSNorm(x + residual) *
     weight (the first layer's RMSNorm(x) * weight) and whose down product makes SiLU(gate) * up as they
-    load x, against the ordinary CPU step of the same model (its layers dequantize in torch): one sequence
+    load x, against the ordinary CPU step of the same model (its layers on the native 4-bit products where
+    they are built, else dequantizing in torch): one sequence
     decoding one row at a time through the graphs' static buffers (the one-row kernels), then three
     sequences at once (the batches' products norm and gate first)."""
     from engine.kernels import awq_gemv

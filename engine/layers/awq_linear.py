@@ -155,7 +155,8 @@ def use_cpu_layout(model) -> int:
     """On CPU, after loading: every AwqLinear to the native 4-bit panels where they are built (AVX-512);
     -> how many were repacked."""
     from ..kernels.w4_cpu import available
-    layers = [m for m in model.modules() if isinstance(m, AwqLinear) and m.packed is None and not m.kpack]
+    layers = [m for m in model.modules()
+              if isinstance(m, AwqLinear) and m.packed is None and not m.kpack and not m.kernels_on_cpu]
     if not layers or not available():
         return 0
     for m in layers:
