@@ -17,7 +17,6 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 SPIN_BEFORE_YIELD = 2000
