@@ -1,5 +1,6 @@
 """W4A16 products on CPU (csrc/w4_panels.c): the 4-bit codes stay 4-bit in memory and are dequantized inside
-the product, so a decode step streams a quarter of float16's bytes (an eighth of float32's).
+the product, so a decode step streams about a sixth of float32's bytes (4 bits a weight, plus a float32 scale
+and minimum per group and output: 5 bits a weight at group size 64).
 
 ``W4Panels.from_awq`` repacks AutoAWQ's "GEMM" tensors at load into panels of 16 outputs whose 16-byte rows
 hold two input rows' codes (low and high nibbles), and the scales and zeros into float32 (scale, min) pairs,
@@ -43,7 +44,7 @@ class W4Panels:
         s = scales.float()
         k, n = q.shape
         groups = z.shape[0]
-        if k % 2 or k % groups:
+        if k % groups or (k // groups) % 2:
             raise ValueError(f"W4 panels: {k} input rows do not split into {groups} groups of an even size")
         block = _block()
         padded = -(-n // block) * block
