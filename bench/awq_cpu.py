@@ -107,6 +107,7 @@ def engines(ckpt: str, repeats: int, llama_python: str) -> dict:
                   + (f" (decode-only steps {d:.1f})" if d else ""), flush=True)
     if peer is not None:
         peer.close()
+        os.unlink(pf.name)
     return {"engines": info, "rows": rows}
 
 

@@ -39,7 +39,8 @@ class _LayerWeights(ctypes.Structure):
                [("group", ctypes.c_int)]
 
 
-W4 = 2  # _LayerWeights.panels for 4-bit weights (csrc/w4_panels.c)
+# _LayerWeights.panels: the layout of the products' weights (WEIGHTS_* in csrc/cpu_kernels.c)
+ROWS, PANELS, W4 = 0, 1, 2  # row-major; cpu_gemm.Panels; w4_cpu.W4Panels (csrc/w4_panels.c)
 
 
 def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
@@ -55,27 +56,31 @@ class FusedDecoder:
         lins = [lin for layer in model.layers for lin in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)]
         # the panel products' layout when the layers were packed for them (cpu_gemm's native backend), or the
         # 4-bit panels of W4A16 layers (w4_cpu.py)
-        w4 = all(isinstance(lin.packed, W4Panels) for lin in lins)
-        self.panels = W4 if w4 else int(all(isinstance(lin.packed, cpu_gemm.Panels) for lin in lins))
-        w = (lambda lin: lin.packed.codes.data_ptr()) if w4 else (lambda lin: lin.packed.data.data_ptr()) \
-            if self.panels else (lambda lin: lin.weight.data_ptr())
-        sm = (lambda lin: lin.packed.pairs.data_ptr()) if w4 else (lambda lin: None)
-        # their bf16x3 copies under matmul_precision="high" (AMX): products of x3_min_rows()+ rows run on those
-        x3 = lambda lin: lin.packed.x3.data.data_ptr() if self.panels == 1 and lin.packed.x3 is not None else None  # noqa: E731
+        self.panels = (W4 if all(isinstance(lin.packed, W4Panels) for lin in lins)
+                       else PANELS if all(isinstance(lin.packed, cpu_gemm.Panels) for lin in lins) else ROWS)
         self.structs: List[_LayerWeights] = []
         for layer in model.layers:
             at, mlp = layer.attn, layer.mlp
+            ptrs = [self._pointers(lin) for lin in (at.qkv, at.o, mlp.gate_up, mlp.down)]  # (weights, x3, pairs)
             self.structs.append(_LayerWeights(
-                _ptr(layer.input_norm.weight), _ptr(layer.post_norm.weight), w(at.qkv), _ptr(at.qkv.bias),
-                w(at.o), _ptr(at.o.bias), w(mlp.gate_up), _ptr(mlp.gate_up.bias),
-                w(mlp.down), _ptr(mlp.down.bias), layer.input_norm.eps,
-                a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size, int(self.panels),
-                x3(at.qkv), x3(at.o), x3(mlp.gate_up), x3(mlp.down), sm(at.qkv), sm(at.o), sm(mlp.gate_up),
-                sm(mlp.down), at.qkv.packed.group_size if w4 else 0))
+                _ptr(layer.input_norm.weight), _ptr(layer.post_norm.weight), ptrs[0][0], _ptr(at.qkv.bias),
+                ptrs[1][0], _ptr(at.o.bias), ptrs[2][0], _ptr(mlp.gate_up.bias),
+                ptrs[3][0], _ptr(mlp.down.bias), layer.input_norm.eps,
+                a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size, self.panels,
+                *(p[1] for p in ptrs), *(p[2] for p in ptrs), at.qkv.packed.group_size if self.panels == W4 else 0))
         self.layer_array = (_LayerWeights * len(self.structs))(*self.structs)  # for decode_layers_split
         self.scale = a.head_dim ** -0.5
         self.per_token = a.hidden_size + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + \
             a.num_heads * a.head_dim + 3 * a.intermediate_size
+
+    def _pointers(self, lin):
+        """A product's (weights, bf16x3 copy or None, (scale, min) pairs or None) in this decoder's layout; the
+        bf16x3 copies exist under matmul_precision="high" (AMX): products of x3_min_rows()+ rows run on them."""
+        if self.panels == W4:
+            return lin.packed.codes.data_ptr(), None, lin.packed.pairs.data_ptr()
+        if self.panels == PANELS:
+            return lin.packed.data.data_ptr(), _ptr(lin.packed.x3.data if lin.packed.x3 is not None else None), None
+        return lin.weight.data_ptr(), None, None
 
     def run(self, x: torch.Tensor, meta, kv) -> torch.Tensor:
         M = x.shape[0]
@@ -99,7 +104,7 @@ class FusedDecoder:
     def splits(self, M: int, threads: int) -> bool:
         """Whether a decode step of M tokens splits its sequences between the threads (decode_layers_split):
         on panel products (float32; not the bf16x3 copies, untried there) with SPLIT_MIN_ROWS rows a thread."""
-        return bool(self.panels) and threads > 1 and M >= SPLIT_MIN_ROWS * threads and self.structs[0].x_qkv is None
+        return self.panels != ROWS and threads > 1 and M >= SPLIT_MIN_ROWS * threads and self.structs[0].x_qkv is None
 
 
     def run_mixed(self, x: torch.Tensor, meta, kv) -> torch.Tensor:

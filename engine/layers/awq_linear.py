@@ -4,7 +4,7 @@ A fused layer (q/k/v, gate/up) keeps its parts side by side along the output dim
 layout is the packed column dimension: part p fills columns [start/8, (start+size)/8) of qweight/qzeros
 and [start, start+size) of scales. On GPU the Triton kernel dequantizes inside the matmul; on CPU the
 layer's product runs on 4-bit panels (kernels/w4_cpu.py, repacked at load) where the native kernels are built
-for AVX-512, else it dequantizes its weight in the call.
+(AVX-512, or AVX2 and FMA), else it dequantizes its weight in the call.
 """
 from __future__ import annotations
 
@@ -152,8 +152,9 @@ def use_gpu_layout(model, layout: Optional[str] = None) -> int:
 
 
 def use_cpu_layout(model) -> int:
-    """On CPU, after loading: every AwqLinear to the native 4-bit panels where they are built (AVX-512);
-    -> how many were repacked."""
+    """On CPU, after loading: every AwqLinear to the native 4-bit panels where they are built (AVX-512, or
+    AVX2 and FMA), but those that tests route through the Triton kernels (kernels_on_cpu); -> how many were
+    repacked."""
     from ..kernels.w4_cpu import available
     layers = [m for m in model.modules()
               if isinstance(m, AwqLinear) and m.packed is None and not m.kpack and not m.kernels_on_cpu]

@@ -922,11 +922,14 @@ void panel_linear(const float *x, const float *p, const float *b, float *y, int 
  * RMSNorm -> gate/up -> SiLU * up -> down -> residual. x [M, H] is updated in place.
  * At batch 1 the per-op overhead of ~35 torch calls per layer costs as much as the weights' streaming.
  */
+#define WEIGHTS_ROWS 0   /* row-major [N, K] */
+#define WEIGHTS_PANELS 1 /* panel-packed, panel_linear's layout */
+#define WEIGHTS_W4 2     /* 4-bit panels, w4_panels.c (fused_decode.W4) */
 typedef struct {
     const float *in_norm, *post_norm, *w_qkv, *b_qkv, *w_o, *b_o, *w_gu, *b_gu, *w_down, *b_down;
     float eps;
     int H, NH, KVH, D, I;
-    int panels; /* the w_* are row-major (0), panel-packed (1: panel_linear's layout) or 4-bit (2: w4_panels.c) */
+    int panels; /* the w_* layout: WEIGHTS_ROWS, WEIGHTS_PANELS or WEIGHTS_W4 */
     const uint16_t *x_qkv, *x_o, *x_gu, *x_down; /* bf16x3 copies (amx_bf16x3.c), or NULL */
     const float *s_qkv, *s_o, *s_gu, *s_down; /* 4-bit weights: their (scale, min) pairs */
     int group; /* 4-bit weights: input rows per (scale, min) pair */
@@ -1020,7 +1023,7 @@ static void rotate_write_attend(float *qkv, const float *cos, const float *sin, 
 static void layer_product(const layer_weights *L, const float *x, const float *w, const float *b, float *y,
                           int M, int N, int K, int accumulate, panel_range *ranges, uint32_t *epoch,
                           const uint16_t *wx3, uint16_t *x3_scratch, const float *sm) {
-    if (L->panels == 2) {
+    if (L->panels == WEIGHTS_W4) {
         w4_rows(x, (const uint8_t *)w, sm, b, y, M, N, K, L->group, accumulate);
         return;
     }
@@ -1029,7 +1032,7 @@ static void layer_product(const layer_weights *L, const float *x, const float *w
         return;
     }
 #if defined(HAVE_AVX512)
-    if (L->panels) {
+    if (L->panels == WEIGHTS_PANELS) {
         panel_rows(x, w, b, y, M, N, K, accumulate, ranges, epoch);
         return;
     }

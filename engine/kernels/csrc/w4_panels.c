@@ -113,21 +113,6 @@ static inline __attribute__((always_inline)) void w4_tile(const float *x, int K,
     tile_store(&acc[0][0], W4_NV, MR, W4_NV, b, y, ldy, ncols, accumulate);
 }
 
-/* Row sums of x over each group, xs [M][G]. */
-static void w4_group_sums(const float *x, int M, int K, int group, float *xs) {
-    const int G = K / group;
-    for (int m = 0; m < M; m++)
-        for (int g = 0; g < G; g++) {
-            __m512 a = _mm512_setzero_ps();
-            const float *xg = x + (int64_t)m * K + (int64_t)g * group;
-            int i = 0;
-            for (; i + 16 <= group; i += 16) a = _mm512_add_ps(a, _mm512_loadu_ps(xg + i));
-            float r = _mm512_reduce_add_ps(a);
-            for (; i < group; i++) r += xg[i];
-            xs[(int64_t)m * G + g] = r;
-        }
-}
-
 #elif defined(W4_AVX2)
 /* The same kernels in 256-bit vectors (AVX2 and FMA, without AVX-512): a panel row is two of them. */
 typedef __m256 v8f;
@@ -230,16 +215,6 @@ static inline __attribute__((always_inline)) void w4_tile(const float *x, int K,
     }
     tile_store_v(&acc[0][0], MR, b, y, ldy, ncols, accumulate);
 }
-
-static void w4_group_sums(const float *x, int M, int K, int group, float *xs) {
-    const int G = K / group;
-    for (int m = 0; m < M; m++)
-        for (int g = 0; g < G; g++) {
-            float r = 0.f;
-            for (int i = 0; i < group; i++) r += x[(int64_t)m * K + (int64_t)g * group + i];
-            xs[(int64_t)m * G + g] = r;
-        }
-}
 #endif
 
 /* 512 or 256: the vector width of the kernels built; 0: none (no AVX2, the torch path runs instead) */
@@ -252,6 +227,24 @@ int w4_available(void) { return 0; }
 #endif
 
 #if defined(W4_AVX512) || defined(W4_AVX2)
+/* Row sums of x over each group, xs [M][G]: 16 partial sums a group (independent lanes, which the compiler
+ * vectorizes for either form), then theirs. */
+static void w4_group_sums(const float *x, int M, int K, int group, float *xs) {
+    const int G = K / group;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < G; g++) {
+            const float *xg = x + (int64_t)m * K + (int64_t)g * group;
+            float lanes[16] = {0};
+            int i = 0;
+            for (; i + 16 <= group; i += 16)
+                for (int j = 0; j < 16; j++) lanes[j] += xg[i + j];
+            float r = 0.f;
+            for (int j = 0; j < 16; j++) r += lanes[j];
+            for (; i < group; i++) r += xg[i];
+            xs[(int64_t)m * G + g] = r;
+        }
+}
+
 /* each thread's dequantized block, kept between calls (grown as needed, never freed) */
 static __thread float *w4_buf;
 static __thread int64_t w4_buf_len;
