@@ -169,10 +169,9 @@ def _plain(x: torch.Tensor, gated: bool, norm: Optional[Norm]) -> torch.Tensor:
         return gpu_fused.silu_mul(x)
     if norm is None:
         return x
-    if norm.residual is None:
-        return gpu_fused.rmsnorm(x, norm.weight, norm.eps)
-    h, res = gpu_fused.add_rmsnorm(x, norm.residual, norm.weight, norm.eps)
-    norm.res.copy_(res)
+    h, res = gpu_fused.norm_residual(x, norm.residual, norm.weight, norm.eps)
+    if norm.residual is not None:
+        norm.res.copy_(res)
     return h
 
 

@@ -1,7 +1,8 @@
 """Fused elementwise Triton kernels for the GPU decoder layer: a decode step of a 7B model runs hundreds of
 small kernels, so each one torch would split into several (RMSNorm is eight) is one launch here.
 
-- ``rmsnorm(x, w)`` and ``add_rmsnorm(x, residual, w)`` (the residual sum, then its norm: both returned)
+- ``rmsnorm(x, w)`` and ``add_rmsnorm(x, residual, w)`` (the residual sum, then its norm: both returned);
+  ``norm_residual`` takes either by whether there is a residual
 - ``silu_mul(gu)``: SiLU(gate) * up over the fused gate/up output
 - ``rope_write(qkv, cos, sin, k_cache, v_cache, blocks, offsets)``: rotates q and k (rotate-half, as Hugging
   Face Llama) and writes this step's k and v into their cache slots; returns q [T, H, D]
@@ -10,6 +11,8 @@ Each matches its torch counterpart in layers/ (the tests' oracle) up to rounding
 and round once to the activation dtype. All run on CPU under ``TRITON_INTERPRET=1``.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -125,6 +128,14 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, e
     _rmsnorm_kernel[(T,)](x, residual, weight, out, res, N, x.stride(0), residual.stride(0), out.stride(0),
                           res.stride(0), eps, HAS_RES=True, BLOCK=triton.next_power_of_2(N))
     return out, res
+
+
+def norm_residual(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float):
+    """-> (RMSNorm(x + residual) * weight, the residual stream x + residual); without a residual (a model's
+    first layer) RMSNorm(x) * weight and x itself."""
+    if residual is None:
+        return rmsnorm(x, weight, eps), x
+    return add_rmsnorm(x, residual, weight, eps)
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:

@@ -122,8 +122,8 @@ class AwqLinear(nn.Module):
             residual = residual.contiguous() if residual is not None else None
             res = torch.empty_like(x) if residual is not None else None
             return self._product(x, norm=Norm(residual, weight, eps, res)), (x if res is None else res)
-        from ..kernels.gpu_fused import add_rmsnorm, rmsnorm
-        h, res = add_rmsnorm(x, residual, weight, eps) if residual is not None else (rmsnorm(x, weight, eps), x)
+        from ..kernels.gpu_fused import norm_residual
+        h, res = norm_residual(x, residual, weight, eps)
         return self.forward(h), res
 
     def forward_t(self, x: torch.Tensor) -> torch.Tensor:

@@ -46,10 +46,8 @@ def _normed(linear, x: torch.Tensor, residual: Optional[torch.Tensor], norm: RMS
     layer) RMSNorm(x) and x itself."""
     if hasattr(linear, "forward_normed"):  # W4A16: the product makes its input as it loads x
         return linear.forward_normed(x, residual, norm.weight, norm.eps)
-    from ..kernels.gpu_fused import add_rmsnorm, rmsnorm
-    if residual is None:
-        return linear(rmsnorm(x, norm.weight, norm.eps)), x
-    h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
+    from ..kernels.gpu_fused import norm_residual
+    h, residual = norm_residual(x, residual, norm.weight, norm.eps)
     return linear(h), residual
 
 
