@@ -175,11 +175,15 @@ def _plain(x: torch.Tensor, gated: bool, norm: Optional[Norm]) -> torch.Tensor:
     return h
 
 
-def _inputs(x: torch.Tensor, K: int, N: int, G: int, gated: bool, norm: Optional[Norm]):
-    """(x, gated, norm) for the kernels: made apart first where the tuner found that faster for this shape."""
+def _inputs(x: torch.Tensor, scales: torch.Tensor, gated: bool, norm: Optional[Norm]):
+    """-> (x, gated, norm, K, N, G) for the kernels: x with a contiguous last dimension, its input made apart
+    first where the tuner found that faster for this shape, and the product's shape and group size."""
+    x = _check(x)
+    K, N = gated_k(x, gated), scales.shape[1]
+    G = K // scales.shape[0]
     if (gated and (K, N, G) in UNGATED) or (norm is not None and (K, N, G) in UNNORMED):
-        return _plain(x, gated, norm), False, None
-    return x, gated, norm
+        return _plain(x, gated, norm), False, None, K, N, G
+    return x, gated, norm, K, N, G
 
 
 def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -192,10 +196,7 @@ def awq_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     ``norm``: the input is RMSNorm(x + residual) * weight, the residual sum written to norm.res. The one-row
     and tensor-core kernels make these as they load x (awq_input.py), the others (and shapes in UNGATED /
     UNNORMED) after a kernel of their own."""
-    x = _check(x)
-    K, N = gated_k(x, gated), scales.shape[1]
-    G = K // scales.shape[0]
-    x, gated, norm = _inputs(x, K, N, G, gated, norm)
+    x, gated, norm, K, N, G = _inputs(x, scales, gated, norm)
     if not (split_k or block_n or block_k):
         if x.dtype == torch.float16 and (x.shape[0] > 1 or (K, N, G) in awq_tc.TC_TILES):
             return awq_tc.awq_tc_matmul(x, qweight, qzeros, scales, gated=gated, norm=norm)
@@ -234,10 +235,7 @@ def kpack_matmul(x: torch.Tensor, qweight_k: torch.Tensor, zeros: torch.Tensor, 
     (the tensor-core one where the tuner found it faster for this shape, else kpack_gemv); from
     DEQUANT_MIN_ROWS rows on the weight is dequantized and multiplied by torch; float16 between runs on
     tensor cores (awq_tc.kpack_tc_matmul). ``gated``, ``norm``: as awq_matmul's."""
-    x = _check(x)
-    K, N = gated_k(x, gated), scales.shape[1]
-    G = K // scales.shape[0]
-    x, gated, norm = _inputs(x, K, N, G, gated, norm)
+    x, gated, norm, K, N, G = _inputs(x, scales, gated, norm)
     if not (split_k or block_n or block_k or nibble_dots >= 0):
         if x.shape[0] == 1:
             tc = awq_tc.KPACK_TC_TILES.get((K, N, G)) if x.dtype == torch.float16 else None
