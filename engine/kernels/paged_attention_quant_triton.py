@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .awq_common import _workspace
-from .paged_attention_triton import HAVE_TRITON, _pow2, splits_for
+from .paged_attention_triton import HAVE_TRITON, _pow2, split_plan
 
 if HAVE_TRITON:
     import triton
@@ -85,14 +84,13 @@ if HAVE_TRITON:
             if BITS == 4:
                 tl.store(o_rows + (offs_c * STEP + 1)[None, :], (acc1 / l[:, None]).to(odt), mask=gmask[:, None])
         else:
-            base = (b * KVH + h).to(tl.int64) * (SPLITS * (2 * G_PAD + 2 * G_PAD * W))
-            done = _store_partial(m, l, acc0, acc1, ws_ptr, base, cnt_ptr + b * KVH + h, sp, offs_g, offs_c, G_PAD, W)
-            if done == SPLITS - 1:
-                o0, o1 = _combine_splits(ws_ptr, base, offs_g, offs_c, SPLITS, G_PAD, W)
+            rh = b * KVH + h
+            last = _store_partial(m, l, acc0, acc1, ws_ptr, cnt_ptr, rh, sp, offs_g, offs_c, SPLITS, G_PAD, W)
+            if last == SPLITS - 1:
+                o0, o1 = _combine_splits(ws_ptr, cnt_ptr, rh, offs_g, offs_c, SPLITS, G_PAD, W)
                 tl.store(o_rows + (offs_c * STEP)[None, :], o0.to(odt), mask=gmask[:, None])
                 if BITS == 4:
                     tl.store(o_rows + (offs_c * STEP + 1)[None, :], o1.to(odt), mask=gmask[:, None])
-                tl.store(cnt_ptr + b * KVH + h, 0)
 
 
 def paged_decode_attention_quant_triton(q: torch.Tensor, k_data: torch.Tensor, k_params: torch.Tensor,
@@ -129,13 +127,7 @@ def paged_decode_attention_quant_triton(q: torch.Tensor, k_data: torch.Tensor, k
     out = torch.empty_like(q)
     bt = block_tables.to(torch.int32).contiguous()
     ctx = context_lens.to(torch.int32).contiguous()
-    S = splits or splits_for(bt.shape[1], BS)
-    chunk = -(-bt.shape[1] // S) * BS  # whole blocks per split
-    if S > 1:  # partial softmaxes [B, KVH, S, 2 G_PAD + 2 G_PAD W]; counters left zeroed by the kernel
-        ws = torch.empty(B * KVH * S * (2 * G_PAD + 2 * G_PAD * W), dtype=torch.float32, device=q.device)
-        cnt = _workspace(q.device, 1, B * KVH)[1]
-    else:
-        ws = cnt = out
+    S, chunk, ws, cnt = split_plan(bt.shape[1], BS, B, KVH, G_PAD, W, out, splits)
     _paged_decode_quant_kernel[(B, KVH, S)](
         q, k_data, k_params, v_data, v_params, bt, ctx, out, ws, cnt, scale, chunk,
         q.stride(0), q.stride(1), k_data.stride(0), k_data.stride(1), k_data.stride(2),

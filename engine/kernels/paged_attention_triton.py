@@ -31,25 +31,33 @@ if HAVE_TRITON:
         return m_new, l * alpha + tl.sum(p, axis=1), p, alpha
 
     @triton.jit
-    def _store_partial(m, l, o0, o1, ws_ptr, base, cnt_ptr, sp, offs_g, offs_c, G_PAD: tl.constexpr,
-                       W: tl.constexpr):
-        """Split ``sp`` of a split context: its partial softmax (max, sum [G_PAD], two output planes [G_PAD, W])
-        into the workspace at ``base``, then the row and head's counter moved -> how many splits were in
-        before (SPLITS - 1: this program merges, _combine_splits)."""
-        b = base + sp * (2 * G_PAD + 2 * G_PAD * W)
+    def _partial_base(rh, SPLITS: tl.constexpr, G_PAD: tl.constexpr, W: tl.constexpr):
+        """Where row and KV head ``rh`` (row * KVH + head) keep their splits' partial softmaxes in the workspace:
+        SPLITS records of (max, sum [G_PAD], two output planes [G_PAD, W]) (split_plan sizes it)."""
+        return rh.to(tl.int64) * (SPLITS * (2 * G_PAD + 2 * G_PAD * W))
+
+    @triton.jit
+    def _store_partial(m, l, o0, o1, ws_ptr, cnt_ptr, rh, sp, offs_g, offs_c, SPLITS: tl.constexpr,
+                       G_PAD: tl.constexpr, W: tl.constexpr):
+        """Split ``sp`` of row and KV head ``rh``'s context: its partial softmax into the workspace, then their
+        counter moved -> how many splits were in before (SPLITS - 1: this program merges, _combine_splits)."""
+        b = _partial_base(rh, SPLITS, G_PAD, W) + sp * (2 * G_PAD + 2 * G_PAD * W)
         tl.store(ws_ptr + b + offs_g, m)
         tl.store(ws_ptr + b + G_PAD + offs_g, l)
         a = b + 2 * G_PAD + offs_g[:, None] * (2 * W) + offs_c[None, :]
         tl.store(ws_ptr + a, o0)
         tl.store(ws_ptr + a + W, o1)
         tl.debug_barrier()  # every thread's partials are out before the counter moves
-        return tl.atomic_add(cnt_ptr, 1)
+        return tl.atomic_add(cnt_ptr + rh, 1)
 
     @triton.jit
-    def _combine_splits(ws_ptr, base, offs_g, offs_c, SPLITS: tl.constexpr, G_PAD: tl.constexpr, W: tl.constexpr):
-        """The last split's program: the SPLITS partial softmaxes at ``base`` (_store_partial) merged -> the
-        output planes [G_PAD, W] x 2. Read past the L1 cache (".cg"): other programs wrote them."""
+    def _combine_splits(ws_ptr, cnt_ptr, rh, offs_g, offs_c, SPLITS: tl.constexpr, G_PAD: tl.constexpr,
+                        W: tl.constexpr):
+        """The last split's program: row and KV head ``rh``'s SPLITS partial softmaxes (_store_partial) merged
+        -> the output planes [G_PAD, W] x 2; their counter back to zero for the next launch. Read past the L1
+        cache (".cg"): other programs wrote them."""
         S: tl.constexpr = 2 * G_PAD + 2 * G_PAD * W
+        base = _partial_base(rh, SPLITS, G_PAD, W)
         m = tl.full([G_PAD], float("-inf"), tl.float32)
         for sp in range(SPLITS):
             m = tl.maximum(m, tl.load(ws_ptr + base + sp * S + offs_g, cache_modifier=".cg"))
@@ -63,6 +71,7 @@ if HAVE_TRITON:
             a = b + 2 * G_PAD + offs_g[:, None] * (2 * W) + offs_c[None, :]
             o0 += w[:, None] * tl.load(ws_ptr + a, cache_modifier=".cg")
             o1 += w[:, None] * tl.load(ws_ptr + a + W, cache_modifier=".cg")
+        tl.store(cnt_ptr + rh, 0)
         return o0 / l[:, None], o1 / l[:, None]
 
     @triton.jit
@@ -107,6 +116,21 @@ SPLIT_POSITIONS, MAX_SPLITS = 1024, 8
 
 def splits_for(max_blocks: int, block_size: int) -> int:
     return max(1, min(MAX_SPLITS, -(-max_blocks * block_size // SPLIT_POSITIONS)))
+
+
+def split_plan(max_blocks: int, block_size: int, rows: int, kv_heads: int, g_pad: int, width: int,
+               out: torch.Tensor, splits: int = 0):
+    """For a kernel that splits each row's cached context (_store_partial / _combine_splits): -> (splits,
+    positions per split (whole blocks), the partial softmaxes' workspace, the counters per row and KV head,
+    which the kernel leaves zeroed). ``splits`` 0: splits_for the tables' width; one split needs neither
+    buffer (``out`` stands in for both)."""
+    S = splits or splits_for(max_blocks, block_size)
+    chunk = -(-max_blocks // S) * block_size
+    if S == 1:
+        return S, chunk, out, out
+    from .awq_common import _workspace
+    ws = torch.empty(rows * kv_heads * S * (2 * g_pad + 2 * g_pad * width), dtype=torch.float32, device=out.device)
+    return S, chunk, ws, _workspace(out.device, 1, rows * kv_heads)[1]
 
 
 def _pow2(n: int) -> bool:

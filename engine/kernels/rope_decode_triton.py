@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .awq_common import _workspace
-from .paged_attention_triton import HAVE_TRITON, _pow2, splits_for
+from .paged_attention_triton import HAVE_TRITON, _pow2, split_plan
 
 if HAVE_TRITON:
     import triton
@@ -103,13 +102,11 @@ if HAVE_TRITON:
             tl.store(ob, (acc1 / l[:, None]).to(odt), mask=gmask[:, None])
             tl.store(ob + HALF, (acc2 / l[:, None]).to(odt), mask=gmask[:, None])
         else:
-            base = (t * KVH + h).to(tl.int64) * (SPLITS * (2 * G_PAD + 2 * G_PAD * HALF))
-            done = _store_partial(m, l, acc1, acc2, ws_ptr, base, cnt_ptr + t * KVH + h, sp, offs_g, d, G_PAD, HALF)
-            if done == SPLITS - 1:
-                o1, o2 = _combine_splits(ws_ptr, base, offs_g, d, SPLITS, G_PAD, HALF)
+            rh = t * KVH + h
+            if _store_partial(m, l, acc1, acc2, ws_ptr, cnt_ptr, rh, sp, offs_g, d, SPLITS, G_PAD, HALF) == SPLITS - 1:
+                o1, o2 = _combine_splits(ws_ptr, cnt_ptr, rh, offs_g, d, SPLITS, G_PAD, HALF)
                 tl.store(ob, o1.to(odt), mask=gmask[:, None])
                 tl.store(ob + HALF, o2.to(odt), mask=gmask[:, None])
-                tl.store(cnt_ptr + t * KVH + h, 0)
 
 
 def rope_decode_ok(head_dim: int, block_size: int) -> bool:
@@ -142,14 +139,8 @@ def rope_decode(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache
                          f"counts")
     bt = bt if bt.stride(-1) == 1 else bt.contiguous()
     G, G_PAD = H // KVH, max(triton.next_power_of_2(H // KVH), 1)
-    S = splits or splits_for(bt.shape[1], bs)
-    chunk = -(-bt.shape[1] // S) * bs  # whole blocks per split
     out = torch.empty(T, H, D, dtype=qkv.dtype, device=qkv.device)
-    if S > 1:  # partial softmaxes [T, KVH, S, 2 G_PAD + 2 G_PAD D/2]; counters left zeroed by the kernel
-        ws = torch.empty(T * KVH * S * (2 * G_PAD + G_PAD * D), dtype=torch.float32, device=qkv.device)
-        cnt = _workspace(qkv.device, 1, T * KVH)[1]
-    else:
-        ws = cnt = out
+    S, chunk, ws, cnt = split_plan(bt.shape[1], bs, T, KVH, G_PAD, D // 2, out, splits)
     _rope_decode_kernel[(T, KVH, S)](
         qkv, cos, sin, k_cache, v_cache, meta.slot_blocks, meta.slot_offsets, bt, ctx, fresh, out, ws, cnt, scale,
         chunk, qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
