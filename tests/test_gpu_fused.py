@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from engine.core.messages import ScheduledSeq, SchedulerOutput
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from tiny_models import engine_model
 
 gf = pytest.importorskip("engine.kernels.gpu_fused")
 CUDA = torch.cuda.is_available()
@@ -144,23 +145,6 @@ def test_rope_decode_kernel_matches_rope_write_then_attention(G, splits):
         rope_decode(qkv, meta.cos, meta.sin, kc, vc, meta, 4, KVH + 1, 0.25)
 
 
-ARGS = dict(architecture="LlamaForCausalLM", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
-            num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
-            rope_theta=10000.0)
-
-
-def _model(device, dtype, qkv_bias=False):
-    from engine.models.args import ModelArgs
-    from engine.models.loader import build_model
-    model = build_model(ModelArgs(**ARGS, qkv_bias=qkv_bias), device, dtype)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.ones_like(p) + 0.1 * torch.randn(p.shape, generator=g).to(p)
-                    if "norm" in name else 0.2 * torch.randn(p.shape, generator=g).to(p))
-    return model
-
-
 def gpu_path_without_capture(runner, max_blocks: int, scratch: int, max_batch: int = 4) -> None:
     """What a runner sets up on a GPU (fused kernels, Triton paged decode over dense or int8 / int4 blocks,
     the graphs' static buffers with a scratch block), on a CPU runner: the static-buffer steps run without
@@ -205,8 +189,8 @@ def test_fused_static_buffer_decode_matches_the_ordinary_step(qkv_bias):
     the CPU engine's ordinary step: prefill, three decode steps of three sequences padded to four, then two of
     them in the other order."""
     from engine.model_runner import ModelRunner
-    ref = ModelRunner(_model("cpu", torch.float32, qkv_bias), 9, 8, "cpu", torch.float32, [0])
-    model = _model(DEV, torch.float32, qkv_bias)
+    ref = ModelRunner(engine_model("cpu", torch.float32, qkv_bias), 9, 8, "cpu", torch.float32, [0])
+    model = engine_model(DEV, torch.float32, qkv_bias)
     runner = ModelRunner(model, 10, 8, DEV, torch.float32, [0])  # block 9: the padding rows' scratch
     gpu_path_without_capture(runner, max_blocks=3, scratch=9)
     got, want = _prefill_then_decode(runner), _prefill_then_decode(ref)
@@ -221,7 +205,7 @@ def test_fused_static_buffer_decode_matches_the_ordinary_step(qkv_bias):
 def _awq_model(device, dtype):
     """The tiny model with W4A16 q/k/v, o, gate/up and down (group 32), random quantized tensors."""
     from engine.layers.awq_linear import AwqLinear, swap_in_awq
-    model = _model("cpu", torch.float32)
+    model = engine_model("cpu", torch.float32)
     swap_in_awq(model, 32)
     g = torch.Generator().manual_seed(4)
     for m in model.modules():
@@ -275,8 +259,8 @@ def test_quantized_kv_decode_path_matches_the_ordinary_step(quant_policy):
     quantized paged decode, the graphs' static buffers) against the CPU engine's ordinary step over the
     same policy: prefill, three decode steps of three sequences padded to four, then two of them."""
     from engine.model_runner import ModelRunner
-    ref = ModelRunner(_model("cpu", torch.float32), 9, 8, "cpu", torch.float32, [0], quant_policy=quant_policy)
-    runner = ModelRunner(_model(DEV, torch.float32), 10, 8, DEV, torch.float32, [0], quant_policy=quant_policy)
+    ref = ModelRunner(engine_model("cpu", torch.float32), 9, 8, "cpu", torch.float32, [0], quant_policy=quant_policy)
+    runner = ModelRunner(engine_model(DEV, torch.float32), 10, 8, DEV, torch.float32, [0], quant_policy=quant_policy)
     gpu_path_without_capture(runner, max_blocks=3, scratch=9)
     tol = 1e-3 if CUDA else 1e-4  # a GPU's fused multiply-adds can move a code by one
     for a, b in zip(_prefill_then_decode(runner), _prefill_then_decode(ref)):
@@ -291,8 +275,9 @@ def test_quantized_kv_decode_path_matches_the_ordinary_step(quant_policy):
 def test_cuda_graph_replay_matches_eager_steps(quant_policy):
     """float16 on the GPU: decode steps replayed from captured graphs give the eager fused path's logits."""
     from engine.model_runner import ModelRunner
-    eager = ModelRunner(_model("cuda", torch.float16), 9, 8, "cuda", torch.float16, [0], quant_policy=quant_policy)
-    graphed = ModelRunner(_model("cuda", torch.float16), 9, 8, "cuda", torch.float16, [0],
+    eager = ModelRunner(engine_model("cuda", torch.float16), 9, 8, "cuda", torch.float16, [0],
+                        quant_policy=quant_policy)
+    graphed = ModelRunner(engine_model("cuda", torch.float16), 9, 8, "cuda", torch.float16, [0],
                           quant_policy=quant_policy, cuda_graph_max_batch=4, max_blocks_per_seq=3)
     assert graphed.graphs is not None and graphed.graphs.sizes == [1, 2, 4]
     assert eager.graphs is None

@@ -8,10 +8,8 @@ from safetensors.torch import save_file
 
 from engine.core.messages import ScheduledSeq, SchedulerOutput
 from engine.layers.kv_quant import QuantKV, load_kv_qparams, packed_dim, quantize_with
+from tiny_models import engine_model
 
-ARGS = dict(architecture="LlamaForCausalLM", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
-            num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
-            rope_theta=10000.0)
 
 
 def write_qparams(path, ranges, bits=(8, 4), sym=False):
@@ -68,18 +66,6 @@ def test_static_write_puts_codes_by_the_slots_own_parameters(bits):
     assert torch.equal(params, pairs[None, :, None, :].expand(nb, KVH, bs, 2))
 
 
-def _model():
-    from engine.models.args import ModelArgs
-    from engine.models.loader import build_model
-    model = build_model(ModelArgs(**ARGS), "cpu", torch.float32)
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(torch.ones_like(p) + 0.1 * torch.randn(p.shape, generator=g)
-                    if "norm" in name else 0.2 * torch.randn(p.shape, generator=g))
-    return model
-
-
 def _steps(runner):
     """A 9-token prefill, then three decode steps of one sequence (blocks 0 and 1 of 8 slots)."""
     table, prompt = [0, 1], [5, 9, 1, 30, 2, 44, 8, 17, 60]
@@ -96,14 +82,14 @@ def test_cpu_engine_writes_codes_by_the_static_parameters(bits, tmp_path):
     K/V do not depend on the cache) exactly, within a code where float noise sits on a rounding edge; int8's
     logits stay near the unquantized ones."""
     from engine.model_runner import ModelRunner
-    dense = ModelRunner(_model(), 4, 8, "cpu", torch.float32, [0])
+    dense = ModelRunner(engine_model(), 4, 8, "cpu", torch.float32, [0])
     ref_logits = _steps(dense)
     # the 12 written positions of blocks 0 and 1: [layers, K/V, KVH, 12, D]
     vals = dense.kv.data[:, :, :2].transpose(2, 3).reshape(2, 2, 2, 16, 16)[:, :, :, :12]
     mn, mx = vals.amin((-1, -2)), vals.amax((-1, -2))  # [L, 2, KVH]: the written positions' range
     f = write_qparams(tmp_path / "q.safetensors", {"k": (mn[:, 0], mx[:, 0]), "v": (mn[:, 1], mx[:, 1])})
     static = load_kv_qparams(str(f), bits, 2, 2)
-    runner = ModelRunner(_model(), 4, 8, "cpu", torch.float32, [0], quant_policy=bits, kv_static=static)
+    runner = ModelRunner(engine_model(), 4, 8, "cpu", torch.float32, [0], quant_policy=bits, kv_static=static)
     got_logits = _steps(runner)
     pairs = runner.kv.params[0, :, :2].transpose(1, 2).reshape(2, 2, 16, 2)[:, :, :12]  # layer 0 [2, KVH, 12, 2]
     assert torch.equal(pairs, static[0][:, :, None, :].expand(2, 2, 12, 2))  # the pairs are left as given

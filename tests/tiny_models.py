@@ -16,6 +16,25 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
 
 
+# a tiny model built straight in the engine's own classes (no checkpoint): 2 layers, 4 heads over 2 KV heads of 16
+ENGINE_ARGS = dict(architecture="LlamaForCausalLM", vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=2,
+                   num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=256,
+                   rope_theta=10000.0)
+
+
+def engine_model(device="cpu", dtype=torch.float32, qkv_bias: bool = False):
+    """The ENGINE_ARGS model on ``device`` with random weights (seed 3: norms near 1, the rest std 0.2)."""
+    from engine.models.args import ModelArgs
+    from engine.models.loader import build_model
+    model = build_model(ModelArgs(**ENGINE_ARGS, qkv_bias=qkv_bias), device, dtype)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.ones_like(p) + 0.1 * torch.randn(p.shape, generator=g).to(p)
+                    if "norm" in name else 0.2 * torch.randn(p.shape, generator=g).to(p))
+    return model
+
+
 def copy_tokenizer(src: Path, dst: Path) -> None:
     for f in src.iterdir():
         if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja"):
