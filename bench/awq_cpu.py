@@ -7,6 +7,8 @@
    checkpoint of it (quant_jobs auto_awq, group size 64; RTN unless --checkpoint names another: the format,
    not the rounding, sets the speed), runs alternating between the two engines in this process. With
    --llama-python (an interpreter with llama-cpp-python), llama.cpp on the embedded Q4_1 GGUF too, batch 1.
+   Beside them, our engine on that GGUF's own Q4_1 blocks (gguf_weights="native", group size 32): the same
+   weights as llama.cpp's.
 
     python bench/awq_cpu.py [--repeats 3] [--checkpoint DIR] [--llama-python PY] [--no-doc]
     python bench/awq_cpu.py --render bench/results/awq_cpu.json     # table and docs/awq_cpu.png again
@@ -32,6 +34,7 @@ TOKENS = (1, 4, 16, 64, 256)
 COPIES = 30
 GROUP = 64
 # (prompt tokens, new tokens, batch cap, prompts)
+GGUF_NATIVE = "Q4_1 GGUF (native)"  # our engine on the embedded file's own blocks
 RUNS = [(128, 128, 1, 2), (128, 128, 8, 16), (128, 128, 32, 32)]
 
 
@@ -77,7 +80,8 @@ def engines(ckpt: str, repeats: int, llama_python: str) -> dict:
     from bench.offline_throughput import ours
     from engine.default_model import embedded_gguf_path
     from engine.llm_engine import LLMEngine
-    engs = {"float32": LLMEngine(max_batch_size=32), "W4A16": LLMEngine(model=ckpt, max_batch_size=32)}
+    engs = {"float32": LLMEngine(max_batch_size=32), "W4A16": LLMEngine(model=ckpt, max_batch_size=32),
+            GGUF_NATIVE: LLMEngine(gguf_weights="native", max_batch_size=32)}
     info = {name: {"weights_MiB": held_weight_bytes(e.model) / 2**20} for name, e in engs.items()}
     prompts = token_prompts(engs["float32"].tokenizer, max(r[3] for r in RUNS), RUNS[0][0])
     peer = None
@@ -113,7 +117,8 @@ def engines(ckpt: str, repeats: int, llama_python: str) -> dict:
 
 def render(res) -> str:
     out = ["## W4A16 on CPU, SmolLM2-135M-Instruct (`bench/awq_cpu.py`)", "",
-           f"Machine: {res['machine']}. Group size {GROUP}.", "",
+           f"Machine: {res['machine']}. W4A16: an AWQ checkpoint, group size {GROUP}; {GGUF_NATIVE}: the embedded "
+           "GGUF's Q4_1 blocks (group size 32, float minimums) on the same kernels.", "",
            f"Products, weights cold ({COPIES} copies per shape walked in turn); microseconds per call, medians of "
            f"{res['kernel_passes']} passes:", "",
            "| shape (out x in) | tokens | 4-bit panels (us) | float32 panels (us) | 4-bit / float32 speed |",
@@ -154,7 +159,7 @@ def plot(res) -> None:
     left.set_ylabel("4-bit / float32 speed (weights cold)")
     left.set_title("products, SmolLM2 shapes")
     left.legend()
-    for engine, style in (("float32", "o-"), ("W4A16", "s-"), ("llama.cpp Q4_1", "^")):
+    for engine, style in (("float32", "o-"), ("W4A16", "s-"), (GGUF_NATIVE, "d-"), ("llama.cpp Q4_1", "^")):
         pts = [(r["cap"], r["tokens_per_s"]) for r in res["engine"]["rows"] if r["engine"] == engine]
         if pts:
             right.plot(*zip(*pts), style, label=engine, markersize=8)
@@ -186,7 +191,7 @@ def main() -> int:
         return 0
     from engine.kernels import w4_cpu
     if not w4_cpu.available():
-        print("the native 4-bit products need AVX-512 and a C compiler", file=sys.stderr)
+        print("the native 4-bit products need AVX-512 or AVX2 and FMA, and a C compiler", file=sys.stderr)
         return 1
     res = {"machine": machine_description(), "repeats": args.repeats}
     res["kernel_passes"] = args.repeats * 3

@@ -30,6 +30,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
                    help="n-gram (prompt lookup) drafts per step (greedy generation gains most); 0 = off")
     p.add_argument("--matmul-precision", default="highest", choices=["highest", "high"],
                    help="CPU products: highest = IEEE float32; high = bf16x3 on AMX tiles where present (2-3x faster)")
+    p.add_argument("--gguf-weights", default="dequantize", choices=["dequantize", "native"],
+                   help="a .gguf model: native keeps its Q4_0/Q4_1 linears 4-bit on the CPU kernels")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
@@ -42,7 +44,8 @@ def _configs(a):
                         max_batch_size=a.max_batch_size, cache_max_entry_count=a.cache_max_entry_count,
                         enable_prefix_caching=a.enable_prefix_caching, tp=a.tp, quant_policy=a.quant_policy,
                         kv_qparams=a.kv_qparams,
-                        num_speculative_tokens=a.num_speculative_tokens, matmul_precision=a.matmul_precision)
+                        num_speculative_tokens=a.num_speculative_tokens, matmul_precision=a.matmul_precision,
+                        gguf_weights=a.gguf_weights)
     gcfg = GenerationConfig(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                             top_k=a.top_k, seed=a.seed)
     return ecfg, gcfg

@@ -60,6 +60,11 @@ class EngineConfig(BaseModel):
         "highest", description="CPU float32 products (torch's names): highest = IEEE float32; high = on processors "
                                "with AMX, products of 16+ tokens as three bfloat16 tile products (bf16x3: 2-3x the "
                                "float32 rate, about 1e-6 relative error instead of 1e-7); elsewhere the same as highest")
+    gguf_weights: Literal["dequantize", "native"] = Field(
+        "dequantize", description="A .gguf model (the embedded default included): dequantize = every weight converted "
+                                  "to float32 (once, cached); native = its Q4_0/Q4_1 linear weights kept 4-bit and "
+                                  "computed by the native CPU kernels (the same weights at a sixth of the bytes; CPU, "
+                                  "float32, tp 1, GGUF architecture llama)")
     eager_mode: bool = Field(
         False, description="GPU: run every step eagerly; by default decode steps of up to max_batch_size sequences "
                            "replay CUDA graphs captured at start (LMDeploy's eager_mode)")
@@ -77,6 +82,12 @@ class EngineConfig(BaseModel):
             raise ValueError("prompt_lookup_min: must not exceed prompt_lookup_max")
         if self.device == "cpu" and self.dtype in ("float16",):
             raise ValueError("dtype: float16 is not supported on CPU; use float32 or bfloat16")
+        if self.gguf_weights == "native":
+            if self.tp > 1:
+                raise ValueError("gguf_weights: native runs in one process; use tp 1")
+            if self.device == "cuda" or self.dtype not in ("auto", "float32"):
+                raise ValueError("gguf_weights: native runs on CPU in float32; set device cpu (or auto without a "
+                                 "GPU) and dtype auto or float32")
         return self
 
 

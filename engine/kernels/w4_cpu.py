@@ -39,21 +39,26 @@ class W4Panels:
 
     @classmethod
     def from_awq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor) -> "W4Panels":
-        q = unpack_columns(qweight)  # [in, out]
         z = unpack_columns(qzeros).float()  # [groups, out]
         s = scales.float()
+        return cls.from_codes(unpack_columns(qweight), s, -z * s)
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor) -> "W4Panels":
+        """q: codes 0..15 [in, out]; scale, minimum: float32 [groups, out], weight = q * scale + minimum."""
         k, n = q.shape
-        groups = z.shape[0]
+        groups = scale.shape[0]
         if k % groups or (k // groups) % 2:
             raise ValueError(f"W4 panels: {k} input rows do not split into {groups} groups of an even size")
+        s, mn = scale.float(), minimum.float()
         block = _block()
         padded = -(-n // block) * block
         if padded != n:  # zero codes, scales and minimums: the padding outputs are 0 and never written
-            q, z, s = (torch.cat([t, t.new_zeros(t.shape[0], padded - n)], 1) for t in (q, z, s))
+            q, s, mn = (torch.cat([t, t.new_zeros(t.shape[0], padded - n)], 1) for t in (q, s, mn))
         t = padded // 16
         q = q.to(torch.uint8).view(k // 2, 2, t, 16)
         codes = (q[:, 0] | (q[:, 1] << 4)).permute(1, 0, 2).contiguous()  # [T, in/2, 16]
-        pairs = torch.stack([s, -z * s], 1).view(groups, 2, t, 16).permute(2, 0, 1, 3).contiguous()
+        pairs = torch.stack([s, mn], 1).view(groups, 2, t, 16).permute(2, 0, 1, 3).contiguous()
         return cls(codes, pairs, n, k // groups)
 
     def weight_t(self) -> torch.Tensor:

@@ -1,0 +1,118 @@
+"""A GGUF file's 4-bit linear weights kept 4-bit (EngineConfig.gguf_weights = "native").
+
+llama.cpp's Q4_0 and Q4_1 blocks hold 32 weights of one row as 4-bit codes with a float16 scale d (and, for
+Q4_1, a float16 minimum m): w = d * q + m, or d * (q - 8). That is an asymmetric group-32 form with a float
+minimum, which AutoAWQ's integer zero points cannot hold exactly but the native CPU kernel's (scale, min)
+pairs can (kernels/w4_cpu.py). So each decoder layer's q/k/v, o, gate/up and down products run on the file's
+own codes, scales and minimums: the same weights that the default path dequantizes to float32 (transformers'
+conversion), at a sixth of the bytes a decode step reads.
+
+Only the linears of GGUF architecture "llama" (llama.cpp's converter permutes their q and k rows for its
+RoPE; undone here as transformers undoes it); the embedding and the norms come from the converted
+checkpoint as in the default path.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+GROUP = 32  # weights per Q4_0 / Q4_1 block
+# GGUF name (blk.N.<name>.weight) -> (the module under the decoder layer, its part)
+LINEARS: Dict[str, Tuple[str, str]] = {
+    "attn_q": ("attn.qkv", "q"), "attn_k": ("attn.qkv", "k"), "attn_v": ("attn.qkv", "v"),
+    "attn_output": ("attn.o", ""), "ffn_gate": ("mlp.gate_up", "gate"), "ffn_up": ("mlp.gate_up", "up"),
+    "ffn_down": ("mlp.down", ""),
+}
+
+
+def decode_q4(raw: np.ndarray, qtype: str, in_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One tensor's rows of Q4_0 / Q4_1 blocks, uint8 [out, bytes per row] -> (codes uint8 [out, in] in 0..15,
+    scale float32 [out, in/32], minimum float32 [out, in/32]), weight = codes * scale + minimum."""
+    head = {"Q4_0": 2, "Q4_1": 4}.get(qtype)
+    if head is None:
+        raise ValueError(f"gguf_weights: native needs Q4_0 or Q4_1 linear weights; this file has {qtype}")
+    if in_features % GROUP:
+        raise ValueError(f"gguf_weights: {in_features} inputs are not a whole number of {GROUP}-weight blocks")
+    out, nb = raw.shape[0], in_features // GROUP
+    blocks = np.ascontiguousarray(raw).reshape(out, nb, head + 16)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    qs = blocks[..., head:]
+    # a block's byte j holds weight j in its low nibble and weight j + 16 in its high one
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(out, in_features)
+    m = (blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if qtype == "Q4_1" else -8.0 * d)
+    return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(m)
+
+
+def unpermute_rows(heads: int, rows: int) -> torch.Tensor:
+    """Index of the GGUF row that holds each Hugging Face row of a Llama q or k weight: llama.cpp's converter
+    stores each head's two rotary halves interleaved (rows (h, i, half) instead of (h, half, i))."""
+    return torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
+
+
+def read_linears(path: Path, num_layers: int, heads: int, kv_heads: int):
+    """{(layer, GGUF name): (codes, scale, minimum)} in Hugging Face row order (a generator of them)."""
+    from gguf import GGUFReader
+    reader = GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    if arch != "llama":
+        raise ValueError(f"gguf_weights: native supports GGUF architecture 'llama'; {path.name} is {arch!r}")
+    tensors = {t.name: t for t in reader.tensors}
+    for i in range(num_layers):
+        for name in LINEARS:
+            t = tensors.get(f"blk.{i}.{name}.weight")
+            if t is None:
+                raise ValueError(f"gguf_weights: {path.name} has no tensor blk.{i}.{name}.weight")
+            codes, scale, minimum = decode_q4(t.data, t.tensor_type.name, int(t.shape[0]))
+            if name in ("attn_q", "attn_k"):
+                idx = unpermute_rows(heads if name == "attn_q" else kv_heads, codes.shape[0])
+                codes, scale, minimum = codes[idx], scale[idx], minimum[idx]
+            yield i, name, (codes, scale, minimum)
+
+
+def use_gguf_weights(model, path: Path) -> int:
+    """Replace each decoder layer's dense q/k/v, o, gate/up and down (loaded from the converted checkpoint)
+    with AwqLinear layers on 4-bit panels made from the GGUF file's own blocks; -> how many layers."""
+    from ..kernels.w4_cpu import W4Panels, available, to_huge_pages
+    from ..layers.awq_linear import QUANT_TENSORS, AwqLinear
+    if not available():
+        raise ValueError("gguf_weights: native needs the native 4-bit CPU kernels (AVX-512, or AVX2 and FMA)")
+    t0 = time.perf_counter()
+    a = model.args
+    parts: Dict[Tuple[int, str], Dict[str, Tuple]] = {}
+    for i, name, blocks in read_linears(path, a.num_layers, a.num_heads, a.num_kv_heads):
+        mod, part = LINEARS[name]
+        parts.setdefault((i, mod), {})[part] = blocks
+    made: List = []
+    for (i, mod), got in parts.items():
+        parent = model.layers[i].get_submodule(mod.split(".")[0])
+        attr = mod.split(".")[1]
+        old = getattr(parent, attr)
+        order = list(old.offsets) if getattr(old, "offsets", None) else [""]
+        sizes = [(old.offsets[p][1] if p else old.out_features) for p in order]
+        for p, size in zip(order, sizes):
+            codes = got[p][0]
+            if tuple(codes.shape) != (size, old.in_features):
+                raise ValueError(f"gguf_weights: layer {i} {mod} {p or 'weight'} is {tuple(codes.shape)} in the "
+                                 f"file but {(size, old.in_features)} in the model")
+        codes, scale, minimum = (torch.cat([got[p][k] for p in order]) for k in range(3))
+        new = AwqLinear(old.in_features, list(zip(order, sizes)), GROUP, bias=old.bias is not None)
+        if not getattr(old, "offsets", None):
+            new.offsets = {}
+        for n in QUANT_TENSORS:  # the panels are the weights; AutoAWQ's tensors are never filled
+            setattr(new, n, torch.empty(0, dtype=getattr(new, n).dtype))
+        if old.bias is not None:
+            new.bias.data.copy_(old.bias.data)
+        new.packed = W4Panels.from_codes(codes.t(), scale.t(), minimum.t())
+        setattr(parent, attr, new)
+        made.append(new.packed)
+    to_huge_pages(made)
+    logger.info("GGUF 4-bit weights: %d linear layers on the native 4-bit panels from %s in %.1f s",
+                len(made), path.name, time.perf_counter() - t0)
+    return len(made)

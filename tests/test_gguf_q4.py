@@ -1,0 +1,92 @@
+"""gguf_weights = "native": a GGUF file's Q4_0 / Q4_1 linears kept 4-bit on the native CPU panels.
+
+Oracles: gguf-py's own dequantizer for the block decoding, transformers' conversion of the embedded file
+(the float32 checkpoint every other test loads) for the row order, and Hugging Face ``generate`` on that
+checkpoint for the engine."""
+import numpy as np
+import pytest
+import torch
+
+from engine.config import EngineConfig
+from engine.kernels import w4_cpu
+from engine.models.gguf_q4 import LINEARS, decode_q4, read_linears, unpermute_rows
+
+gguf = pytest.importorskip("gguf")
+needs_w4 = pytest.mark.skipif(not w4_cpu.available(), reason="native 4-bit CPU kernels not built here")
+
+HF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+            "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+            "ffn_down": "mlp.down_proj"}
+
+
+def dequantized(codes, scale, minimum):
+    out, k = codes.shape
+    return (codes.float().view(out, k // 32, 32) * scale[..., None] + minimum[..., None]).view(out, k)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1"])
+def test_blocks_decode_like_gguf_py(qtype):
+    x = np.random.default_rng(0).standard_normal((24, 96)).astype(np.float32) * 0.05
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    raw = gguf.quants.quantize(x, t)
+    codes, scale, minimum = decode_q4(raw, qtype, 96)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and codes.shape == (24, 96)
+    assert torch.equal(dequantized(codes, scale, minimum), torch.from_numpy(gguf.quants.dequantize(raw, t)))
+
+
+def test_other_block_types_and_sizes_are_clear_errors():
+    with pytest.raises(ValueError, match="Q4_0 or Q4_1.*Q8_0"):
+        decode_q4(np.zeros((2, 34), np.uint8), "Q8_0", 32)
+    with pytest.raises(ValueError, match="32-weight blocks"):
+        decode_q4(np.zeros((2, 20), np.uint8), "Q4_1", 48)
+
+
+def test_unpermute_undoes_llama_cpp_interleaving_by_hand():
+    # 2 heads of 4 rows: llama.cpp stores each head's rows as (0, 2, 1, 3), pairing the two rotary halves
+    assert unpermute_rows(2, 8).tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_embedded_file_decodes_to_transformers_float_weights(smol_dir):
+    from safetensors.torch import load_file
+
+    from engine.default_model import embedded_gguf_path
+    state = load_file(str(smol_dir / "model.safetensors"))
+    seen = 0
+    for i, name, blocks in read_linears(embedded_gguf_path(), 30, 9, 3):
+        assert torch.equal(dequantized(*blocks), state[f"model.layers.{i}.{HF_NAMES[name]}.weight"]), (i, name)
+        seen += 1
+    assert seen == 30 * len(LINEARS)
+
+
+def test_native_needs_cpu_float32_and_one_process():
+    for bad, field in (({"tp": 2}, "tp 1"), ({"device": "cuda"}, "device cpu"), ({"dtype": "bfloat16"}, "float32")):
+        with pytest.raises(ValueError, match=f"gguf_weights.*{field}"):
+            EngineConfig(gguf_weights="native", **bad)
+
+
+@needs_w4
+def test_native_needs_a_gguf_model(smol_dir):
+    from engine.llm_engine import LLMEngine
+    with pytest.raises(ValueError, match="gguf_weights: native needs a .gguf model"):
+        LLMEngine(model=str(smol_dir), gguf_weights="native", num_cpu_blocks=4)
+
+
+@needs_w4
+@pytest.mark.slow
+def test_engine_on_the_files_4bit_weights_matches_hf(smol_hf, smol_tok):
+    """The embedded model served on its own Q4_1 blocks: transformers' float32 conversion holds the same
+    weights, so greedy tokens equal Hugging Face generate's and the prompts' logits agree to 1e-4; decode
+    batches run whole layers natively on the panels, mixed with prefill chunks."""
+    from engine.layers.awq_linear import AwqLinear
+    from engine.llm_engine import LLMEngine
+    from test_hf_parity import check_model
+    eng = LLMEngine(gguf_weights="native", max_batch_size=16, block_size=16, max_prefill_tokens=256,
+                    num_cpu_blocks=64)
+    layers = [m for m in eng.model.modules() if isinstance(m, AwqLinear)]
+    assert len(layers) == 30 * 4 and all(isinstance(m.packed, w4_cpu.W4Panels) and m.group_size == 32
+                                         for m in layers)
+    assert not any(n.endswith(("q_proj", "weight")) for n, _ in eng.model.layers[0].attn.qkv.named_parameters())
+    assert eng.model.fused_decoder is not None and eng.model.fused_decoder.panels == 2
+    texts = ["Hello", "The capital of France is", "Write a long story about a dragon who learns to code. " * 6,
+             "1, 2, 3, 5, 8, 13,"]
+    check_model(eng, smol_hf, [smol_tok.encode(t) for t in texts], n_new=24)
