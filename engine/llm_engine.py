@@ -63,18 +63,6 @@ def plan_num_blocks(cfg: EngineConfig, args, device: str, dtype: torch.dtype, se
     return max(n, 1)
 
 
-def _native_gguf(model, name: Optional[str], device: str) -> None:
-    """EngineConfig.gguf_weights = "native": the GGUF file's 4-bit linears replace the dense ones."""
-    from .default_model import embedded_gguf_path
-    from .models.gguf_q4 import use_gguf_weights
-    if device != "cpu":
-        raise ValueError(f"gguf_weights: native runs on CPU, not {device}; set device cpu")
-    path = embedded_gguf_path() if name is None else Path(name).expanduser()
-    if not (path.is_file() and path.suffix == ".gguf"):
-        raise ValueError(f"gguf_weights: native needs a .gguf model (or the embedded default); model is {name!r}")
-    use_gguf_weights(model, path)
-
-
 class LLMEngine:
     def bind_threads(self) -> None:
         """Set torch's (and the native kernels') CPU threads for the calling thread: OpenMP's thread count is
@@ -94,10 +82,14 @@ class LLMEngine:
         if cfg.tp > 1:  # checked against the model's heads before any worker starts
             self.model, self.model_dir, args, local_args = None, *self._tp_plan(cfg)
         else:
-            self.model, self.model_dir = load_model(cfg.model, self.device, self.dtype)
-            args = local_args = self.model.args
             if cfg.gguf_weights == "native":
-                _native_gguf(self.model, cfg.model, self.device)
+                if self.device != "cpu":
+                    raise ValueError(f"gguf_weights: native runs on CPU, not {self.device}; set device cpu")
+                from .models.gguf_q4 import load_native
+                self.model, self.model_dir = load_native(cfg.model)
+            else:
+                self.model, self.model_dir = load_model(cfg.model, self.device, self.dtype)
+            args = local_args = self.model.args
         self.args = args
         check_policy(cfg.quant_policy, args.head_dim)
         kv_static = self._kv_static(cfg, args)  # tensor parallel: checked here, each rank loads its heads

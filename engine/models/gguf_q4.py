@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -76,14 +76,13 @@ def read_linears(path: Path, num_layers: int, heads: int, kv_heads: int):
             yield i, name, (codes, scale, minimum)
 
 
-def use_gguf_weights(model, path: Path) -> int:
-    """Replace each decoder layer's dense q/k/v, o, gate/up and down (loaded from the converted checkpoint)
-    with AwqLinear layers on 4-bit panels made from the GGUF file's own blocks; -> how many layers."""
+def fill_from_gguf(model, path: Path) -> int:
+    """Give each decoder layer's AwqLinear (built with group size 32, see load_native) 4-bit panels made
+    from the GGUF file's own blocks, in place of AutoAWQ's tensors; -> how many layers."""
     from ..kernels.w4_cpu import W4Panels, available, to_huge_pages
-    from ..layers.awq_linear import QUANT_TENSORS, AwqLinear
+    from ..layers.awq_linear import QUANT_TENSORS
     if not available():
         raise ValueError("gguf_weights: native needs the native 4-bit CPU kernels (AVX-512, or AVX2 and FMA)")
-    t0 = time.perf_counter()
     a = model.args
     parts: Dict[Tuple[int, str], Dict[str, Tuple]] = {}
     for i, name, blocks in read_linears(path, a.num_layers, a.num_heads, a.num_kv_heads):
@@ -91,28 +90,51 @@ def use_gguf_weights(model, path: Path) -> int:
         parts.setdefault((i, mod), {})[part] = blocks
     made: List = []
     for (i, mod), got in parts.items():
-        parent = model.layers[i].get_submodule(mod.split(".")[0])
-        attr = mod.split(".")[1]
-        old = getattr(parent, attr)
-        order = list(old.offsets) if getattr(old, "offsets", None) else [""]
-        sizes = [(old.offsets[p][1] if p else old.out_features) for p in order]
-        for p, size in zip(order, sizes):
-            codes = got[p][0]
-            if tuple(codes.shape) != (size, old.in_features):
-                raise ValueError(f"gguf_weights: layer {i} {mod} {p or 'weight'} is {tuple(codes.shape)} in the "
-                                 f"file but {(size, old.in_features)} in the model")
+        lin = model.layers[i].get_submodule(mod)
+        order = list(lin.offsets) or [""]
+        for p in order:
+            size = lin.offsets[p][1] if p else lin.out_features
+            if tuple(got[p][0].shape) != (size, lin.in_features):
+                raise ValueError(f"gguf_weights: layer {i} {mod} {p or 'weight'} is {tuple(got[p][0].shape)} in "
+                                 f"the file but {(size, lin.in_features)} in the model")
         codes, scale, minimum = (torch.cat([got[p][k] for p in order]) for k in range(3))
-        new = AwqLinear(old.in_features, list(zip(order, sizes)), GROUP, bias=old.bias is not None)
-        if not getattr(old, "offsets", None):
-            new.offsets = {}
+        lin.packed = W4Panels.from_codes(codes.t(), scale.t(), minimum.t())
         for n in QUANT_TENSORS:  # the panels are the weights; AutoAWQ's tensors are never filled
-            setattr(new, n, torch.empty(0, dtype=getattr(new, n).dtype))
-        if old.bias is not None:
-            new.bias.data.copy_(old.bias.data)
-        new.packed = W4Panels.from_codes(codes.t(), scale.t(), minimum.t())
-        setattr(parent, attr, new)
-        made.append(new.packed)
+            setattr(lin, n, torch.empty(0, dtype=getattr(lin, n).dtype))
+        made.append(lin.packed)
     to_huge_pages(made)
-    logger.info("GGUF 4-bit weights: %d linear layers on the native 4-bit panels from %s in %.1f s",
-                len(made), path.name, time.perf_counter() - t0)
     return len(made)
+
+
+def load_native(name: Optional[str]):
+    """EngineConfig.gguf_weights = "native": the model of a .gguf file (None: the embedded one) with its
+    decoder linears on the file's 4-bit blocks and the rest (embedding, norms, any biases) from the converted
+    checkpoint, whose float32 copies of those linears are read past; -> (model, converted folder)."""
+    from ..default_model import embedded_gguf_path
+    from ..layers.awq_linear import AwqLinear
+    from .adapters import get_adapter
+    from .loader import _iter_tensors, build_model, load_weights, read_model_args, resolve_model_path
+    path = embedded_gguf_path() if name is None else Path(name).expanduser()
+    if not (path.is_file() and path.suffix == ".gguf"):
+        raise ValueError(f"gguf_weights: native needs a .gguf model (or the embedded default); model is {name!r}")
+    t0 = time.perf_counter()
+    model_dir = resolve_model_path(name)
+    args, _ = read_model_args(model_dir)
+    net = build_model(args, "cpu", torch.float32, {"group_size": GROUP})
+    n = fill_from_gguf(net, path)
+    adapter, modules = get_adapter(args.architecture), dict(net.named_modules())
+
+    def rest():
+        for tname, tensor in _iter_tensors(model_dir):
+            target = adapter.target(tname)
+            if target is not None:
+                mod, attr = target[0].rsplit(".", 1)
+                if attr == "weight" and isinstance(modules[mod], AwqLinear):
+                    continue
+            yield tname, tensor
+
+    load_weights(net, model_dir, rest())
+    net.eval()
+    logger.info("loaded %s with %d linear layers on the GGUF's own 4-bit blocks (%s) in %.1f s", model_dir.name,
+                n, path.name, time.perf_counter() - t0)
+    return net, model_dir

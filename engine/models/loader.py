@@ -138,7 +138,9 @@ def _transform(tf: str, attr: str, tensor: torch.Tensor, args: ModelArgs) -> tor
 def _check_complete(model: LlamaModel, loaded, unused) -> None:
     have = {p for p, _ in loaded}
     missing = []
-    quant_buffers = [n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales")]
+    modules = dict(model.named_modules())
+    quant_buffers = [n for n, _ in model.named_buffers() if n.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales")
+                     and getattr(modules[n.rsplit(".", 1)[0]], "packed", None) is None]  # packed: filled from elsewhere
     missing += [n for n in quant_buffers if n not in have]
     for name, _ in model.named_parameters(remove_duplicate=False):
         if name == "lm_head.weight" and model.args.tie_word_embeddings:
