@@ -76,11 +76,12 @@ def load_levels(url, model, prompts, a) -> list:
     return rows
 
 
-def ours(prompts, a, spec_k: int = 0) -> list:
+def ours(prompts, a, spec_k: int = 0, engine_extra: dict = None, measure=None) -> list:
     """Our endpoint as a user starts it (``serve run`` on a Serve config, its own Ray instance), so that the
-    client process holds no Ray driver: the same footing as vLLM's server. ``spec_k``: n-gram drafts."""
+    client process holds no Ray driver: the same footing as vLLM's server. ``spec_k``: n-gram drafts;
+    ``engine_extra``: more engine fields; ``measure(url, prompts, a)``: the load (default load_levels)."""
     import yaml
-    engine = {"max_batch_size": 64, **({"num_speculative_tokens": spec_k} if spec_k else {})}
+    engine = {"max_batch_size": 64, **({"num_speculative_tokens": spec_k} if spec_k else {}), **(engine_extra or {})}
     config = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": a.port},
               "applications": [{"name": "bench", "route_prefix": "/", "import_path": "serve_app:build_app",
                                 "args": {"engine": engine,
@@ -97,7 +98,7 @@ def ours(prompts, a, spec_k: int = 0) -> list:
     url = f"http://127.0.0.1:{a.port}"
     try:
         wait_ready(url, 300, proc)
-        return load_levels(url, MODEL, prompts, a)
+        return measure(url, prompts, a) if measure else load_levels(url, MODEL, prompts, a)
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # serve run shuts the app and its Ray instance down
         try:

@@ -38,7 +38,10 @@ async def run_load(url: str, model: str, prompts: List[List[int]], max_tokens: i
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         async def guarded(p):
             async with sem:
-                return await _one(client, url, model, p, max_tokens)
+                try:
+                    return await _one(client, url, model, p, max_tokens)
+                except httpx.HTTPError:  # a dropped connection is a failed request, not the end of the load
+                    return {"status": 0, "ttft": 0.0, "e2e": 0.0, "output_tokens": 0, "tpot": 0.0}
         t0 = time.perf_counter()
         results = await asyncio.gather(*(guarded(p) for p in prompts))
         wall = time.perf_counter() - t0

@@ -63,7 +63,7 @@ class EngineConfig(BaseModel):
     gguf_weights: Literal["dequantize", "native"] = Field(
         "dequantize", description="A .gguf model (the embedded default included): dequantize = every weight converted "
                                   "to float32 (once, cached); native = its Q4_0/Q4_1 linear weights kept 4-bit and "
-                                  "computed by the native CPU kernels (the same weights at a sixth of the bytes; CPU, "
+                                  "computed by the native CPU kernels (the same weights at about a fifth of the bytes; CPU, "
                                   "float32, tp 1, GGUF architecture llama)")
     eager_mode: bool = Field(
         False, description="GPU: run every step eagerly; by default decode steps of up to max_batch_size sequences "

@@ -5,7 +5,8 @@ Q4_1, a float16 minimum m): w = d * q + m, or d * (q - 8). That is an asymmetric
 minimum, which AutoAWQ's integer zero points cannot hold exactly but the native CPU kernel's (scale, min)
 pairs can (kernels/w4_cpu.py). So each decoder layer's q/k/v, o, gate/up and down products run on the file's
 own codes, scales and minimums: the same weights that the default path dequantizes to float32 (transformers'
-conversion), at a sixth of the bytes a decode step reads.
+conversion), at about a fifth of the bytes a decode step reads (6 bits a weight: 4 for the code, 2 for the
+float32 pair shared by 32).
 
 Only the linears of GGUF architecture "llama" (llama.cpp's converter permutes their q and k rows for its
 RoPE; undone here as transformers undoes it); the embedding and the norms come from the converted
@@ -57,7 +58,7 @@ def unpermute_rows(heads: int, rows: int) -> torch.Tensor:
 
 
 def read_linears(path: Path, num_layers: int, heads: int, kv_heads: int):
-    """{(layer, GGUF name): (codes, scale, minimum)} in Hugging Face row order (a generator of them)."""
+    """Yield (layer, GGUF name, (codes, scale, minimum)) for each decoder linear, rows in Hugging Face order."""
     from gguf import GGUFReader
     reader = GGUFReader(str(path))
     arch = reader.fields["general.architecture"].contents()
