@@ -31,7 +31,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--matmul-precision", default="highest", choices=["highest", "high"],
                    help="CPU products: highest = IEEE float32; high = bf16x3 on AMX tiles where present (2-3x faster)")
     p.add_argument("--gguf-weights", default="dequantize", choices=["dequantize", "native"],
-                   help="a .gguf model: native keeps its Q4_0/Q4_1 linears 4-bit on the CPU kernels")
+                   help="a .gguf model: native keeps its Q4_0/Q4_1/Q4_K linears 4-bit on the CPU kernels")
     p.add_argument("--max-new-tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)

@@ -62,7 +62,7 @@ class EngineConfig(BaseModel):
                                "float32 rate, about 1e-6 relative error instead of 1e-7); elsewhere the same as highest")
     gguf_weights: Literal["dequantize", "native"] = Field(
         "dequantize", description="A .gguf model (the embedded default included): dequantize = every weight converted "
-                                  "to float32 (once, cached); native = its Q4_0/Q4_1 linear weights kept 4-bit and "
+                                  "to float32 (once, cached); native = its Q4_0/Q4_1/Q4_K linear weights kept 4-bit and "
                                   "computed by the native CPU kernels (the same weights at about a fifth of the bytes; CPU, "
                                   "float32, tp 1, GGUF architecture llama)")
     eager_mode: bool = Field(

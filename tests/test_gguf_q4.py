@@ -1,4 +1,4 @@
-"""gguf_weights = "native": a GGUF file's Q4_0 / Q4_1 linears kept 4-bit on the native CPU panels.
+"""gguf_weights = "native": a GGUF file's Q4_0 / Q4_1 / Q4_K linears kept 4-bit on the native CPU panels.
 
 Oracles: gguf-py's own dequantizer for the block decoding, transformers' conversion of the embedded file
 (the float32 checkpoint every other test loads) for the row order, and Hugging Face ``generate`` on that
@@ -34,11 +34,28 @@ def test_blocks_decode_like_gguf_py(qtype):
     assert torch.equal(dequantized(codes, scale, minimum), torch.from_numpy(gguf.quants.dequantize(raw, t)))
 
 
+def test_k_quant_super_blocks_decode_like_gguf_py():
+    """Q4_K: random super-blocks (any byte is a valid code or 6-bit scale/min; d and dmin finite float16),
+    8 sub-blocks of 32 each with its own pair, the 6-bit fields of sub-blocks 4-7 split over two bytes."""
+    rng = np.random.default_rng(1)
+    out, k = 6, 512
+    raw = rng.integers(0, 256, size=(out, k // 256, 144), dtype=np.uint8)
+    for at in (0, 2):
+        raw[..., at:at + 2] = rng.uniform(1e-3, 2e-2, size=(out, k // 256, 1)).astype(np.float16).view(np.uint8)
+    raw = raw.reshape(out, -1)
+    codes, scale, minimum = decode_q4(raw, "Q4_K", k)
+    assert scale.shape == (out, k // 32) and int(codes.max()) <= 15
+    want = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q4_K))
+    assert torch.equal(dequantized(codes, scale, minimum), want)
+
+
 def test_other_block_types_and_sizes_are_clear_errors():
-    with pytest.raises(ValueError, match="Q4_0 or Q4_1.*Q8_0"):
+    with pytest.raises(ValueError, match="Q4_0, Q4_1 or Q4_K.*Q8_0"):
         decode_q4(np.zeros((2, 34), np.uint8), "Q8_0", 32)
-    with pytest.raises(ValueError, match="32-weight blocks"):
+    with pytest.raises(ValueError, match="32-weight Q4_1 blocks"):
         decode_q4(np.zeros((2, 20), np.uint8), "Q4_1", 48)
+    with pytest.raises(ValueError, match="256-weight Q4_K blocks"):
+        decode_q4(np.zeros((2, 144), np.uint8), "Q4_K", 576)
 
 
 def test_unpermute_undoes_llama_cpp_interleaving_by_hand():
@@ -90,3 +107,25 @@ def test_engine_on_the_files_4bit_weights_matches_hf(smol_hf, smol_tok):
     texts = ["Hello", "The capital of France is", "Write a long story about a dragon who learns to code. " * 6,
              "1, 2, 3, 5, 8, 13,"]
     check_model(eng, smol_hf, [smol_tok.encode(t) for t in texts], n_new=24)
+
+
+def _write_gguf(path, arch, tensors):
+    w = gguf.GGUFWriter(str(path), arch)
+    for name, (qtype, data) in tensors.items():
+        w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_a_file_the_panels_cannot_hold_is_a_clear_error(tmp_path):
+    x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    q8 = tmp_path / "q8.gguf"
+    _write_gguf(q8, "llama", {"blk.0.attn_q.weight": (gguf.GGMLQuantizationType.Q8_0, x)})
+    with pytest.raises(ValueError, match=r"Q4_K linear weights; this file has Q8_0 \(blk.0.attn_q.weight\)"):
+        list(read_linears(q8, 1, 1, 1))
+    qwen = tmp_path / "qwen.gguf"
+    _write_gguf(qwen, "qwen2", {"blk.0.attn_q.weight": (gguf.GGMLQuantizationType.Q4_1, x)})
+    with pytest.raises(ValueError, match="architecture 'llama'; qwen.gguf is 'qwen2'"):
+        list(read_linears(qwen, 1, 1, 1))

@@ -1,8 +1,9 @@
 """A GGUF file's 4-bit linear weights kept 4-bit (EngineConfig.gguf_weights = "native").
 
 llama.cpp's Q4_0 and Q4_1 blocks hold 32 weights of one row as 4-bit codes with a float16 scale d (and, for
-Q4_1, a float16 minimum m): w = d * q + m, or d * (q - 8). That is an asymmetric group-32 form with a float
-minimum, which AutoAWQ's integer zero points cannot hold exactly but the native CPU kernel's (scale, min)
+Q4_1, a float16 minimum m): w = d * q + m, or d * (q - 8). Q4_K's super-blocks of 256 give each 32 of them a
+6-bit scale and minimum under two float16 factors, w = d * s * q - dmin * m. Each is an asymmetric group-32
+form with a float minimum, which AutoAWQ's integer zero points cannot hold exactly but the native CPU kernel's (scale, min)
 pairs can (kernels/w4_cpu.py). So each decoder layer's q/k/v, o, gate/up and down products run on the file's
 own codes, scales and minimums: the same weights that the default path dequantizes to float32 (transformers'
 conversion), at about a fifth of the bytes a decode step reads (6 bits a weight: 4 for the code, 2 for the
@@ -24,7 +25,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-GROUP = 32  # weights per Q4_0 / Q4_1 block
+GROUP = 32  # weights per Q4_0 / Q4_1 block and per Q4_K sub-block
 # GGUF name (blk.N.<name>.weight) -> (the module under the decoder layer, its part)
 LINEARS: Dict[str, Tuple[str, str]] = {
     "attn_q": ("attn.qkv", "q"), "attn_k": ("attn.qkv", "k"), "attn_v": ("attn.qkv", "v"),
@@ -33,22 +34,50 @@ LINEARS: Dict[str, Tuple[str, str]] = {
 }
 
 
+def _half(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The float16 at byte ``at`` of each block, as float32."""
+    return blocks[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
+
+
 def decode_q4(raw: np.ndarray, qtype: str, in_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One tensor's rows of Q4_0 / Q4_1 blocks, uint8 [out, bytes per row] -> (codes uint8 [out, in] in 0..15,
-    scale float32 [out, in/32], minimum float32 [out, in/32]), weight = codes * scale + minimum."""
-    head = {"Q4_0": 2, "Q4_1": 4}.get(qtype)
-    if head is None:
-        raise ValueError(f"gguf_weights: native needs Q4_0 or Q4_1 linear weights; this file has {qtype}")
-    if in_features % GROUP:
-        raise ValueError(f"gguf_weights: {in_features} inputs are not a whole number of {GROUP}-weight blocks")
-    out, nb = raw.shape[0], in_features // GROUP
-    blocks = np.ascontiguousarray(raw).reshape(out, nb, head + 16)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    """One tensor's rows of Q4_0 / Q4_1 / Q4_K blocks, uint8 [out, bytes per row] -> (codes uint8 [out, in] in
+    0..15, scale float32 [out, in/32], minimum float32 [out, in/32]), weight = codes * scale + minimum."""
+    if qtype not in ("Q4_0", "Q4_1", "Q4_K"):
+        raise ValueError(f"gguf_weights: native needs Q4_0, Q4_1 or Q4_K linear weights; this file has {qtype}")
+    per = 256 if qtype == "Q4_K" else GROUP
+    if in_features % per:
+        raise ValueError(f"gguf_weights: {in_features} inputs are not a whole number of {per}-weight {qtype} blocks")
+    out = raw.shape[0]
+    if qtype == "Q4_K":
+        return _decode_q4_k(np.ascontiguousarray(raw).reshape(out, in_features // 256, 144), out, in_features)
+    head = 2 if qtype == "Q4_0" else 4
+    blocks = np.ascontiguousarray(raw).reshape(out, in_features // GROUP, head + 16)
+    d = _half(blocks, 0)
     qs = blocks[..., head:]
     # a block's byte j holds weight j in its low nibble and weight j + 16 in its high one
     codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1).reshape(out, in_features)
-    m = (blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if qtype == "Q4_1" else -8.0 * d)
+    m = _half(blocks, 2) if qtype == "Q4_1" else -8.0 * d
     return torch.from_numpy(codes), torch.from_numpy(d), torch.from_numpy(m)
+
+
+def _decode_q4_k(blocks: np.ndarray, out: int, in_features: int):
+    """Q4_K super-blocks of 256 weights (144 bytes): float16 d and dmin, 12 bytes of 6-bit scales and minimums
+    for 8 sub-blocks of 32, then 128 bytes of codes; weight = d * scale_j * q - dmin * min_j. Each sub-block
+    is a group of 32 with an exact float32 (scale, min) pair."""
+    d, dmin = _half(blocks, 0), _half(blocks, 2)
+    sm = blocks[..., 4:16]
+    scale6, min6 = np.empty(blocks.shape[:2] + (8,), np.uint8), np.empty(blocks.shape[:2] + (8,), np.uint8)
+    scale6[..., :4], min6[..., :4] = sm[..., 0:4] & 63, sm[..., 4:8] & 63
+    # sub-blocks 4-7: low 4 bits in bytes 8-11, high 2 bits in the top bits of bytes 0-3 (scales) / 4-7 (mins)
+    scale6[..., 4:] = (sm[..., 8:12] & 0xF) | ((sm[..., 0:4] >> 6) << 4)
+    min6[..., 4:] = (sm[..., 8:12] >> 4) | ((sm[..., 4:8] >> 6) << 4)
+    # each 32 bytes of codes hold two sub-blocks: the first in the low nibbles, the next in the high ones
+    qs = blocks[..., 16:].reshape(out, -1, 4, 1, 32)
+    codes = np.concatenate([qs & 0xF, qs >> 4], axis=3).reshape(out, in_features)
+    scale = (d[..., None] * scale6).reshape(out, -1)
+    minimum = -(dmin[..., None] * min6).reshape(out, -1)
+    return torch.from_numpy(codes), torch.from_numpy(scale.astype(np.float32)), torch.from_numpy(
+        minimum.astype(np.float32))
 
 
 def unpermute_rows(heads: int, rows: int) -> torch.Tensor:
@@ -70,7 +99,10 @@ def read_linears(path: Path, num_layers: int, heads: int, kv_heads: int):
             t = tensors.get(f"blk.{i}.{name}.weight")
             if t is None:
                 raise ValueError(f"gguf_weights: {path.name} has no tensor blk.{i}.{name}.weight")
-            codes, scale, minimum = decode_q4(t.data, t.tensor_type.name, int(t.shape[0]))
+            try:
+                codes, scale, minimum = decode_q4(t.data, t.tensor_type.name, int(t.shape[0]))
+            except ValueError as e:  # e.g. a Q4_K_M file's Q6_K tensors: name the tensor
+                raise ValueError(f"{e} ({t.name})") from None
             if name in ("attn_q", "attn_k"):
                 idx = unpermute_rows(heads if name == "attn_q" else kv_heads, codes.shape[0])
                 codes, scale, minimum = codes[idx], scale[idx], minimum[idx]
