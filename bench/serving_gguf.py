@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine_description, publish, token_prompts  # noqa: E402
+from bench.common import ROOT, machine_description, publish, token_prompts  # noqa: E402
 from bench.serving import MODEL, ours, wait_ready  # noqa: E402
 from bench.serving_client import run_load  # noqa: E402
 
@@ -90,6 +90,30 @@ def render(res) -> str:
     return "\n".join(lines)
 
 
+def plot(res) -> None:
+    """docs/serving_gguf.png: output tokens/s by concurrency for each server."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (key, name), style in zip(SERVERS, ("o-", "^-", "s--")):
+        rows = res.get(key) or []
+        if rows:
+            ax.plot([r["concurrency"] for r in rows], [r["output_tokens_per_s"] for r in rows], style, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("output tokens/s (median round)")
+    ax.set_title("SmolLM2-135M Q4_1 GGUF over HTTP\n" + res["machine"].split(", 24")[0], fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = ROOT / "docs" / "serving_gguf.png"
+    fig.savefig(out.with_suffix(".tmp.png"), dpi=100)
+    os.replace(out.with_suffix(".tmp.png"), out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--llama-server", default="", help="a llama-server binary")
@@ -108,6 +132,7 @@ def main() -> int:
     if cli.render:
         res = json.loads(Path(cli.render).read_text())
         publish("serving_gguf", res, render(res), not cli.no_doc)
+        plot(res)
         return 0
     from transformers import AutoTokenizer
 
@@ -128,6 +153,8 @@ def main() -> int:
         print("ours, float32:", flush=True)
         res["ours_float32"] = ours(prompts, a, measure=levels)
     publish("serving_gguf", res, render(res), not cli.no_doc)
+    if not cli.no_doc:
+        plot(res)
     return 0
 
 
