@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (ROOT, PeerSession, cold_pass_medians, held_weight_bytes, machine_description,  # noqa: E402
-                          publish)
+                          publish, pyplot, save_figure)
 
 SHAPES = [("qkv", (960, 576)), ("o", (576, 576)), ("gate_up", (3072, 576)), ("down", (576, 1536))]
 TOKENS = (1, 4, 16, 64, 256)
@@ -142,11 +142,8 @@ def render(res) -> str:
 
 def plot(res) -> None:
     """docs/awq_cpu.png: the products' speed against float32 by token count, and the engine's tok/s by cap."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for name, _ in SHAPES:
@@ -170,9 +167,7 @@ def plot(res) -> None:
     right.legend()
     fig.suptitle("W4A16 on CPU, SmolLM2-135M: " + res["machine"].split(", 24")[0].replace(", AVX-512", ""))
     fig.tight_layout()
-    out = ROOT / "docs" / "awq_cpu.png"
-    fig.savefig(out.with_suffix(".tmp.png"), dpi=100)
-    os.replace(out.with_suffix(".tmp.png"), out)
+    save_figure(fig, "awq_cpu.png")
 
 
 def main() -> int:

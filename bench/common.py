@@ -235,3 +235,21 @@ def run_peer(python: str, script: Path, args: List[str], env: dict, timeout: int
         if line.startswith("{"):
             return json.loads(line)
     raise RuntimeError(f"{script.name} printed no JSON result:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None where matplotlib is not installed (no plot then)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, name: str, dpi: int = 100) -> None:
+    """docs/<name>, written under a temporary name first."""
+    out = ROOT / "docs" / name
+    fig.savefig(out.with_suffix(".tmp.png"), dpi=dpi)
+    os.replace(out.with_suffix(".tmp.png"), out)

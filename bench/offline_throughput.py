@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (PeerSession, best_read_gbs, machine_description, matmul_gflops,  # noqa: E402
-                          memory_bandwidth_gbs, param_count, run_peer, save_json, token_prompts, write_section)
+                          memory_bandwidth_gbs, param_count, pyplot, run_peer, save_figure, save_json, token_prompts,
+                          write_section)
 
 
 PROBE_EVERY = 16  # decode-only steps between bandwidth readings at batch 1
@@ -374,11 +375,8 @@ def _flop_use(res, row) -> str:
 
 
 def plot(res) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for system, label in (("ours", "ours"), ("ours+ngram", "ours, n-gram drafts"), ("hf", "HF generate")):
@@ -395,9 +393,7 @@ def plot(res) -> None:
     ax.set_title("SmolLM2-135M float32, 2-core CPU")
     ax.legend()
     fig.tight_layout()
-    out = Path(__file__).resolve().parent.parent / "docs" / "offline_throughput.png"
-    fig.savefig(out.with_suffix(".tmp.png"), dpi=110)
-    os.replace(out.with_suffix(".tmp.png"), out)
+    save_figure(fig, "offline_throughput.png", dpi=110)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, machine_description, publish, token_prompts  # noqa: E402
+from bench.common import machine_description, publish, pyplot, save_figure, token_prompts  # noqa: E402
 from bench.serving import MODEL, ours, wait_ready  # noqa: E402
 from bench.serving_client import run_load  # noqa: E402
 
@@ -92,11 +92,8 @@ def render(res) -> str:
 
 def plot(res) -> None:
     """docs/serving_gguf.png: output tokens/s by concurrency for each server."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     for (key, name), style in zip(SERVERS, ("o-", "^-", "s--")):
@@ -109,9 +106,7 @@ def plot(res) -> None:
     ax.set_title("SmolLM2-135M Q4_1 GGUF over HTTP\n" + res["machine"].split(", 24")[0], fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = ROOT / "docs" / "serving_gguf.png"
-    fig.savefig(out.with_suffix(".tmp.png"), dpi=100)
-    os.replace(out.with_suffix(".tmp.png"), out)
+    save_figure(fig, "serving_gguf.png")
 
 
 def main() -> int:
