@@ -5,6 +5,7 @@ once to a safetensors + tokenizer folder in a cache directory; later starts load
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -37,9 +38,12 @@ def embedded_gguf_path() -> Path:
 
 
 def converted_dir(gguf: Path) -> Path:
+    """Where the conversion of this file is cached: keyed by its name, size, resolved path and modification
+    time, so that another file of the same name and size (two fine-tunes quantized alike) or the same file
+    rewritten is converted afresh rather than served from the other's copy."""
     stat = gguf.stat()
-    tag = f"{gguf.stem}-{stat.st_size}"
-    return cache_root() / "gguf" / tag
+    key = hashlib.sha1(f"{gguf.resolve()}\0{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{gguf.stem}-{stat.st_size}-{key}"
 
 
 def ensure_converted(gguf: Path) -> Path:

@@ -9,7 +9,8 @@ import torch
 
 from engine.config import EngineConfig
 from engine.kernels import w4_cpu
-from engine.models.gguf_q4 import LINEARS, decode_q4, read_linears, unpermute_rows
+from engine.models.gguf_q4 import (LINEARS, decode_q4, dense_modules, linear_types, llama_tensors, read_linears,
+                                   unpermute_rows)
 
 gguf = pytest.importorskip("gguf")
 needs_w4 = pytest.mark.skipif(not w4_cpu.available(), reason="native 4-bit CPU kernels not built here")
@@ -119,13 +120,91 @@ def _write_gguf(path, arch, tensors):
     w.close()
 
 
-def test_a_file_the_panels_cannot_hold_is_a_clear_error(tmp_path):
+def test_other_types_stay_float_and_a_file_without_4bit_blocks_is_a_clear_error(tmp_path):
+    """A product with any part in another type (here a Q8_0 attn_v) stays float32 whole; a file whose linears
+    are all of other types is refused, and so is another architecture."""
     x = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    Q = gguf.GGMLQuantizationType
+    mixed = {f"blk.0.{n}.weight": (Q.Q8_0 if n == "attn_v" else Q.Q4_1, x) for n in LINEARS}
+    path = tmp_path / "mixed.gguf"
+    _write_gguf(path, "llama", mixed)
+    types = linear_types(llama_tensors(path), 1)
+    assert types[0, "attn_v"] == "Q8_0" and types[0, "attn_q"] == "Q4_1"
+    dense = dense_modules(types)
+    assert dense == {(0, "attn.qkv")}
+    assert [n for _, n, _ in read_linears(path, 1, 1, 1, dense)] == ["attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+    with pytest.raises(ValueError, match=r"Q4_K linear weights; this file has Q8_0 \(blk.0.attn_v.weight\)"):
+        list(read_linears(path, 1, 1, 1))  # asked for the blocks of every product
     q8 = tmp_path / "q8.gguf"
-    _write_gguf(q8, "llama", {"blk.0.attn_q.weight": (gguf.GGMLQuantizationType.Q8_0, x)})
-    with pytest.raises(ValueError, match=r"Q4_K linear weights; this file has Q8_0 \(blk.0.attn_q.weight\)"):
-        list(read_linears(q8, 1, 1, 1))
+    _write_gguf(q8, "llama", {f"blk.0.{n}.weight": (Q.Q8_0, x) for n in LINEARS})
+    with pytest.raises(ValueError, match="q8.gguf has Q8_0: serve it with gguf_weights: dequantize"):
+        dense_modules(linear_types(llama_tensors(q8), 1), q8.name)
+    with pytest.raises(ValueError, match="has no tensor blk.1.attn_q.weight"):
+        linear_types(llama_tensors(q8), 2, q8.name)
     qwen = tmp_path / "qwen.gguf"
-    _write_gguf(qwen, "qwen2", {"blk.0.attn_q.weight": (gguf.GGMLQuantizationType.Q4_1, x)})
+    _write_gguf(qwen, "qwen2", {"blk.0.attn_q.weight": (Q.Q4_1, x)})
     with pytest.raises(ValueError, match="architecture 'llama'; qwen.gguf is 'qwen2'"):
         list(read_linears(qwen, 1, 1, 1))
+
+
+def _retyped_copy(src, dst, retype):
+    """A copy of the GGUF file ``src`` with the tensors named in ``retype`` requantized (through gguf-py) to
+    the given types, the way llama.cpp's Q4_K_M and its fallbacks mix types in one file."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if not name.startswith("GGUF.") and name != "general.architecture":
+            array = f.types[0] == gguf.GGUFValueType.ARRAY
+            w.add_key_value(name, f.contents(), f.types[0], sub_type=f.types[-1] if array else None)
+    for t in r.tensors:
+        if t.name in retype:
+            x, q = gguf.quants.dequantize(t.data, t.tensor_type), retype[t.name]
+            w.add_tensor(t.name, x.astype(np.float16) if q == gguf.GGMLQuantizationType.F16
+                         else gguf.quants.quantize(x, q), raw_dtype=q)
+        else:
+            w.add_tensor(t.name, t.data, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@needs_w4
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["native", "mkl"])
+def test_engine_on_a_file_of_mixed_types_matches_hf(tmp_path_factory, monkeypatch, backend):
+    """The embedded file with four linears requantized to Q8_0, F16 and Q5_0: those products (one of them
+    a part of q/k/v, another of gate/up) run in float32 from transformers' conversion of the new file, the
+    others on its 4-bit blocks, in one native decode layer. The oracle is Hugging Face generate on that
+    conversion. ``backend``: the float32 products on our panels (whole layers natively up to 256 tokens) or
+    in MKL's row-major layout (the phased path beyond 8 tokens, its 4-bit products through w4_cpu)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.default_model import embedded_gguf_path
+    from engine.layers.awq_linear import AwqLinear
+    from engine.llm_engine import LLMEngine
+    from test_hf_parity import check_model, random_prompts
+    Q = gguf.GGMLQuantizationType
+    path = tmp_path_factory.getbasetemp() / "mixed" / "mixed.gguf"
+    if not path.exists():  # one file (and one conversion) for both backends
+        path.parent.mkdir(exist_ok=True)
+        _retyped_copy(embedded_gguf_path(), path, {"blk.0.attn_v.weight": Q.Q8_0, "blk.1.ffn_down.weight": Q.F16,
+                                                   "blk.2.attn_output.weight": Q.Q5_0, "blk.3.ffn_up.weight": Q.Q8_0})
+    from engine.kernels import cpu_gemm
+    if not cpu_gemm.backend_available(backend):
+        pytest.skip(f"no {backend} products on this machine")
+    monkeypatch.setattr(cpu_gemm, "_choice", backend)
+    eng = LLMEngine(model=str(path), gguf_weights="native", max_batch_size=16, block_size=16,
+                    max_prefill_tokens=256, num_cpu_blocks=96)
+    dense = {(i, n) for i, layer in enumerate(eng.model.layers) for n in ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
+             if not isinstance(layer.get_submodule(n), AwqLinear)}
+    assert dense == {(0, "attn.qkv"), (1, "mlp.down"), (2, "attn.o"), (3, "mlp.gate_up")}
+    assert sum(isinstance(m, AwqLinear) and isinstance(m.packed, w4_cpu.W4Panels)
+               for m in eng.model.modules()) == 30 * 4 - 4
+    assert eng.model.fused_decoder is not None and eng.model.fused_decoder.panels == (1 if backend == "native" else 0)
+    hf = AutoModelForCausalLM.from_pretrained(str(eng.model_dir), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(eng.model_dir))
+    texts = ["The capital of France is", "Write a long story about a dragon who learns to code. " * 6]
+    check_model(eng, hf, [tok.encode(t) for t in texts], n_new=12)  # 2 sequences: one native call a layer
+    # 10 decode together: past the 8 tokens of the per-layer native calls on MKL's layout
+    check_model(eng, hf, random_prompts([5, 9, 14, 20, 3, 7, 11, 30, 2, 16]), n_new=8)

@@ -37,6 +37,21 @@ def test_gguf_path_resolves_to_cached_conversion():
     assert (args.num_layers, args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim) == (30, 576, 9, 3, 64)
 
 
+def test_conversion_cache_tells_files_of_one_name_and_size_apart(tmp_path):
+    """Two fine-tunes quantized alike have the same name and size: each gets its own converted copy, and so
+    does a file rewritten in place."""
+    import os
+    a, b = tmp_path / "a" / "model.Q4_1.gguf", tmp_path / "b" / "model.Q4_1.gguf"
+    for p, byte in ((a, b"\1"), (b, b"\2")):
+        p.parent.mkdir()
+        p.write_bytes(byte * 64)
+    assert converted_dir(a) != converted_dir(b)
+    before = converted_dir(a)
+    st = a.stat()
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert converted_dir(a) != before and converted_dir(a).name.startswith("model.Q4_1-64-")
+
+
 def test_engine_config_rejects_bad_fields():
     from engine.config import EngineConfig
     with pytest.raises(ValueError, match="block_size"):

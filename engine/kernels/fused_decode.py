@@ -19,7 +19,7 @@ from typing import List, Optional
 
 import torch
 
-from . import cpu_gemm, cpu_native
+from . import cpu_gemm, cpu_native, w4_cpu
 from .w4_cpu import W4Panels
 
 MAX_TOKENS = 8  # decode batches up to this size take the fused path (the skinny-matmul regime)
@@ -54,10 +54,13 @@ class FusedDecoder:
         a = model.args
         self.so, self.a, self.model = so, a, model
         lins = [lin for layer in model.layers for lin in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)]
-        # the panel products' layout when the layers were packed for them (cpu_gemm's native backend), or the
-        # 4-bit panels of W4A16 layers (w4_cpu.py)
-        self.panels = (W4 if all(isinstance(lin.packed, W4Panels) for lin in lins)
-                       else PANELS if all(isinstance(lin.packed, cpu_gemm.Panels) for lin in lins) else ROWS)
+        floats = [lin for lin in lins if not isinstance(lin.packed, W4Panels)]
+        # the products' layout: the 4-bit panels of W4A16 layers (w4_cpu.py); else that of the float32 ones
+        # (beside any 4-bit ones: a GGUF file's Q6_K products, say), panels when they were packed for them
+        # (cpu_gemm's native backend)
+        self.panels = (W4 if not floats
+                       else PANELS if all(isinstance(lin.packed, cpu_gemm.Panels) for lin in floats) else ROWS)
+        group = next((lin.packed.group_size for lin in lins if isinstance(lin.packed, W4Panels)), 0)
         self.structs: List[_LayerWeights] = []
         for layer in model.layers:
             at, mlp = layer.attn, layer.mlp
@@ -67,16 +70,16 @@ class FusedDecoder:
                 ptrs[1][0], _ptr(at.o.bias), ptrs[2][0], _ptr(mlp.gate_up.bias),
                 ptrs[3][0], _ptr(mlp.down.bias), layer.input_norm.eps,
                 a.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim, a.intermediate_size, self.panels,
-                *(p[1] for p in ptrs), *(p[2] for p in ptrs), at.qkv.packed.group_size if self.panels == W4 else 0))
+                *(p[1] for p in ptrs), *(p[2] for p in ptrs), group))
         self.layer_array = (_LayerWeights * len(self.structs))(*self.structs)  # for decode_layers_split
         self.scale = a.head_dim ** -0.5
         self.per_token = a.hidden_size + (a.num_heads + 2 * a.num_kv_heads) * a.head_dim + \
             a.num_heads * a.head_dim + 3 * a.intermediate_size
 
     def _pointers(self, lin):
-        """A product's (weights, bf16x3 copy or None, (scale, min) pairs or None) in this decoder's layout; the
-        bf16x3 copies exist under matmul_precision="high" (AMX): products of x3_min_rows()+ rows run on them."""
-        if self.panels == W4:
+        """A product's (weights, bf16x3 copy or None, (scale, min) pairs or None) in its layout; the bf16x3
+        copies exist under matmul_precision="high" (AMX): products of x3_min_rows()+ rows run on them."""
+        if isinstance(lin.packed, W4Panels):
             return lin.packed.codes.data_ptr(), None, lin.packed.pairs.data_ptr()
         if self.panels == PANELS:
             return lin.packed.data.data_ptr(), _ptr(lin.packed.x3.data if lin.packed.x3 is not None else None), None
@@ -183,7 +186,9 @@ def _slots_and_rotary(meta):
 
 def _mm(linear, rhs: torch.Tensor, out: torch.Tensor) -> None:
     """out [N, M] = W @ rhs (+ b): the weight-major product MKL runs fastest for a few dozen tokens."""
-    if linear.packed is not None:  # packed products are token-major; the transposing copy is ~1% of it
+    if isinstance(linear.packed, W4Panels):  # 4-bit panels beside float32 weights in MKL's layout
+        out.copy_(w4_cpu.linear(rhs.t().contiguous(), linear.packed, linear.bias).t())
+    elif linear.packed is not None:  # packed products are token-major; the transposing copy is ~1% of it
         out.copy_(cpu_gemm.linear(rhs.t().contiguous(), linear.packed, linear.bias).t())
     elif linear.bias is None:
         torch.mm(linear.weight, rhs, out=out)
@@ -195,8 +200,8 @@ def fused_decoder_for(model, dtype: torch.dtype) -> Optional[FusedDecoder]:
     """A FusedDecoder when the native library is built and the model fits its assumptions, else None."""
     so = cpu_native.lib()
     a = model.args
-    if any(not hasattr(layer.attn.qkv, "weight") and not isinstance(getattr(layer.attn.qkv, "packed", None), W4Panels)
-           for layer in model.layers):
+    if any(not hasattr(lin, "weight") and not isinstance(getattr(lin, "packed", None), W4Panels)
+           for layer in model.layers for lin in (layer.attn.qkv, layer.attn.o, layer.mlp.gate_up, layer.mlp.down)):
         return None  # quantized (AWQ) layers without the native 4-bit panels: the per-layer path dequantizes them
     if (so is None or dtype != torch.float32 or a.num_heads // a.num_kv_heads > cpu_native.MAX_GROUP
             or a.head_dim % 2 or any(not p.is_contiguous() for p in model.parameters())):

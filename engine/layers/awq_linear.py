@@ -8,7 +8,7 @@ layer's product runs on 4-bit panels (kernels/w4_cpu.py, repacked at load) where
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Collection, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -167,11 +167,14 @@ def use_cpu_layout(model) -> int:
     return len(layers)
 
 
-def swap_in_awq(model, group_size: int) -> None:
+def swap_in_awq(model, group_size: int, dense: Collection[Tuple[int, str]] = ()) -> None:
     """Replace every decoder layer's q/k/v, o, gate/up and down with AwqLinear (on the meta device, before
-    loading), as gpt-fast swaps quantized modules in."""
-    for layer in model.layers:
+    loading), as gpt-fast swaps quantized modules in; ``dense``: (layer index, "attn.qkv" / "attn.o" /
+    "mlp.gate_up" / "mlp.down") modules left as they are."""
+    for i, layer in enumerate(model.layers):
         for parent, attr in ((layer.attn, "qkv"), (layer.attn, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down")):
+            if (i, f"{'attn' if parent is layer.attn else 'mlp'}.{attr}") in dense:
+                continue
             old = getattr(parent, attr)
             parts = list(old.offsets.items()) if getattr(old, "offsets", None) else [("", (0, old.out_features))]
             new = AwqLinear(old.in_features, [(n, size) for n, (_, size) in parts], group_size,

@@ -11,14 +11,17 @@ float32 pair shared by 32).
 
 Only the linears of GGUF architecture "llama" (llama.cpp's converter permutes their q and k rows for its
 RoPE; undone here as transformers undoes it); the embedding and the norms come from the converted
-checkpoint as in the default path.
+checkpoint as in the default path. So does any product with a part in another type (a Q4_K_M file keeps
+attn_v and ffn_down of some layers in Q6_K, and llama.cpp falls back to Q5_0 / Q8_0 for rows that are not
+whole 256-weight super-blocks): it stays a float32 product, and the native decode layers take each product
+in its own layout.
 """
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Collection, Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -26,6 +29,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 GROUP = 32  # weights per Q4_0 / Q4_1 block and per Q4_K sub-block
+Q4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # the block types the 4-bit panels hold exactly
 # GGUF name (blk.N.<name>.weight) -> (the module under the decoder layer, its part)
 LINEARS: Dict[str, Tuple[str, str]] = {
     "attn_q": ("attn.qkv", "q"), "attn_k": ("attn.qkv", "k"), "attn_v": ("attn.qkv", "v"),
@@ -42,7 +46,7 @@ def _half(blocks: np.ndarray, at: int) -> np.ndarray:
 def decode_q4(raw: np.ndarray, qtype: str, in_features: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One tensor's rows of Q4_0 / Q4_1 / Q4_K blocks, uint8 [out, bytes per row] -> (codes uint8 [out, in] in
     0..15, scale float32 [out, in/32], minimum float32 [out, in/32]), weight = codes * scale + minimum."""
-    if qtype not in ("Q4_0", "Q4_1", "Q4_K"):
+    if qtype not in Q4_TYPES:
         raise ValueError(f"gguf_weights: native needs Q4_0, Q4_1 or Q4_K linear weights; this file has {qtype}")
     per = 256 if qtype == "Q4_K" else GROUP
     if in_features % per:
@@ -86,22 +90,53 @@ def unpermute_rows(heads: int, rows: int) -> torch.Tensor:
     return torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
 
 
-def read_linears(path: Path, num_layers: int, heads: int, kv_heads: int):
-    """Yield (layer, GGUF name, (codes, scale, minimum)) for each decoder linear, rows in Hugging Face order."""
+def llama_tensors(path: Path) -> Dict[str, object]:
+    """The GGUF file's tensors by name (gguf-py ReaderTensor); its architecture must be llama."""
     from gguf import GGUFReader
     reader = GGUFReader(str(path))
     arch = reader.fields["general.architecture"].contents()
     if arch != "llama":
         raise ValueError(f"gguf_weights: native supports GGUF architecture 'llama'; {path.name} is {arch!r}")
-    tensors = {t.name: t for t in reader.tensors}
+    return {t.name: t for t in reader.tensors}
+
+
+def linear_types(tensors: Dict[str, object], num_layers: int, name: str = "model") -> Dict[Tuple[int, str], str]:
+    """(layer, GGUF name) -> the block type of each decoder linear (e.g. "Q4_K", "Q6_K", "F16")."""
+    types = {}
     for i in range(num_layers):
-        for name in LINEARS:
-            t = tensors.get(f"blk.{i}.{name}.weight")
+        for n in LINEARS:
+            t = tensors.get(f"blk.{i}.{n}.weight")
             if t is None:
-                raise ValueError(f"gguf_weights: {path.name} has no tensor blk.{i}.{name}.weight")
+                raise ValueError(f"gguf_weights: {name} has no tensor blk.{i}.{n}.weight")
+            types[i, n] = t.tensor_type.name
+    return types
+
+
+def dense_modules(types: Dict[Tuple[int, str], str], name: str = "model") -> Set[Tuple[int, str]]:
+    """The (layer, module) products that stay float32: those with any part in a type other than Q4_TYPES (a
+    Q4_K_M file's Q6_K attn_v and ffn_down, say); a fused module (q/k/v, gate/up) is one product. A file
+    with none left on 4-bit blocks is refused."""
+    dense = {(i, LINEARS[n][0]) for (i, n), t in types.items() if t not in Q4_TYPES}
+    if len(dense) == len({(i, mod) for (i, n) in types for mod in [LINEARS[n][0]]}):
+        raise ValueError(f"gguf_weights: native needs {', '.join(Q4_TYPES)} linear weights; {name} has "
+                         f"{', '.join(sorted(set(types.values())))}: serve it with gguf_weights: dequantize")
+    return dense
+
+
+def read_linears(path: Path, num_layers: int, heads: int, kv_heads: int,
+                 dense: Collection[Tuple[int, str]] = ()):
+    """Yield (layer, GGUF name, (codes, scale, minimum)) for each decoder linear outside ``dense`` modules,
+    rows in Hugging Face order."""
+    tensors = llama_tensors(path)
+    linear_types(tensors, num_layers, path.name)  # every linear is there
+    for i in range(num_layers):
+        for name, (mod, _) in LINEARS.items():
+            if (i, mod) in dense:
+                continue
+            t = tensors[f"blk.{i}.{name}.weight"]
             try:
                 codes, scale, minimum = decode_q4(t.data, t.tensor_type.name, int(t.shape[0]))
-            except ValueError as e:  # e.g. a Q4_K_M file's Q6_K tensors: name the tensor
+            except ValueError as e:  # name the tensor
                 raise ValueError(f"{e} ({t.name})") from None
             if name in ("attn_q", "attn_k"):
                 idx = unpermute_rows(heads if name == "attn_q" else kv_heads, codes.shape[0])
@@ -109,16 +144,17 @@ def read_linears(path: Path, num_layers: int, heads: int, kv_heads: int):
             yield i, name, (codes, scale, minimum)
 
 
-def fill_from_gguf(model, path: Path) -> int:
-    """Give each decoder layer's AwqLinear (built with group size 32, see load_native) 4-bit panels made
-    from the GGUF file's own blocks, in place of AutoAWQ's tensors; -> how many layers."""
+def fill_from_gguf(model, path: Path, dense: Collection[Tuple[int, str]] = ()) -> int:
+    """Give each decoder layer's AwqLinear (built with group size 32, see load_native; ``dense`` modules are
+    plain Linear) 4-bit panels made from the GGUF file's own blocks, in place of AutoAWQ's tensors; -> how
+    many products."""
     from ..kernels.w4_cpu import W4Panels, available, to_huge_pages
     from ..layers.awq_linear import QUANT_TENSORS
     if not available():
         raise ValueError("gguf_weights: native needs the native 4-bit CPU kernels (AVX-512, or AVX2 and FMA)")
     a = model.args
     parts: Dict[Tuple[int, str], Dict[str, Tuple]] = {}
-    for i, name, blocks in read_linears(path, a.num_layers, a.num_heads, a.num_kv_heads):
+    for i, name, blocks in read_linears(path, a.num_layers, a.num_heads, a.num_kv_heads, dense):
         mod, part = LINEARS[name]
         parts.setdefault((i, mod), {})[part] = blocks
     made: List = []
@@ -153,8 +189,10 @@ def load_native(name: Optional[str]):
     t0 = time.perf_counter()
     model_dir = resolve_model_path(name)
     args, _ = read_model_args(model_dir)
-    net = build_model(args, "cpu", torch.float32, {"group_size": GROUP})
-    n = fill_from_gguf(net, path)
+    types = linear_types(llama_tensors(path), args.num_layers, path.name)
+    dense = dense_modules(types, path.name)
+    net = build_model(args, "cpu", torch.float32, {"group_size": GROUP, "dense": dense})
+    n = fill_from_gguf(net, path, dense)
     adapter, modules = get_adapter(args.architecture), dict(net.named_modules())
 
     def rest():
@@ -168,6 +206,9 @@ def load_native(name: Optional[str]):
 
     load_weights(net, model_dir, rest())
     net.eval()
-    logger.info("loaded %s with %d linear layers on the GGUF's own 4-bit blocks (%s) in %.1f s", model_dir.name,
-                n, path.name, time.perf_counter() - t0)
+    others = sorted({t for t in types.values() if t not in Q4_TYPES})
+    logger.info("loaded %s with %d of %d decoder products on the GGUF's own 4-bit blocks (%s)%s in %.1f s",
+                model_dir.name, n, 4 * args.num_layers, path.name,
+                f"; {len(dense)} in float32 (their {', '.join(others)} tensors, as converted)" if dense else "",
+                time.perf_counter() - t0)
     return net, model_dir

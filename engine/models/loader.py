@@ -83,12 +83,13 @@ def _iter_tensors(model_dir: Path):
 
 
 def build_model(args: ModelArgs, device: str, dtype: torch.dtype, quant: Optional[Dict] = None) -> LlamaModel:
-    """On the meta device, AWQ layers swapped in when ``quant`` (read_quant_config) says so, then allocated."""
+    """On the meta device, AWQ layers swapped in when ``quant`` (read_quant_config) says so (but for its
+    "dense" modules, see swap_in_awq), then allocated."""
     with torch.device("meta"):
         model = LlamaModel(args)
         if quant:
             from ..layers.awq_linear import swap_in_awq
-            swap_in_awq(model, quant["group_size"])
+            swap_in_awq(model, quant["group_size"], quant.get("dense", ()))
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     return model

@@ -929,9 +929,9 @@ typedef struct {
     const float *in_norm, *post_norm, *w_qkv, *b_qkv, *w_o, *b_o, *w_gu, *b_gu, *w_down, *b_down;
     float eps;
     int H, NH, KVH, D, I;
-    int panels; /* the w_* layout: WEIGHTS_ROWS, WEIGHTS_PANELS or WEIGHTS_W4 */
+    int panels; /* the float32 w_*' layout: WEIGHTS_ROWS or WEIGHTS_PANELS (WEIGHTS_W4: all are 4-bit) */
     const uint16_t *x_qkv, *x_o, *x_gu, *x_down; /* bf16x3 copies (amx_bf16x3.c), or NULL */
-    const float *s_qkv, *s_o, *s_gu, *s_down; /* 4-bit weights: their (scale, min) pairs */
+    const float *s_qkv, *s_o, *s_gu, *s_down; /* 4-bit weights: their (scale, min) pairs; NULL: float32 */
     int group; /* 4-bit weights: input rows per (scale, min) pair */
 } layer_weights;
 
@@ -1019,11 +1019,12 @@ static void rotate_write_attend(float *qkv, const float *cos, const float *sin, 
                         G, D, BS, scale, kq);
 }
 
-/* one of a layer's products inside its parallel region, in the layout its weights were given in */
+/* one of a layer's products inside its parallel region, in the layout its weights were given in: 4-bit
+ * panels where it has (scale, min) pairs ``sm`` (a layer may mix them with float32 products), else L->panels */
 static void layer_product(const layer_weights *L, const float *x, const float *w, const float *b, float *y,
                           int M, int N, int K, int accumulate, panel_range *ranges, uint32_t *epoch,
                           const uint16_t *wx3, uint16_t *x3_scratch, const float *sm) {
-    if (L->panels == WEIGHTS_W4) {
+    if (sm) {
         w4_rows(x, (const uint8_t *)w, sm, b, y, M, N, K, L->group, accumulate);
         return;
     }
