@@ -261,6 +261,78 @@ def test_internlm2_awq_checkpoint_matches_llama_in_the_engine(awq_tiny):
     assert outs[0] == outs[1]
 
 
+def _keep_full_precision(src, dst, patterns, seed=0):
+    """A copy of the AWQ checkpoint ``src`` as AutoAWQ writes one with modules_to_not_convert = ``patterns``:
+    the modules whose names contain one of them hold a float16 ``weight`` (new random values at the
+    dequantized weight's scale) instead of their qweight/qzeros/scales."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from quant_jobs.checkpoint import dequantized_tensors
+    shutil.copytree(src, dst)
+    state, g = load_file(str(dst / "model.safetensors")), torch.Generator().manual_seed(seed)
+    for name, w in dequantized_tensors(iter(sorted(state.items()))):
+        base = name[:-len(".weight")]
+        if any(p in name for p in patterns) and f"{base}.qweight" in state:
+            for kind in ("qweight", "qzeros", "scales"):
+                del state[f"{base}.{kind}"]
+            state[name] = (torch.randn(w.shape, generator=g) * w.float().std()).half()
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"] = list(patterns)
+    (dst / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("pattern, dense", [("down_proj", ("mlp.down",)), ("self_attn", ("attn.qkv", "attn.o"))])
+def test_modules_autoawq_did_not_convert_run_in_full_precision(awq_tiny, tmp_path, pattern, dense):
+    """quantization_config.modules_to_not_convert (AutoAWQ's): those products load their float weights and run
+    beside the 4-bit ones (on CPU with the native kernels, in the same fused decode layers); greedy tokens
+    equal the independently loaded model's (quant_jobs' loader: AWQ triples dequantized, float weights as
+    they are) for prompts of different lengths, decode batches mixed with prefill chunks."""
+    from engine.generation import GenerationConfig
+    from engine.kernels import w4_cpu
+    from engine.layers.awq_linear import AwqLinear
+    from engine.llm_engine import LLMEngine
+    from engine.offline import Pipeline
+    from quant_jobs.dense import logits
+    from quant_jobs.model_io import load_full
+    ckpt = tmp_path / "kept"
+    _keep_full_precision(awq_tiny["llama"], ckpt, [pattern])
+    eng = LLMEngine(model=str(ckpt), max_batch_size=8, block_size=16, num_cpu_blocks=64, max_prefill_tokens=64)
+    if w4_cpu.available():  # the 4-bit and the float32 products in the same native decode layers
+        assert eng.model.fused_decoder is not None and eng.model.fused_decoder.panels != 2
+    for layer in eng.model.layers:
+        for name in ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down"):
+            assert isinstance(layer.get_submodule(name), AwqLinear) == (name not in dense), name
+    prompts = [[(5 * i + 11 * j) % 4000 + 5 for j in range(2 + 7 * i)] for i in range(5)]
+    outs = Pipeline(eng)(prompts, GenerationConfig(max_new_tokens=5, temperature=0, ignore_eos=True))
+    ref = load_full(str(ckpt))
+    for ids, out in zip(prompts, outs):
+        seq = list(ids)
+        for _ in range(5):
+            seq.append(int(logits(ref, torch.tensor([seq]))[0, -1].argmax()))
+        assert out.token_ids == seq[len(ids):]
+
+
+@pytest.mark.parametrize("keep, message", [
+    (["v_proj"], r"keeps model.layers.0.self_attn.v_proj in full precision but not "
+                 r"model.layers.0.self_attn.q_proj, model.layers.0.self_attn.k_proj"),
+    ("down_proj", "modules_to_not_convert: 'down_proj' is not allowed; a list of module names"),
+])
+def test_modules_to_not_convert_the_engine_cannot_split_are_clear_errors(awq_tiny, tmp_path, keep, message):
+    import shutil
+
+    from engine.llm_engine import LLMEngine
+    bad = tmp_path / "bad"
+    shutil.copytree(awq_tiny["llama"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["quantization_config"]["modules_to_not_convert"] = keep
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        LLMEngine(model=str(bad), num_cpu_blocks=8)
+
+
 @pytest.mark.parametrize("patch, message", [
     ({"quant_method": "gptq"}, "quant_method: 'gptq' is not supported"),
     ({"bits": 8}, "bits: 8 is not supported"),

@@ -82,21 +82,33 @@ def _anon_huge_kib(addr: int) -> int:
     raise AssertionError(f"no mapping holds {addr:#x}")
 
 
-@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="no transparent huge pages on this kernel")
-def test_large_buffers_sit_on_huge_pages(monkeypatch):
-    """A 64 MiB huge_empty buffer starts on a 2 MiB boundary and, once written, the kernel reports huge
-    pages under it; with RAYLM_HUGE_PAGES=0 it is an ordinary buffer. Small requests stay plain."""
-    import torch
+HUGE_SCRIPT = r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from test_host_memory import _anon_huge_kib
+from engine.host_memory import HUGE_PAGE, huge_empty
+x = huge_empty(16 << 20)
+out = {"numel": x.numel(), "aligned": x.data_ptr() % HUGE_PAGE == 0}
+x.fill_(1.0)
+out.update(total=float(x.sum()), huge_kib=_anon_huge_kib(x.data_ptr()), small=huge_empty(1000).numel())
+os.environ["RAYLM_HUGE_PAGES"] = "0"
+y = huge_empty(16 << 20).fill_(1.0)
+out["off_huge_kib"] = _anon_huge_kib(y.data_ptr())
+print(json.dumps(out))
+"""
 
-    from engine.host_memory import HUGE_PAGE, huge_empty
-    monkeypatch.setenv("RAYLM_HUGE_PAGES", "1")
-    x = huge_empty(16 << 20)
-    assert x.numel() == 16 << 20 and x.data_ptr() % HUGE_PAGE == 0
-    x.fill_(1.0)
-    assert float(x.sum()) == 16 << 20
-    assert _anon_huge_kib(x.data_ptr()) > 0
-    assert huge_empty(1000).numel() == 1000
-    monkeypatch.setenv("RAYLM_HUGE_PAGES", "0")
+
+@pytest.mark.skipif(_thp_mode() not in ("madvise", "always"), reason="no transparent huge pages on this kernel")
+def test_large_buffers_sit_on_huge_pages():
+    """A 64 MiB huge_empty buffer starts on a 2 MiB boundary and, once written, the kernel reports huge
+    pages under it; with RAYLM_HUGE_PAGES=0 it is an ordinary buffer. Small requests stay plain. In a fresh
+    interpreter: in this one, an ordinary buffer can land in heap memory that earlier tests' engines left
+    advised for huge pages."""
+    env = {**os.environ, "RAYLM_HUGE_PAGES": "1", "PYTHONPATH": str(ROOT)}
+    got = json.loads(subprocess.run([sys.executable, "-c", HUGE_SCRIPT, str(Path(__file__).parent)], env=env,
+                                    capture_output=True, text=True, timeout=120, check=True).stdout.splitlines()[-1])
+    assert got["numel"] == 16 << 20 and got["aligned"] and got["total"] == 16 << 20
+    assert got["huge_kib"] > 0
+    assert got["small"] == 1000
     if _thp_mode() == "madvise":
-        y = huge_empty(16 << 20).fill_(1.0)
-        assert _anon_huge_kib(y.data_ptr()) == 0
+        assert got["off_huge_kib"] == 0

@@ -231,11 +231,17 @@ def rtn_checkpoint(model_dir, work, group: int) -> str:
     return str(work / "quantized")
 
 
-@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+@pytest.mark.parametrize("which", ["tiny", "tiny_kept", "smollm2"])
 def test_tp2_equals_tp1_with_awq_weights(ray_local, tmp_path, smol_dir, which):
-    if which == "tiny":
+    """tiny_kept: its o and down products kept in full precision (AutoAWQ's modules_to_not_convert), row-parallel
+    float weights beside the AWQ column-parallel ones."""
+    if which.startswith("tiny"):
         make_hf_model("llama", smol_dir, tmp_path / "fp", seed=9)
         model = rtn_checkpoint(tmp_path / "fp", tmp_path / "w", 32)
+        if which == "tiny_kept":
+            from test_awq_engine import _keep_full_precision
+            _keep_full_precision(Path(model), tmp_path / "kept", ["o_proj", "down_proj"])
+            model = str(tmp_path / "kept")
     else:  # SmolLM2 g64: rank 0 holds 6 heads (384 o_proj inputs), rank 1 holds 3 (192), both on group bounds
         model = rtn_checkpoint(smol_dir, tmp_path / "w", 64)
     ref, ref_logits = run_engine(model)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -101,6 +101,31 @@ class Adapter:
             return None
         param, shard, tf = hit
         return (param.format(i=m.group(1)) if m else param), shard, tf
+
+    def unconverted(self, keys: List[str], num_layers: int) -> Set[Tuple[int, str]]:
+        """The (layer, "attn.qkv" / "attn.o" / "mlp.gate_up" / "mlp.down") products that an AWQ checkpoint's
+        ``modules_to_not_convert`` keeps in full precision: those whose checkpoint module names (e.g.
+        "model.layers.3.mlp.down_proj") contain one of ``keys``, as transformers matches them. The engine runs
+        q/k/v and gate/up as one product each, so all of its parts must match, or none."""
+        parts: Dict[Tuple[int, str], Dict[str, bool]] = {}
+        for pattern, (param, _, _) in self.names.items():
+            m = re.fullmatch(r"layers\.\{i\}\.(attn\.qkv|attn\.o|mlp\.gate_up|mlp\.down)\.weight", param)
+            if m is None:
+                continue
+            for i in range(num_layers):
+                name = pattern.format(i=i)[:-len(".weight")]
+                parts.setdefault((i, m.group(1)), {})[name] = any(k in name for k in keys)
+        dense = set()
+        for key, got in parts.items():
+            if all(got.values()):
+                dense.add(key)
+            elif any(got.values()):
+                kept = [n for n, v in got.items() if v]
+                rest = [n for n, v in got.items() if not v]
+                raise ValueError(f"quantization_config.modules_to_not_convert keeps {', '.join(kept)} in full "
+                                 f"precision but not {', '.join(rest)}, which the engine runs as one product with "
+                                 "it: list all of them or none")
+        return dense
 
     def ignored(self, name: str) -> bool:
         return any(s in name for s in self.ignore)

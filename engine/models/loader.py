@@ -89,7 +89,10 @@ def build_model(args: ModelArgs, device: str, dtype: torch.dtype, quant: Optiona
         model = LlamaModel(args)
         if quant:
             from ..layers.awq_linear import swap_in_awq
-            swap_in_awq(model, quant["group_size"], quant.get("dense", ()))
+            dense = set(quant.get("dense", ()))
+            if quant.get("not_convert"):  # AutoAWQ's modules_to_not_convert: full-precision products
+                dense |= get_adapter(args.architecture).unconverted(quant["not_convert"], args.num_layers)
+            swap_in_awq(model, quant["group_size"], dense)
     model = model.to(dtype).to_empty(device=device)
     model.tie_weights()
     return model

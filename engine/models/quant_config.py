@@ -26,4 +26,8 @@ def read_quant_config(cfg: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"quantization_config.group_size: {group} is not supported; supported: [32, 64, 128]")
     if q.get("zero_point", True) is not True:
         raise ValueError("quantization_config.zero_point: only asymmetric (zero_point: true) AWQ is supported")
-    return {"method": method, "bits": bits, "group_size": group}
+    keep = q.get("modules_to_not_convert") or []
+    if not (isinstance(keep, list) and all(isinstance(k, str) and k for k in keep)):
+        raise ValueError(f"quantization_config.modules_to_not_convert: {keep!r} is not allowed; a list of module "
+                         "names (as AutoAWQ writes it: e.g. [\"down_proj\"]), or null")
+    return {"method": method, "bits": bits, "group_size": group, "not_convert": keep}
