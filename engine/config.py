@@ -64,7 +64,8 @@ class EngineConfig(BaseModel):
         "dequantize", description="A .gguf model (the embedded default included): dequantize = every weight converted "
                                   "to float32 (once, cached); native = its Q4_0/Q4_1/Q4_K linear weights kept 4-bit and "
                                   "computed by the native CPU kernels (the same weights at about a fifth of the bytes; CPU, "
-                                  "float32, tp 1, GGUF architecture llama)")
+                                  "float32, tp 1, GGUF architecture llama or qwen2; products in other types stay "
+                                  "float32)")
     eager_mode: bool = Field(
         False, description="GPU: run every step eagerly; by default decode steps of up to max_batch_size sequences "
                            "replay CUDA graphs captured at start (LMDeploy's eager_mode)")

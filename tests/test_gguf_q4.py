@@ -9,7 +9,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.kernels import w4_cpu
-from engine.models.gguf_q4 import (LINEARS, decode_q4, dense_modules, linear_types, llama_tensors, read_linears,
+from engine.models.gguf_q4 import (LINEARS, decode_q4, dense_modules, gguf_tensors, linear_types, read_linears,
                                    unpermute_rows)
 
 gguf = pytest.importorskip("gguf")
@@ -128,7 +128,7 @@ def test_other_types_stay_float_and_a_file_without_4bit_blocks_is_a_clear_error(
     mixed = {f"blk.0.{n}.weight": (Q.Q8_0 if n == "attn_v" else Q.Q4_1, x) for n in LINEARS}
     path = tmp_path / "mixed.gguf"
     _write_gguf(path, "llama", mixed)
-    types = linear_types(llama_tensors(path), 1)
+    types = linear_types(gguf_tensors(path)[1], 1)
     assert types[0, "attn_v"] == "Q8_0" and types[0, "attn_q"] == "Q4_1"
     dense = dense_modules(types)
     assert dense == {(0, "attn.qkv")}
@@ -138,13 +138,13 @@ def test_other_types_stay_float_and_a_file_without_4bit_blocks_is_a_clear_error(
     q8 = tmp_path / "q8.gguf"
     _write_gguf(q8, "llama", {f"blk.0.{n}.weight": (Q.Q8_0, x) for n in LINEARS})
     with pytest.raises(ValueError, match="q8.gguf has Q8_0: serve it with gguf_weights: dequantize"):
-        dense_modules(linear_types(llama_tensors(q8), 1), q8.name)
+        dense_modules(linear_types(gguf_tensors(q8)[1], 1), q8.name)
     with pytest.raises(ValueError, match="has no tensor blk.1.attn_q.weight"):
-        linear_types(llama_tensors(q8), 2, q8.name)
-    qwen = tmp_path / "qwen.gguf"
-    _write_gguf(qwen, "qwen2", {"blk.0.attn_q.weight": (Q.Q4_1, x)})
-    with pytest.raises(ValueError, match="architecture 'llama'; qwen.gguf is 'qwen2'"):
-        list(read_linears(qwen, 1, 1, 1))
+        linear_types(gguf_tensors(q8)[1], 2, q8.name)
+    phi = tmp_path / "phi.gguf"
+    _write_gguf(phi, "phi3", {"blk.0.attn_q.weight": (Q.Q4_1, x)})
+    with pytest.raises(ValueError, match="architectures 'llama', 'qwen2'; phi.gguf is 'phi3'"):
+        list(read_linears(phi, 1, 1, 1))
 
 
 def _retyped_copy(src, dst, retype):
@@ -208,3 +208,74 @@ def test_engine_on_a_file_of_mixed_types_matches_hf(tmp_path_factory, monkeypatc
     check_model(eng, hf, [tok.encode(t) for t in texts], n_new=12)  # 2 sequences: one native call a layer
     # 10 decode together: past the 8 tokens of the per-layer native calls on MKL's layout
     check_model(eng, hf, random_prompts([5, 9, 14, 20, 3, 7, 11, 30, 2, 16]), n_new=8)
+
+
+HF_TO_GGUF = {**{v: k for k, v in HF_NAMES.items()}, "input_layernorm": "attn_norm",
+              "post_attention_layernorm": "ffn_norm"}
+
+
+def _write_qwen2_gguf(hf, path, qtypes):
+    """A Qwen2 model written as llama.cpp's converter writes one (rows in Hugging Face's order, norms and
+    biases float32), its linears quantized by gguf-py to ``qtypes`` (GGUF name -> type; Q4_1 otherwise), with
+    the embedded file's tokenizer (the test model shares its vocabulary)."""
+    from engine.default_model import embedded_gguf_path
+    c = hf.config
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base((getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    for name, f in gguf.GGUFReader(str(embedded_gguf_path())).fields.items():
+        if name.startswith("tokenizer."):
+            array = f.types[0] == gguf.GGUFValueType.ARRAY
+            w.add_key_value(name, f.contents(), f.types[0], sub_type=f.types[-1] if array else None)
+    sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    for i in range(c.num_hidden_layers):
+        for hf_name, name in HF_TO_GGUF.items():
+            for kind in ("weight", "bias"):
+                t = sd.get(f"model.layers.{i}.{hf_name}.{kind}")
+                if t is not None and t.ndim == 2:
+                    q = qtypes.get(name, gguf.GGMLQuantizationType.Q4_1)
+                    w.add_tensor(f"blk.{i}.{name}.{kind}", gguf.quants.quantize(t, q), raw_dtype=q)
+                elif t is not None:
+                    w.add_tensor(f"blk.{i}.{name}.{kind}", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@needs_w4
+def test_qwen2_file_on_its_4bit_weights_matches_hf(tmp_path, smol_dir):
+    """GGUF architecture qwen2 (q/k/v biases; q and k rows not interleaved, unlike llama's): its Q4_1 / Q4_0
+    linears on the panels, one Q8_0 product in float32, the biases from the conversion. Oracles: gguf-py's
+    dequantizer for the rows the panels hold, Hugging Face generate on transformers' conversion of the file
+    for the engine."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.llm_engine import LLMEngine
+    from test_hf_parity import check_model, random_prompts
+    from tiny_models import make_hf_model
+    Q = gguf.GGMLQuantizationType
+    tiny = make_hf_model("qwen2", smol_dir, tmp_path / "hf", seed=3)
+    path = tmp_path / "gguf" / "tiny-qwen2.gguf"
+    path.parent.mkdir()
+    _write_qwen2_gguf(tiny, path, {"attn_output": Q.Q4_0, "ffn_down": Q.Q8_0})
+    arch, tensors = gguf_tensors(path)
+    for i, name, blocks in read_linears(path, 2, 4, 2, dense={(0, "mlp.down"), (1, "mlp.down")}):
+        t = tensors[f"blk.{i}.{name}.weight"]  # Hugging Face's row order as it is
+        assert torch.equal(dequantized(*blocks), torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)))
+    eng = LLMEngine(model=str(path), gguf_weights="native", max_batch_size=8, block_size=16, num_cpu_blocks=64)
+    layer = eng.model.layers[0]
+    assert isinstance(layer.attn.qkv.packed, w4_cpu.W4Panels) and layer.attn.qkv.bias is not None
+    assert not isinstance(getattr(layer.mlp.down, "packed", None), w4_cpu.W4Panels)
+    assert eng.model.fused_decoder is not None
+    hf = AutoModelForCausalLM.from_pretrained(str(eng.model_dir), dtype=torch.float32).eval()
+    assert type(hf).__name__ == "Qwen2ForCausalLM"
+    check_model(eng, hf, random_prompts([3, 17, 40, 70], seed=4), n_new=12)

@@ -9,9 +9,10 @@ own codes, scales and minimums: the same weights that the default path dequantiz
 conversion), at about a fifth of the bytes a decode step reads (6 bits a weight: 4 for the code, 2 for the
 float32 pair shared by 32).
 
-Only the linears of GGUF architecture "llama" (llama.cpp's converter permutes their q and k rows for its
-RoPE; undone here as transformers undoes it); the embedding and the norms come from the converted
-checkpoint as in the default path. So does any product with a part in another type (a Q4_K_M file keeps
+GGUF architectures "llama" (llama.cpp's converter permutes its q and k rows for its RoPE; undone here as
+transformers undoes it) and "qwen2" (rows in Hugging Face's order; its q/k/v biases, float32 in the file,
+come from the converted checkpoint). The embedding and the norms come from the converted checkpoint as in
+the default path. So does any product with a part in another type (a Q4_K_M file keeps
 attn_v and ffn_down of some layers in Q6_K, and llama.cpp falls back to Q5_0 / Q8_0 for rows that are not
 whole 256-weight super-blocks): it stays a float32 product, and the native decode layers take each product
 in its own layout.
@@ -30,6 +31,9 @@ logger = logging.getLogger(__name__)
 
 GROUP = 32  # weights per Q4_0 / Q4_1 block and per Q4_K sub-block
 Q4_TYPES = ("Q4_0", "Q4_1", "Q4_K")  # the block types the 4-bit panels hold exactly
+# GGUF architecture -> whether llama.cpp's converter interleaved its q and k rows (for its rotary form; Qwen2's
+# files keep Hugging Face's order, as its rotary form there is the one Hugging Face uses)
+ARCHITECTURES = {"llama": True, "qwen2": False}
 # GGUF name (blk.N.<name>.weight) -> (the module under the decoder layer, its part)
 LINEARS: Dict[str, Tuple[str, str]] = {
     "attn_q": ("attn.qkv", "q"), "attn_k": ("attn.qkv", "k"), "attn_v": ("attn.qkv", "v"),
@@ -90,14 +94,15 @@ def unpermute_rows(heads: int, rows: int) -> torch.Tensor:
     return torch.arange(rows).view(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
 
 
-def llama_tensors(path: Path) -> Dict[str, object]:
-    """The GGUF file's tensors by name (gguf-py ReaderTensor); its architecture must be llama."""
+def gguf_tensors(path: Path) -> Tuple[str, Dict[str, object]]:
+    """(the GGUF file's architecture, its tensors by name as gguf-py ReaderTensors); one of ARCHITECTURES."""
     from gguf import GGUFReader
     reader = GGUFReader(str(path))
     arch = reader.fields["general.architecture"].contents()
-    if arch != "llama":
-        raise ValueError(f"gguf_weights: native supports GGUF architecture 'llama'; {path.name} is {arch!r}")
-    return {t.name: t for t in reader.tensors}
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"gguf_weights: native supports GGUF architectures {', '.join(map(repr, ARCHITECTURES))}; "
+                         f"{path.name} is {arch!r}")
+    return arch, {t.name: t for t in reader.tensors}
 
 
 def linear_types(tensors: Dict[str, object], num_layers: int, name: str = "model") -> Dict[Tuple[int, str], str]:
@@ -127,7 +132,7 @@ def read_linears(path: Path, num_layers: int, heads: int, kv_heads: int,
                  dense: Collection[Tuple[int, str]] = ()):
     """Yield (layer, GGUF name, (codes, scale, minimum)) for each decoder linear outside ``dense`` modules,
     rows in Hugging Face order."""
-    tensors = llama_tensors(path)
+    arch, tensors = gguf_tensors(path)
     linear_types(tensors, num_layers, path.name)  # every linear is there
     for i in range(num_layers):
         for name, (mod, _) in LINEARS.items():
@@ -138,7 +143,7 @@ def read_linears(path: Path, num_layers: int, heads: int, kv_heads: int,
                 codes, scale, minimum = decode_q4(t.data, t.tensor_type.name, int(t.shape[0]))
             except ValueError as e:  # name the tensor
                 raise ValueError(f"{e} ({t.name})") from None
-            if name in ("attn_q", "attn_k"):
+            if ARCHITECTURES[arch] and name in ("attn_q", "attn_k"):
                 idx = unpermute_rows(heads if name == "attn_q" else kv_heads, codes.shape[0])
                 codes, scale, minimum = codes[idx], scale[idx], minimum[idx]
             yield i, name, (codes, scale, minimum)
@@ -189,7 +194,7 @@ def load_native(name: Optional[str]):
     t0 = time.perf_counter()
     model_dir = resolve_model_path(name)
     args, _ = read_model_args(model_dir)
-    types = linear_types(llama_tensors(path), args.num_layers, path.name)
+    types = linear_types(gguf_tensors(path)[1], args.num_layers, path.name)
     dense = dense_modules(types, path.name)
     net = build_model(args, "cpu", torch.float32, {"group_size": GROUP, "dense": dense})
     n = fill_from_gguf(net, path, dense)
