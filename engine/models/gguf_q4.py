@@ -129,10 +129,11 @@ def dense_modules(types: Dict[Tuple[int, str], str], name: str = "model") -> Set
 
 
 def read_linears(path: Path, num_layers: int, heads: int, kv_heads: int,
-                 dense: Collection[Tuple[int, str]] = ()):
+                 dense: Collection[Tuple[int, str]] = (), opened: Optional[Tuple[str, Dict[str, object]]] = None):
     """Yield (layer, GGUF name, (codes, scale, minimum)) for each decoder linear outside ``dense`` modules,
-    rows in Hugging Face order."""
-    arch, tensors = gguf_tensors(path)
+    rows in Hugging Face order. ``opened``: gguf_tensors(path) when the caller has it (gguf-py parses the
+    whole file's metadata, the tokenizer's too: about 2 s for SmolLM2's)."""
+    arch, tensors = opened or gguf_tensors(path)
     linear_types(tensors, num_layers, path.name)  # every linear is there
     for i in range(num_layers):
         for name, (mod, _) in LINEARS.items():
@@ -149,7 +150,8 @@ def read_linears(path: Path, num_layers: int, heads: int, kv_heads: int,
             yield i, name, (codes, scale, minimum)
 
 
-def fill_from_gguf(model, path: Path, dense: Collection[Tuple[int, str]] = ()) -> int:
+def fill_from_gguf(model, path: Path, dense: Collection[Tuple[int, str]] = (),
+                   opened: Optional[Tuple[str, Dict[str, object]]] = None) -> int:
     """Give each decoder layer's AwqLinear (built with group size 32, see load_native; ``dense`` modules are
     plain Linear) 4-bit panels made from the GGUF file's own blocks, in place of AutoAWQ's tensors; -> how
     many products."""
@@ -159,7 +161,7 @@ def fill_from_gguf(model, path: Path, dense: Collection[Tuple[int, str]] = ()) -
         raise ValueError("gguf_weights: native needs the native 4-bit CPU kernels (AVX-512, or AVX2 and FMA)")
     a = model.args
     parts: Dict[Tuple[int, str], Dict[str, Tuple]] = {}
-    for i, name, blocks in read_linears(path, a.num_layers, a.num_heads, a.num_kv_heads, dense):
+    for i, name, blocks in read_linears(path, a.num_layers, a.num_heads, a.num_kv_heads, dense, opened):
         mod, part = LINEARS[name]
         parts.setdefault((i, mod), {})[part] = blocks
     made: List = []
@@ -194,10 +196,12 @@ def load_native(name: Optional[str]):
     t0 = time.perf_counter()
     model_dir = resolve_model_path(name)
     args, _ = read_model_args(model_dir)
-    types = linear_types(gguf_tensors(path)[1], args.num_layers, path.name)
+    opened = gguf_tensors(path)
+    types = linear_types(opened[1], args.num_layers, path.name)
     dense = dense_modules(types, path.name)
     net = build_model(args, "cpu", torch.float32, {"group_size": GROUP, "dense": dense})
-    n = fill_from_gguf(net, path, dense)
+    n = fill_from_gguf(net, path, dense, opened)
+    del opened  # the reader's map of the file
     adapter, modules = get_adapter(args.architecture), dict(net.named_modules())
 
     def rest():
