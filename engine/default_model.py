@@ -66,6 +66,10 @@ def ensure_converted(gguf: Path) -> Path:
         if dst.exists():
             shutil.rmtree(dst)
         os.replace(tmp, dst)  # a crash never leaves a folder that looks complete
+        legacy = dst.parent / f"{gguf.stem}-{gguf.stat().st_size}"  # the key before path and mtime joined it
+        if legacy.is_dir():
+            logger.info("removing %s, this file's conversion under the cache's old key", legacy)
+            shutil.rmtree(legacy, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -3,6 +3,8 @@
 Oracles: gguf-py's own dequantizer for the block decoding, transformers' conversion of the embedded file
 (the float32 checkpoint every other test loads) for the row order, and Hugging Face ``generate`` on that
 checkpoint for the engine."""
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -169,10 +171,22 @@ def _retyped_copy(src, dst, retype):
     w.close()
 
 
+@pytest.fixture(scope="module")
+def mixed_gguf(tmp_path_factory):
+    """The embedded file with four linears requantized (see the test); its conversion leaves the cache after."""
+    from engine.default_model import converted_dir, embedded_gguf_path
+    Q = gguf.GGMLQuantizationType
+    path = tmp_path_factory.mktemp("mixed") / "mixed.gguf"
+    _retyped_copy(embedded_gguf_path(), path, {"blk.0.attn_v.weight": Q.Q8_0, "blk.1.ffn_down.weight": Q.F16,
+                                               "blk.2.attn_output.weight": Q.Q5_0, "blk.3.ffn_up.weight": Q.Q8_0})
+    yield path
+    shutil.rmtree(converted_dir(path), ignore_errors=True)
+
+
 @needs_w4
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["native", "mkl"])
-def test_engine_on_a_file_of_mixed_types_matches_hf(tmp_path_factory, monkeypatch, backend):
+def test_engine_on_a_file_of_mixed_types_matches_hf(mixed_gguf, monkeypatch, backend):
     """The embedded file with four linears requantized to Q8_0, F16 and Q5_0: those products (one of them
     a part of q/k/v, another of gate/up) run in float32 from transformers' conversion of the new file, the
     others on its 4-bit blocks, in one native decode layer. The oracle is Hugging Face generate on that
@@ -180,16 +194,10 @@ def test_engine_on_a_file_of_mixed_types_matches_hf(tmp_path_factory, monkeypatc
     in MKL's row-major layout (the phased path beyond 8 tokens, its 4-bit products through w4_cpu)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.default_model import embedded_gguf_path
     from engine.layers.awq_linear import AwqLinear
     from engine.llm_engine import LLMEngine
     from test_hf_parity import check_model, random_prompts
-    Q = gguf.GGMLQuantizationType
-    path = tmp_path_factory.getbasetemp() / "mixed" / "mixed.gguf"
-    if not path.exists():  # one file (and one conversion) for both backends
-        path.parent.mkdir(exist_ok=True)
-        _retyped_copy(embedded_gguf_path(), path, {"blk.0.attn_v.weight": Q.Q8_0, "blk.1.ffn_down.weight": Q.F16,
-                                                   "blk.2.attn_output.weight": Q.Q5_0, "blk.3.ffn_up.weight": Q.Q8_0})
+    path = mixed_gguf  # one file (and one conversion) for both backends
     from engine.kernels import cpu_gemm
     if not cpu_gemm.backend_available(backend):
         pytest.skip(f"no {backend} products on this machine")
@@ -278,4 +286,26 @@ def test_qwen2_file_on_its_4bit_weights_matches_hf(tmp_path, smol_dir):
     assert eng.model.fused_decoder is not None
     hf = AutoModelForCausalLM.from_pretrained(str(eng.model_dir), dtype=torch.float32).eval()
     assert type(hf).__name__ == "Qwen2ForCausalLM"
-    check_model(eng, hf, random_prompts([3, 17, 40, 70], seed=4), n_new=12)
+    try:
+        check_model(eng, hf, random_prompts([3, 17, 40, 70], seed=4), n_new=12)
+    finally:
+        shutil.rmtree(eng.model_dir, ignore_errors=True)  # the conversion of a file that is gone after the test
+
+
+def test_conversion_replaces_the_copy_under_the_old_cache_key(tmp_path, smol_dir, monkeypatch):
+    """Before its key held the file's path and mtime, the cache kept a conversion under <name>-<size>: the
+    next conversion of that file removes it (it would never be read again)."""
+    from engine.default_model import cache_root, converted_dir, ensure_converted
+    from tiny_models import make_hf_model
+    monkeypatch.setenv("RAYLM_CACHE", str(tmp_path / "cache"))
+    tiny = make_hf_model("qwen2", smol_dir, tmp_path / "hf", seed=5)
+    path = tmp_path / "gguf" / "tiny-old-key.gguf"
+    path.parent.mkdir()
+    _write_qwen2_gguf(tiny, path, {})
+    legacy = cache_root() / "gguf" / f"{path.stem}-{path.stat().st_size}"
+    legacy.mkdir(parents=True, exist_ok=True)
+    (legacy / "config.json").write_text("{}")
+    other = cache_root() / "gguf" / f"{path.stem}-{path.stat().st_size + 1}"  # another file's: kept
+    other.mkdir()
+    assert ensure_converted(path) == converted_dir(path)
+    assert not legacy.exists() and other.is_dir()
