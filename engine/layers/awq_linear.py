@@ -172,9 +172,11 @@ def swap_in_awq(model, group_size: int, dense: Collection[Tuple[int, str]] = ())
     loading), as gpt-fast swaps quantized modules in; ``dense``: (layer index, "attn.qkv" / "attn.o" /
     "mlp.gate_up" / "mlp.down") modules left as they are."""
     for i, layer in enumerate(model.layers):
-        for parent, attr in ((layer.attn, "qkv"), (layer.attn, "o"), (layer.mlp, "gate_up"), (layer.mlp, "down")):
-            if (i, f"{'attn' if parent is layer.attn else 'mlp'}.{attr}") in dense:
+        for name in ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down"):
+            if (i, name) in dense:
                 continue
+            parent_name, attr = name.split(".")
+            parent = getattr(layer, parent_name)
             old = getattr(parent, attr)
             parts = list(old.offsets.items()) if getattr(old, "offsets", None) else [("", (0, old.out_features))]
             new = AwqLinear(old.in_features, [(n, size) for n, (_, size) in parts], group_size,

@@ -122,7 +122,7 @@ def dense_modules(types: Dict[Tuple[int, str], str], name: str = "model") -> Set
     Q4_K_M file's Q6_K attn_v and ffn_down, say); a fused module (q/k/v, gate/up) is one product. A file
     with none left on 4-bit blocks is refused."""
     dense = {(i, LINEARS[n][0]) for (i, n), t in types.items() if t not in Q4_TYPES}
-    if len(dense) == len({(i, mod) for (i, n) in types for mod in [LINEARS[n][0]]}):
+    if len(dense) == len({(i, LINEARS[n][0]) for (i, n) in types}):
         raise ValueError(f"gguf_weights: native needs {', '.join(Q4_TYPES)} linear weights; {name} has "
                          f"{', '.join(sorted(set(types.values())))}: serve it with gguf_weights: dequantize")
     return dense
